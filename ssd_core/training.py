@@ -1,0 +1,193 @@
+"""The training step: SGD with warm-up, optional gradient clipping and bfloat16 autocast on CUDA.
+
+A step whose loss or gradient norm is not finite changes nothing: the optimizer does not step
+(weights and momentum buffers stay bitwise as they were) and the BatchNorm running statistics the
+forward pass updated are put back. Such steps are counted in `Trainer.skipped_steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ssd_core.stats import MatchStats
+
+__all__ = ["LossCriterion", "StepResult", "TrainConfig", "Trainer"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer and step settings.
+
+    Attributes:
+        lr: base learning rate, reached after the warm-up.
+        momentum, weight_decay: SGD's (SSD paper: 0.9, 5e-4).
+        warmup_steps: the lr rises linearly from lr / warmup_steps (step 0) to lr (step
+            warmup_steps - 1); 0 disables the warm-up.
+        clip_grad_norm: clip the global gradient L2 norm to this value; None disables clipping.
+        amp: bfloat16 autocast for the forward pass on CUDA (ignored on other devices).
+    """
+
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    clip_grad_norm: float | None = None
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of completed-step count `step` (linear warm-up, then constant)."""
+        if step >= self.warmup_steps:
+            return self.lr
+        return self.lr * (step + 1) / self.warmup_steps
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outcome of one `Trainer.step`.
+
+    Attributes:
+        loss_l, loss_c: the batch's loc and conf losses (NaN/inf possible when skipped).
+        skipped: True when the loss or a gradient was not finite and nothing was updated.
+        stats: the loss's match statistics for the batch.
+        lr: learning rate used (or that would have been used, when skipped).
+    """
+
+    loss_l: float
+    loss_c: float
+    skipped: bool
+    stats: MatchStats
+    lr: float
+
+
+class LossCriterion(Protocol):
+    """What the trainer needs from `MultiBoxLoss`."""
+
+    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any) -> Any:
+        """-> LossOutput(loss_l, loss_c, stats)."""
+
+
+def _to_device(targets: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
+    if isinstance(targets, Tensor):
+        return targets.to(device)
+    return [t.to(device) for t in targets]
+
+
+class Trainer:
+    """Owns a model and its SGD optimizer and runs training steps.
+
+    Public attributes (nothing else holds state): `model`, `criterion`, `config`, `device`,
+    `optimizer`, `steps` (completed steps), `skipped_steps`.
+
+    Args:
+        model: an SSD (forward [B, 3, S, S] -> (loc, conf, priors)); moved to `device`.
+        criterion: a `MultiBoxLoss` (anything with `compute`).
+        config: optimizer settings.
+        device: where to train.
+    """
+
+    def __init__(
+        self, model: nn.Module, criterion: LossCriterion, config: TrainConfig, device: torch.device | str
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.criterion = criterion
+        self.config = config
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, images: Tensor, targets: Tensor | list[Tensor], lr: float | None = None) -> StepResult:
+        """One optimizer step on one batch (model in train mode).
+
+        Args:
+            images (Tensor[B, 3, S, S]): normalised input batch.
+            targets: per image Tensor[n_i, 5 | 6] (x1, y1, x2, y2 normalised, label 0-based,
+                optional difficult flag) or a padded Tensor[B, M, 6] (see `targets.pad_targets`).
+            lr: learning rate for this step; None uses the warm-up schedule at `self.steps`.
+
+        Returns:
+            StepResult; when `skipped`, weights, buffers and optimizer state are unchanged.
+        """
+        lr = self.config.lr_at(self.steps) if lr is None else lr
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.model.train()
+        buffers = [b.clone() for b in self.model.buffers()]  # forward updates BatchNorm statistics
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            output, grad_norm = self._forward_backward(images, targets)
+        except BaseException:  # e.g. invalid targets: leave the model as it was
+            self._undo_forward(buffers)
+            raise
+        loss = output.loss_l + output.loss_c
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if finite:
+            if self.config.clip_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.model.parameters(), self.config.clip_grad_norm, grad_norm
+                )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._undo_forward(buffers)
+            self.skipped_steps += 1
+        return StepResult(
+            float(output.loss_l.detach()), float(output.loss_c.detach()), not finite, output.stats, lr
+        )
+
+    def _forward_backward(self, images: Tensor, targets: Tensor | list[Tensor]) -> tuple[Any, Tensor]:
+        """Loss and gradients of one batch -> (LossOutput, global gradient L2 norm [])."""
+        with self._autocast():
+            loc, conf, priors = self.model(images.to(self.device))  # [B, P, 4], [B, P, C], [P, 4]
+        output = self.criterion.compute((loc.float(), conf.float(), priors), _to_device(targets, self.device))
+        (output.loss_l + output.loss_c).backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        return output, grad_norm
+
+    def _undo_forward(self, buffers: list[Tensor]) -> None:
+        """Drop the gradients and put back the buffers (BatchNorm statistics) saved before the forward."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+
+    def weights(self) -> dict[str, Tensor]:
+        """A detached CPU copy of the model's state dict (e.g. to publish a new serving version)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """`(model state_dict, optimizer state_dict)` for `CheckpointStore.save`; `steps` goes in meta."""
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def restore(
+        self, state_dict: dict[str, Tensor], optimizer_state: dict[str, Any] | None, steps: int
+    ) -> None:
+        """Resume from a checkpoint: model weights, optional optimizer state, completed step count."""
+        self.model.load_state_dict(state_dict)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.steps = steps
