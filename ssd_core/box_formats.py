@@ -1,0 +1,88 @@
+"""User box formats -> normalised point form, with clipping and a strict check for service input.
+
+Formats:
+  * ``xyxy``: (x1, y1, x2, y2) in pixels;
+  * ``xyxy_norm``: (x1, y1, x2, y2) already normalised to [0, 1];
+  * ``xywh``: COCO (x, y, w, h) in pixels, (x, y) the top-left corner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["BOX_FORMATS", "BoxFormat", "check_pixel_boxes", "to_normalised_xyxy"]
+
+BoxFormat = Literal["xyxy", "xyxy_norm", "xywh"]
+BOX_FORMATS: tuple[str, ...] = ("xyxy", "xyxy_norm", "xywh")
+
+
+def _check_shape_and_values(boxes: Tensor, name: str) -> None:
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must have shape [N, 4], got {tuple(boxes.shape)}")
+    finite = torch.isfinite(boxes).all(dim=1)  # [N]
+    if not finite.all():
+        index = int((~finite).nonzero()[0])
+        raise ValueError(f"{name}[{index}] = {boxes[index].tolist()} has a NaN or infinite coordinate")
+
+
+def to_normalised_xyxy(
+    boxes: Tensor, fmt: BoxFormat | str, image_hw: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Convert boxes to normalised (x1, y1, x2, y2), clip them to the image and flag empty ones.
+
+    Args:
+        boxes (Tensor[N, 4]): boxes in `fmt`.
+        fmt: ``"xyxy"`` (pixels), ``"xyxy_norm"`` (normalised) or ``"xywh"`` (COCO, pixels).
+        image_hw: (height, width) of the image in pixels.
+
+    Returns:
+        (boxes, keep): boxes (Tensor[N, 4] float32) normalised (x1, y1, x2, y2) clipped to [0, 1];
+        keep (Tensor[N] bool), False for boxes with no area left after clipping: use ``boxes[keep]``
+        (and the same mask on labels); the number dropped is ``(~keep).sum()``.
+
+    Raises:
+        ValueError: wrong shape, NaN/inf coordinates, unknown format or a non-positive image size.
+    """
+    if fmt not in BOX_FORMATS:
+        raise ValueError(f"unknown box format {fmt!r}; expected one of {BOX_FORMATS}")
+    height, width = image_hw
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image_hw must be positive, got {tuple(image_hw)}")
+    _check_shape_and_values(boxes, "boxes")
+    xyxy = boxes.to(torch.float32)  # [N, 4]
+    if fmt == "xywh":
+        xyxy = torch.cat((xyxy[:, :2], xyxy[:, :2] + xyxy[:, 2:]), dim=1)
+    if fmt != "xyxy_norm":
+        xyxy = xyxy / torch.tensor([width, height, width, height], dtype=torch.float32)
+    xyxy = xyxy.clamp(0.0, 1.0)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # [N]
+    return xyxy, keep
+
+
+def check_pixel_boxes(boxes: Tensor, image_hw: tuple[int, int], name: str = "boxes") -> None:
+    """Strict validation of user-supplied pixel boxes (service input); nothing is silently dropped.
+
+    Args:
+        boxes (Tensor[N, 4]): boxes in (x1, y1, x2, y2) pixels.
+        image_hw: (height, width) of the image in pixels.
+        name: how the caller refers to the boxes, used in messages.
+
+    Raises:
+        ValueError: naming the first offending box: wrong shape, NaN/inf, x2 <= x1 or y2 <= y1, or a
+        box entirely outside the image.
+    """
+    _check_shape_and_values(boxes, name)
+    height, width = image_hw
+    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # [N]
+    if empty.any():
+        index = int(empty.nonzero()[0])
+        raise ValueError(f"{name}[{index}] = {boxes[index].tolist()} must have x2 > x1 and y2 > y1")
+    outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
+    if outside.any():
+        index = int(outside.nonzero()[0])
+        raise ValueError(
+            f"{name}[{index}] = {boxes[index].tolist()} lies entirely outside the {width}x{height} image"
+        )
