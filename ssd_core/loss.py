@@ -1,0 +1,235 @@
+"""SSD MultiBoxLoss (arXiv 1512.02325; ssd.pytorch's design, Caffe SSD's options), fully batched.
+
+L = (L_conf + alpha * L_loc) / N with N = max(1, positives in the batch). Per image: match priors to
+truths (`ssd_core.matching`), Smooth L1 on the positives' encoded offsets, cross-entropy on the
+positives plus negatives (hard-mined at `neg_pos` negatives per positive, or all eligible ones).
+
+Rules beyond the seed, following Caffe's MultiBoxLossParameter:
+  * a prior is eligible as a negative only if unmatched and its best IoU with any truth is below
+    `neg_overlap`; unmatched priors at or above it are ignored;
+  * difficult truths (6th target column != 0) take part in matching, but priors matched to them are
+    not positives, and priors whose IoU with a difficult truth is >= `neg_overlap` are not negatives;
+  * an image without truths contributes nothing (no positives, hence no negatives, in every mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssd_core.boxes import point_form
+from ssd_core.coder import decode, encode
+from ssd_core.matching import MATCH_TYPES, MatchResult, match, pairwise_iou
+from ssd_core.stats import MatchStats
+from ssd_core.targets import pad_targets
+
+__all__ = ["LossOutput", "MultiBoxLoss"]
+
+
+class LossOutput(NamedTuple):
+    """Both normalised losses (0-dim, float32 or float64) and the batch's match statistics."""
+
+    loss_l: Tensor
+    loss_c: Tensor
+    stats: MatchStats
+
+
+class MultiBoxLoss(nn.Module):
+    """SSD multibox loss with the seed's constructor.
+
+    Args:
+        num_classes: columns of conf, background included.
+        overlap_thresh: IoU at or above which a prior is matched to its best truth, in (0, 1].
+        prior_for_matching: match truths against the priors (True) or against the decoded, detached
+            predicted boxes (False). Targets are always encoded against the priors.
+        bkg_label: index of the background class in conf; object label l maps to l if l < bkg_label
+            else l + 1.
+        neg_mining: hard negative mining (True) or every eligible unmatched prior as a negative.
+        neg_pos: negatives per positive when mining (clamped to P - 1 per image), >= 0.
+        neg_overlap: unmatched priors with best IoU >= this are ignored, in (0, 1].
+        encode_target: Caffe's encode_variance_in_target: loc predicts raw offsets (variance 1),
+            and predictions and targets are both divided by the variance before Smooth L1.
+        use_gpu: accepted for compatibility; computation follows the device of the inputs.
+        variance: (center, size) variances of the box coder.
+        loc_weight: alpha, the weight of the loc loss.
+        match_type: "per_prediction" (the seed: forced best prior per truth, later truth wins, then the
+            threshold) or "bipartite" (Caffe's greedy bipartite step, then the threshold).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        overlap_thresh: float,
+        prior_for_matching: bool,
+        bkg_label: int,
+        neg_mining: bool,
+        neg_pos: float,
+        neg_overlap: float,
+        encode_target: bool,
+        use_gpu: bool = True,
+        *,
+        variance: Sequence[float] = (0.1, 0.2),
+        loc_weight: float = 1.0,
+        match_type: str = "per_prediction",
+    ) -> None:
+        super().__init__()
+        _check_options(num_classes, overlap_thresh, bkg_label, neg_pos, neg_overlap, variance, loc_weight, match_type)
+        self.num_classes = int(num_classes)
+        self.threshold = float(overlap_thresh)
+        self.use_prior_for_matching = bool(prior_for_matching)
+        self.background_label = int(bkg_label)
+        self.do_neg_mining = bool(neg_mining)
+        self.negpos_ratio = neg_pos
+        self.neg_overlap = float(neg_overlap)
+        self.encode_target = bool(encode_target)
+        self.use_gpu = use_gpu
+        self.variance = (float(variance[0]), float(variance[1]))
+        self.loc_weight = float(loc_weight)
+        self.match_type = match_type
+
+    def forward(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor]):
+        """The seed's interface: `(loss_l, loss_c)`; see `compute`."""
+        output = self.compute(predictions, targets)
+        return output.loss_l, output.loss_c
+
+    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor]) -> LossOutput:
+        """Both losses and the match statistics.
+
+        Args:
+            predictions: loc (Tensor[B, P, 4]) offsets, conf (Tensor[B, P, C]) logits, priors
+                (Tensor[P, 4]) in normalised (cx, cy, w, h).
+            targets: list of B Tensor[n_i, 5|6] or padded Tensor[B, M, 5|6]: (x1, y1, x2, y2)
+                normalised, 0-based label without background (< 0 = padding), optional difficult flag.
+
+        Returns:
+            LossOutput(loss_l, loss_c, stats); the losses are computed in float32 (float64 inputs stay
+            float64), also under autocast or with float16/bfloat16 inputs.
+        """
+        loc, conf, priors = predictions
+        self._check_shapes(loc, conf, priors)
+        dtype = torch.promote_types(loc.dtype, torch.float32)
+        with torch.autocast(device_type=loc.device.type, enabled=False):
+            truths = pad_targets(targets, self.num_classes, device=loc.device, dtype=dtype)  # [B, M, 6]
+            if truths.shape[0] != loc.shape[0]:
+                raise ValueError(f"targets hold {truths.shape[0]} images, loc has batch size {loc.shape[0]}")
+            return self._loss(loc.to(dtype), conf.to(dtype), priors.to(loc.device, dtype), truths)
+
+    def _check_shapes(self, loc: Tensor, conf: Tensor, priors: Tensor) -> None:
+        if loc.dim() != 3 or loc.shape[2] != 4:
+            raise ValueError(f"loc must be [B, P, 4], got {tuple(loc.shape)}")
+        if conf.dim() != 3 or conf.shape[2] != self.num_classes:
+            raise ValueError(f"conf must be [B, P, num_classes={self.num_classes}], got {tuple(conf.shape)}")
+        if conf.shape[:2] != loc.shape[:2]:
+            raise ValueError(f"conf {tuple(conf.shape)} and loc {tuple(loc.shape)} differ in B or P")
+        if priors.dim() != 2 or priors.shape != (loc.shape[1], 4):
+            raise ValueError(f"priors must be [P={loc.shape[1]}, 4] like loc, got {tuple(priors.shape)}")
+
+    @property
+    def _loc_variance(self) -> tuple[float, float]:
+        """Variance the predictions and the targets are encoded with."""
+        return (1.0, 1.0) if self.encode_target else self.variance
+
+    def _loss(self, loc: Tensor, conf: Tensor, priors: Tensor, truths: Tensor) -> LossOutput:
+        boxes, valid = truths[..., :4], truths[..., 4] >= 0  # [B, M, 4], [B, M]
+        difficult = valid & (truths[..., 5] != 0)  # [B, M]
+        if self.use_prior_for_matching:
+            iou = pairwise_iou(boxes, point_form(priors))  # [B, M, P]
+        else:
+            iou = pairwise_iou(boxes, decode(loc.detach(), priors, self._loc_variance))  # [B, M, P]
+        matches = match(iou, valid, self.threshold, self.match_type)
+        positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
+
+        ce = self._cross_entropy(conf, truths[..., 4], matches.truth_idx, positive)  # [B, P]
+        negative = self._mine(ce.detach(), positive, eligible) if self.do_neg_mining else eligible
+        loss_c_sum = torch.where(positive | negative, ce, 0.0).sum(dim=1)  # [B]
+        loss_l_sum = self._loc_loss(loc, priors, boxes, matches.truth_idx, positive)  # [B]
+
+        num_positives = positive.sum(dim=1)  # [B]
+        normalizer = num_positives.sum().clamp(min=1).to(loc.dtype)
+        stats = MatchStats(
+            num_ground_truth=valid.sum(dim=1),
+            num_positives=num_positives,
+            num_negatives=negative.sum(dim=1),
+            num_ignored=(valid.any(dim=1, keepdim=True) & ~positive & ~eligible).sum(dim=1),
+            num_forced_matches=(valid & ~difficult & (matches.truth_best_iou < self.threshold)).sum(dim=1),
+            matched_iou_sum=torch.where(positive, matches.matched_iou, 0.0).sum(dim=1),
+            loss_l_sum=loss_l_sum,
+            loss_c_sum=loss_c_sum,
+            matched_ious=matches.matched_iou[positive],
+            normalizer=normalizer,
+        )
+        return LossOutput(loss_l_sum.sum() / normalizer, loss_c_sum.sum() / normalizer, stats)
+
+    def _assign(self, matches: MatchResult, iou: Tensor, valid: Tensor, difficult: Tensor) -> tuple[Tensor, Tensor]:
+        """Positives and negative-eligible priors, both Tensor[B, P] bool."""
+        to_difficult = difficult.gather(1, matches.truth_idx)  # [B, P]
+        positive = matches.matched & ~to_difficult
+        eligible = ~matches.matched & (matches.best_iou < self.neg_overlap) & valid.any(dim=1, keepdim=True)
+        if difficult.any():
+            near_difficult = iou.masked_fill(~difficult[:, :, None], 0.0).amax(dim=1) >= self.neg_overlap
+            eligible &= ~near_difficult
+        return positive, eligible
+
+    def _cross_entropy(self, conf: Tensor, labels: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
+        """Per-prior cross-entropy against its class (background unless positive), Tensor[B, P]."""
+        object_class = labels.long().clamp(min=0)  # [B, M]
+        object_class = object_class + (object_class >= self.background_label)  # skip the background column
+        target = torch.where(positive, object_class.gather(1, truth_idx), self.background_label)  # [B, P]
+        return F.cross_entropy(conf.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+
+    def _mine(self, ce: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
+        """Hard negatives: per image the num_neg eligible priors of highest loss, one topk for the batch.
+
+        num_neg = min(neg_pos * positives, P - 1) per image, as in the seed.
+        """
+        num_priors = ce.shape[1]
+        num_neg = (positive.sum(dim=1) * self.negpos_ratio).floor().long().clamp(max=num_priors - 1)  # [B]
+        k = int(num_neg.max()) if num_neg.numel() else 0
+        ranked = torch.where(eligible, ce, float("-inf"))  # [B, P]
+        values, index = ranked.topk(k, dim=1)  # [B, k]
+        take = (torch.arange(k, device=ce.device) < num_neg[:, None]) & (values > float("-inf"))
+        return torch.zeros_like(eligible).scatter(1, index, take)
+
+    def _loc_loss(self, loc: Tensor, priors: Tensor, boxes: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
+        """loc_weight * Smooth L1 over each image's positives, Tensor[B] (not normalised)."""
+        image, prior = positive.nonzero(as_tuple=True)  # [K] each
+        matched = boxes[image, truth_idx[image, prior]]  # [K, 4]
+        target = encode(matched, priors[prior], self._loc_variance)  # [K, 4]
+        predicted = loc[image, prior]  # [K, 4]
+        if self.encode_target:
+            v_center, v_size = self.variance
+            scale = loc.new_tensor([v_center, v_center, v_size, v_size])
+            predicted, target = predicted / scale, target / scale
+        per_positive = F.smooth_l1_loss(predicted, target, reduction="none").sum(dim=1) * self.loc_weight  # [K]
+        return loc.new_zeros(loc.shape[0]).index_add(0, image, per_positive)
+
+
+def _check_options(
+    num_classes: int,
+    overlap_thresh: float,
+    bkg_label: int,
+    neg_pos: float,
+    neg_overlap: float,
+    variance: Sequence[float],
+    loc_weight: float,
+    match_type: str,
+) -> None:
+    if int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes}")
+    for name, value in (("overlap_thresh", overlap_thresh), ("neg_overlap", neg_overlap)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    if int(bkg_label) != bkg_label or not 0 <= bkg_label < num_classes:
+        raise ValueError(f"bkg_label must be a class index in [0, {num_classes - 1}], got {bkg_label}")
+    if not neg_pos >= 0 or neg_pos == float("inf"):
+        raise ValueError(f"neg_pos must be a finite number >= 0, got {neg_pos}")
+    if len(variance) != 2 or not all(0.0 < v < float("inf") for v in variance):
+        raise ValueError(f"variance must be two positive finite numbers, got {tuple(variance)}")
+    if not 0.0 <= loc_weight < float("inf"):
+        raise ValueError(f"loc_weight must be a finite number >= 0, got {loc_weight}")
+    if match_type not in MATCH_TYPES:
+        raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
