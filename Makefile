@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SSD_PORT ?= 8000
 SSD_HOST ?= 0.0.0.0
 
-.PHONY: install test lint serve bench clean
+.PHONY: install test test-unit test-integration tools lint serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,20 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) lint
-	$(PY) -m pytest -n 2 --dist loadgroup
+# Unit tests first, then the tests that drive real outside tools (Prometheus, promtool, docker-compose,
+# schemathesis) against a live server, under their own time limit.
+test: test-unit test-integration
+
+test-unit: $(STAMP) lint
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not integration"
+
+# Installs Debian's prometheus and docker-compose when missing; never fails (tests then skip, saying why).
+tools:
+	./deploy/scripts/install-tools.sh
+
+INTEGRATION_TIMEOUT_S ?= 900
+test-integration: $(STAMP) tools
+	timeout $(INTEGRATION_TIMEOUT_S) $(PY) -m pytest tests/integration -m integration -n 2 --dist loadgroup --timeout 600
 
 serve: $(STAMP)
 	$(PY) -m uvicorn app.main:app --host $(SSD_HOST) --port $(SSD_PORT)

@@ -1,0 +1,346 @@
+"""Static checks of the deployment files: Dockerfile, compose files, Prometheus and Grafana provisioning.
+
+No Docker engine runs here, so what an engine would reject or silently get wrong is checked by parsing:
+the non-root user, the health check, ports, volumes, the GPU reservation, that the Prometheus scrape
+target is the compose service and its container port, that Grafana's provisioning is mounted where its
+provider config points, and that every dashboard query uses only metric names from docs/ARCHITECTURE.md.
+`docker-compose config -q` (Debian's docker-compose, no engine needed) validates both compose files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.live import (
+    DASHBOARD,
+    REPO,
+    architecture_metrics,
+    dashboard_expressions,
+    exposed_names,
+    grafana_to_promql,
+    require_tool,
+)
+
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cpu.yml")
+PROMQL_FUNCTIONS = {
+    "abs", "avg", "ceil", "clamp_min", "clamp_max", "count", "delta", "floor", "histogram_quantile",
+    "increase", "irate", "label_replace", "max", "min", "quantile", "rate", "round", "sum", "topk", "vector",
+}
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+# ---- parsing helpers ---------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path = REPO / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with line continuations joined and comments dropped."""
+    instructions, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, args = line.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    return instructions
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Instructions split into build stages (each starts with FROM)."""
+    result: list[list[tuple[str, str]]] = []
+    for keyword, args in instructions:
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, args))
+    return result
+
+
+def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
+    """ENV key=value pairs of one stage."""
+    env: dict[str, str] = {}
+    for keyword, args in stage:
+        if keyword == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def load_yaml(relative: str) -> dict:
+    return yaml.safe_load((REPO / relative).read_text())
+
+
+def container_ports(service: dict) -> set[int]:
+    """Container-side ports of a compose service's `ports` (short syntax "host:container")."""
+    return {int(str(spec).rsplit(":", 1)[-1].split("/")[0]) for spec in service.get("ports", [])}
+
+
+def bind_mounts(service: dict) -> dict[str, str]:
+    """Container path -> host path (relative to the repo) for a compose service's bind mounts."""
+    mounts = {}
+    for spec in service.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = source
+    return mounts
+
+
+def named_volumes(service: dict) -> dict[str, str]:
+    """Container path -> named volume for a compose service."""
+    result = {}
+    for spec in service.get("volumes", []):
+        source, target = spec.split(":")[:2]
+        if not source.startswith((".", "/")):
+            result[target] = source
+    return result
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects; fails on identifiers that are neither functions nor keywords."""
+    stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    stripped = re.sub(r"\{[^}]*\}", "", stripped)  # label matchers
+    stripped = re.sub(r"\[[^\]]*\]", "", stripped)  # range selectors
+    stripped = GROUPING.sub("", stripped)  # by (...) / on (...) label lists
+    names = set()
+    for match in IDENTIFIER.finditer(stripped):
+        word = match.group(0)
+        is_call = stripped[match.end():].lstrip().startswith("(")
+        if is_call:
+            assert word in PROMQL_FUNCTIONS, f"unexpected function {word!r} in {expr!r}"
+        elif word not in PROMQL_KEYWORDS:
+            names.add(word)
+    return names
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_is_multi_stage_with_venv_copied_from_builder():
+    built = stages(dockerfile_instructions())
+    assert len(built) >= 2
+    assert all(stage[0][1].split()[0] == "python:3.11-slim" for stage in built)
+    builder_name = built[0][0][1].split()[-1]
+    builder_runs = " ".join(args for keyword, args in built[0] if keyword == "RUN")
+    assert "venv" in builder_runs and re.search(r"pip install .*\.$", builder_runs)
+    runtime = built[-1]
+    copies = [args for keyword, args in runtime if keyword == "COPY"]
+    assert any(f"--from={builder_name}" in args and "/opt/venv" in args for args in copies)
+    assert "/opt/venv/bin" in env_of(runtime)["PATH"]
+
+
+def test_dockerfile_runs_as_non_root_user():
+    runtime = stages(dockerfile_instructions())[-1]
+    users = [args for keyword, args in runtime if keyword == "USER"]
+    assert users, "the runtime stage must switch to a non-root USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    runs = " ".join(args for keyword, args in runtime if keyword == "RUN")
+    assert re.search(rf"useradd .*\b{user}\b", runs), f"user {user!r} is never created"
+
+
+def test_dockerfile_healthcheck_hits_healthz_with_python():
+    runtime = stages(dockerfile_instructions())[-1]
+    checks = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1
+    assert "CMD python -c" in checks[0] and "urllib.request" in checks[0] and "/healthz" in checks[0]
+    assert "curl" not in checks[0]
+
+
+def test_dockerfile_settings_port_volume_and_command():
+    runtime = stages(dockerfile_instructions())[-1]
+    env = env_of(runtime)
+    assert {"SSD_MODEL", "SSD_DEVICE", "SSD_CHECKPOINT_DIR", "SSD_PORT"} <= env.keys()
+    exposed = {int(port) for keyword, args in runtime if keyword == "EXPOSE" for port in args.split()}
+    assert exposed == {int(env["SSD_PORT"])}
+    volumes = [json.loads(args) for keyword, args in runtime if keyword == "VOLUME"]
+    assert [env["SSD_CHECKPOINT_DIR"]] in volumes
+    commands = [json.loads(args) for keyword, args in runtime if keyword == "CMD"]
+    assert len(commands) == 1 and commands[0][:2] == ["sh", "-c"]
+    shell = commands[0][2]
+    assert shell.startswith("exec uvicorn app.main:app ") and '"${SSD_PORT}"' in shell
+
+
+def test_docker_build_context_keeps_what_pip_needs_and_drops_the_rest():
+    """Every COPY source exists and survives .dockerignore; .venv, caches and checkpoints stay out."""
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    ignored = [pattern for pattern in ignored if pattern and not pattern.startswith("#")]
+    for required in (".venv", "**/__pycache__", "checkpoints", ".pytest_cache", ".git"):
+        assert required in ignored
+
+    def is_ignored(path: str) -> bool:
+        return any(fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern.removeprefix("**/"))
+                   for pattern in ignored)
+
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                assert (REPO / source).exists(), f"COPY source {source} missing"
+                assert not is_ignored(source), f"COPY source {source} is excluded by .dockerignore"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    readme = re.search(r'readme\s*=\s*"([^"]+)"', pyproject).group(1)
+    copied = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "COPY")
+    assert readme in copied and "pyproject.toml" in copied
+
+
+# ---- compose ---------------------------------------------------------------------------------------------
+
+
+def test_compose_gpu_service_reserves_a_gpu_and_maps_the_exposed_port():
+    ssd = load_yaml("docker-compose.yml")["services"]["ssd"]
+    devices = ssd["deploy"]["resources"]["reservations"]["devices"]
+    assert any(device["driver"] == "nvidia" and "gpu" in device["capabilities"] for device in devices)
+    runtime_env = env_of(stages(dockerfile_instructions())[-1])
+    assert container_ports(ssd) == {int(runtime_env["SSD_PORT"])}
+    assert ssd["environment"]["SSD_PORT"] == runtime_env["SSD_PORT"]
+    assert ssd["build"]["context"] == "."
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_compose_checkpoints_on_a_named_volume(compose_file):
+    compose = load_yaml(compose_file)
+    ssd = compose["services"]["ssd"]
+    checkpoint_dir = ssd["environment"]["SSD_CHECKPOINT_DIR"]
+    volume = named_volumes(ssd).get(checkpoint_dir)
+    assert volume is not None and volume in compose["volumes"]
+
+
+def test_compose_cpu_variant_has_no_gpu_reservation_and_reuses_prometheus_and_grafana():
+    compose = load_yaml("docker-compose.cpu.yml")
+    ssd = compose["services"]["ssd"]
+    assert "deploy" not in ssd
+    assert ssd["environment"]["SSD_DEVICE"] == "cpu"
+    for name in ("prometheus", "grafana"):
+        assert compose["services"][name]["extends"] == {"file": "docker-compose.yml", "service": name}
+
+
+def test_prometheus_scrapes_the_compose_service_on_its_container_port():
+    compose = load_yaml("docker-compose.yml")
+    prometheus_service = compose["services"]["prometheus"]
+    config_flag = next(arg for arg in prometheus_service["command"] if arg.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    assert bind_mounts(prometheus_service)[config_path] == "./deploy/prometheus/prometheus.yml"
+
+    config = load_yaml("deploy/prometheus/prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [target for group in jobs["ssd"]["static_configs"] for target in group["targets"]]
+    assert jobs["ssd"].get("metrics_path", "/metrics") == "/metrics"
+    assert len(targets) == 1
+    host, port = targets[0].split(":")
+    assert host in compose["services"]
+    assert int(port) in container_ports(compose["services"][host])
+
+
+def test_grafana_provisioning_is_mounted_and_points_at_prometheus():
+    compose = load_yaml("docker-compose.yml")
+    grafana = compose["services"]["grafana"]
+    mounts = bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+
+    providers = load_yaml("deploy/grafana/provisioning/dashboards/dashboards.yml")["providers"]
+    dashboard_dir = providers[0]["options"]["path"]
+    assert mounts[dashboard_dir] == "./deploy/grafana/dashboards"
+    assert (REPO / mounts[dashboard_dir].removeprefix("./") / DASHBOARD.name).is_file()
+
+    datasources = load_yaml("deploy/grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    assert len(datasources) == 1 and datasources[0]["type"] == "prometheus"
+    host, port = re.fullmatch(r"http://([a-z0-9_-]+):(\d+)", datasources[0]["url"]).groups()
+    assert host in compose["services"] and int(port) in container_ports(compose["services"][host])
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for item in (panel, *panel.get("targets", [])):
+            if "datasource" in item:
+                assert item["datasource"]["uid"] == datasources[0]["uid"], panel["title"]
+
+
+# ---- dashboard ---------------------------------------------------------------------------------------
+
+
+def test_promql_name_extraction_sees_metrics_not_functions_or_labels():
+    expr = 'histogram_quantile(0.99, sum by (le, route) (rate(ssd_a_bucket{status=~"5.."}[1m]))) / on() ssd_b'
+    assert metric_names_in(expr) == {"ssd_a_bucket", "ssd_b"}
+    with pytest.raises(AssertionError, match="unexpected function"):
+        metric_names_in("made_up(ssd_a)")
+
+
+def test_dashboard_queries_use_only_metric_names_from_the_architecture_table():
+    allowed = exposed_names(architecture_metrics())
+    assert "ssd_loss_loc_bucket" in allowed and "ssd_finetune_steps_total" in allowed  # the table was read
+    expressions = dashboard_expressions()
+    assert expressions
+    for title, expr in expressions:
+        names = metric_names_in(grafana_to_promql(expr))
+        assert names, f"{title}: {expr!r} selects no metric"
+        assert names <= allowed, f"{title}: unknown metric(s) {sorted(names - allowed)} in {expr!r}"
+
+
+def test_dashboard_shows_every_required_quantity():
+    used = set().union(*(metric_names_in(grafana_to_promql(expr)) for _, expr in dashboard_expressions()))
+    required = {
+        "ssd_loss_loc_sum", "ssd_loss_conf_sum",  # loss over time by source
+        "ssd_positives_per_image_sum", "ssd_hard_negatives_per_image_sum",
+        "ssd_matched_iou_bucket",  # IoU distribution
+        "ssd_forced_matches_total", "ssd_ground_truth_boxes_total",  # forced-match rate
+        "ssd_finetune_steps_total", "ssd_finetune_skipped_steps_total", "ssd_finetune_queue_depth",
+        "ssd_model_version",
+        "ssd_http_requests_total", "ssd_http_request_duration_seconds_bucket",  # rate, latency, errors
+    }
+    assert required <= used, sorted(required - used)
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    heatmaps = [panel for panel in panels if panel["type"] == "heatmap"]
+    assert any("ssd_matched_iou_bucket" in target["expr"] and target.get("format") == "heatmap"
+               for panel in heatmaps for target in panel["targets"])
+    errors = [expr for _, expr in dashboard_expressions() if 'status=~"5..' in expr]
+    assert errors, "no 5xx error panel"
+
+
+def test_dashboard_panels_do_not_overlap():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"panel {panel['title']!r} overlaps another at {(x, y)}"
+                cells.add((x, y))
+
+
+# ---- docker-compose config (Debian's docker-compose validates without an engine) -------------------
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+@pytest.mark.integration
+def test_docker_compose_config_accepts_the_file(compose_file):
+    docker_compose = require_tool("docker-compose")
+    result = subprocess.run(
+        [docker_compose, "-f", compose_file, "config", "-q"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    resolved = subprocess.run(
+        [docker_compose, "-f", compose_file, "config"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    services = yaml.safe_load(resolved.stdout)["services"]
+    assert set(services) == {"ssd", "prometheus", "grafana"}
+    # extends resolved: the CPU variant's prometheus mounts the same scrape config
+    assert any(volume.endswith("/etc/prometheus/prometheus.yml:ro") for volume in services["prometheus"]["volumes"])
+    has_gpu = "deploy" in services["ssd"]
+    assert has_gpu == (compose_file == "docker-compose.yml")
