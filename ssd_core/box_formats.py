@@ -13,10 +13,22 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["BOX_FORMATS", "BoxFormat", "check_pixel_boxes", "to_normalised_xyxy"]
+__all__ = ["BOX_FORMATS", "BoxFormat", "check_pixel_boxes", "to_normalised_xyxy", "xywh_to_xyxy"]
 
 BoxFormat = Literal["xyxy", "xyxy_norm", "xywh"]
 BOX_FORMATS: tuple[str, ...] = ("xyxy", "xyxy_norm", "xywh")
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """COCO (x, y, w, h) -> (x1, y1, x2, y2), same units.
+
+    Args:
+        boxes (Tensor[..., 4]): (x, y) top-left corner, (w, h) size.
+
+    Returns:
+        Tensor[..., 4]: (x1, y1, x2, y2).
+    """
+    return torch.cat((boxes[..., :2], boxes[..., :2] + boxes[..., 2:]), dim=-1)
 
 
 def _check_shape_and_values(boxes: Tensor, name: str) -> None:
@@ -54,7 +66,7 @@ def to_normalised_xyxy(
     _check_shape_and_values(boxes, "boxes")
     xyxy = boxes.to(torch.float32)  # [N, 4]
     if fmt == "xywh":
-        xyxy = torch.cat((xyxy[:, :2], xyxy[:, :2] + xyxy[:, 2:]), dim=1)
+        xyxy = xywh_to_xyxy(xyxy)
     if fmt != "xyxy_norm":
         xyxy = xyxy / torch.tensor([width, height, width, height], dtype=torch.float32)
     xyxy = xyxy.clamp(0.0, 1.0)
