@@ -7,6 +7,7 @@ A tool that is missing makes its tests skip with a message naming the install sc
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -231,3 +232,22 @@ def grafana_to_promql(expr: str) -> str:
         expr = expr.replace(variable, value)
     assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
     return expr
+
+
+# ---- request bodies ------------------------------------------------------------------------------------
+
+
+def labelled_images(count: int, seed: int, image_size: int = 96) -> list[dict]:
+    """`count` synthetic images as the service's labelled-image JSON: base64 PNG, pixel xyxy boxes, labels."""
+    from ssd_core.images import encode_png
+    from ssd_core.synthetic import ShapesDataset
+
+    dataset = ShapesDataset(count, image_size=image_size, seed=seed, max_objects=3)
+    return [
+        {
+            "image": base64.b64encode(encode_png(sample.image)).decode(),
+            "boxes": sample.boxes.tolist(),
+            "labels": sample.labels.tolist(),
+        }
+        for sample in (dataset[index] for index in range(count))
+    ]
