@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ssd_core.box_formats import check_pixel_boxes, to_normalised_xyxy
 
@@ -88,3 +90,28 @@ def test_strict_check_names_the_offending_box(box, message):
     boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], box])
     with pytest.raises(ValueError, match=rf"truth\[1\].*{message}"):
         check_pixel_boxes(boxes, (10, 10), name="truth")
+
+
+def _reference(box, fmt, height, width):
+    """Slow per-box conversion written out by hand: (normalised clipped xyxy, kept)."""
+    x1, y1, a, b = box
+    x2, y2 = (x1 + a, y1 + b) if fmt == "xywh" else (a, b)
+    if fmt != "xyxy_norm":
+        x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
+    clipped = [min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2)]
+    return clipped, clipped[2] > clipped[0] and clipped[3] > clipped[1]
+
+
+@given(
+    boxes=st.lists(st.lists(st.floats(-50, 150, width=32), min_size=4, max_size=4), max_size=8),
+    fmt=st.sampled_from(["xyxy", "xyxy_norm", "xywh"]),
+    height=st.integers(1, 120),
+    width=st.integers(1, 120),
+)
+def test_conversion_matches_a_per_box_reference(boxes, fmt, height, width):
+    out, keep = to_normalised_xyxy(torch.tensor(boxes).view(-1, 4), fmt, (height, width))
+    for i, box in enumerate(boxes):
+        expected, kept = _reference(box, fmt, height, width)
+        torch.testing.assert_close(out[i], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        if abs(expected[2] - expected[0]) > 1e-5 and abs(expected[3] - expected[1]) > 1e-5:
+            assert bool(keep[i]) == kept
