@@ -54,10 +54,11 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of every pair within each batch element.
+    """IoU of every pair within each batch element (batch dimensions broadcast).
 
-    `torchvision.ops.box_iou` is 2-D only; this broadcasts the same arithmetic over a batch,
-    e.g. ground truths against each image's own decoded predictions.
+    `torchvision.ops.box_iou` is 2-D only and builds [N, M, 2] corner tensors; this works on one
+    coordinate at a time ([..., N, M] each), which vectorises along M and is several times faster
+    for the loss's truths-against-8732-priors case.
 
     Args:
         boxes1 (Tensor[B, N, 4]): boxes in (x1, y1, x2, y2).
@@ -66,14 +67,14 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor[B, N, M]: IoU of every pair in each batch element.
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # [B, N]
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # [B, M]
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # [B, N, M, 2]
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # [B, N, M, 2]
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # [B, N, M]
-    union = area1[..., :, None] + area2[..., None, :] - inter
-    return inter / union
+    x1a, y1a, x2a, y2a = (c[..., :, None] for c in boxes1.unbind(-1))  # [B, N, 1] each
+    x1b, y1b, x2b, y2b = (c[..., None, :] for c in boxes2.unbind(-1))  # [B, 1, M] each
+    width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)  # [B, N, M]
+    height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
+    inter = width.mul_(height)
+    area_a = (x2a - x1a) * (y2a - y1a)  # [B, N, 1]
+    area_b = (x2b - x1b) * (y2b - y1b)  # [B, 1, M]
+    return inter / (area_a + area_b - inter)
 
 
 def invalid_box_mask(boxes: Tensor) -> Tensor:

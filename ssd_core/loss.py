@@ -137,15 +137,19 @@ class MultiBoxLoss(nn.Module):
         boxes, valid = truths[..., :4], truths[..., 4] >= 0  # [B, M, 4], [B, M]
         difficult = valid & (truths[..., 5] != 0)  # [B, M]
         if self.use_prior_for_matching:
-            iou = pairwise_iou(boxes, point_form(priors))  # [B, M, P]
+            iou = pairwise_iou(boxes, valid, point_form(priors))  # [B, M, P]
         else:
-            iou = pairwise_iou(boxes, decode(loc.detach(), priors, self._loc_variance))  # [B, M, P]
+            iou = pairwise_iou(boxes, valid, decode(loc.detach(), priors, self._loc_variance))  # [B, M, P]
         matches = match(iou, valid, self.threshold, self.match_type)
         positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
 
-        ce = self._cross_entropy(conf, truths[..., 4], matches.truth_idx, positive)  # [B, P]
-        negative = self._mine(ce.detach(), positive, eligible) if self.do_neg_mining else eligible
-        loss_c_sum = torch.where(positive | negative, ce, 0.0).sum(dim=1)  # [B]
+        log_probs = F.log_softmax(conf.detach(), dim=-1)  # [B, P, C], the only pass over conf
+        background_loss = -log_probs[..., self.background_label]  # [B, P] cross-entropy if negative
+        negative = self._mine(background_loss, positive, eligible) if self.do_neg_mining else eligible
+        image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
+        target = self._conf_target(truths[..., 4], matches.truth_idx, positive)[image, prior]  # [K]
+        cross_entropy = _SelectedCrossEntropy.apply(conf, log_probs, image, prior, target)  # [K]
+        loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
         loss_l_sum = self._loc_loss(loc, priors, boxes, matches.truth_idx, positive)  # [B]
 
         num_positives = positive.sum(dim=1)  # [B]
@@ -174,12 +178,11 @@ class MultiBoxLoss(nn.Module):
             eligible &= ~near_difficult
         return positive, eligible
 
-    def _cross_entropy(self, conf: Tensor, labels: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
-        """Per-prior cross-entropy against its class (background unless positive), Tensor[B, P]."""
+    def _conf_target(self, labels: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
+        """Class index in conf of every prior: its truth's class if positive, else background; Tensor[B, P]."""
         object_class = labels.long().clamp(min=0)  # [B, M]
         object_class = object_class + (object_class >= self.background_label)  # skip the background column
-        target = torch.where(positive, object_class.gather(1, truth_idx), self.background_label)  # [B, P]
-        return F.cross_entropy(conf.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        return torch.where(positive, object_class.gather(1, truth_idx), self.background_label)
 
     def _mine(self, ce: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
         """Hard negatives: per image the num_neg eligible priors of highest loss, one topk for the batch.
@@ -206,6 +209,30 @@ class MultiBoxLoss(nn.Module):
             predicted, target = predicted / scale, target / scale
         per_positive = F.smooth_l1_loss(predicted, target, reduction="none").sum(dim=1) * self.loc_weight  # [K]
         return loc.new_zeros(loc.shape[0]).index_add(0, image, per_positive)
+
+
+class _SelectedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the selected priors, reusing the log-probabilities computed for mining.
+
+    Forward: -log_probs[image, prior, target], Tensor[K]. Backward: softmax - one_hot on the selected
+    rows of d conf, zero elsewhere, so the dense [B, P, C] pass happens once, in `log_softmax`.
+    """
+
+    @staticmethod
+    def forward(ctx, conf: Tensor, log_probs: Tensor, image: Tensor, prior: Tensor, target: Tensor) -> Tensor:
+        rows = log_probs[image, prior]  # [K, C]
+        ctx.save_for_backward(rows, image, prior, target)
+        ctx.conf_shape = conf.shape
+        return -rows.gather(1, target[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, image, prior, target = ctx.saved_tensors
+        grad_rows = rows.exp()  # softmax, [K, C]
+        grad_rows[torch.arange(len(target), device=target.device), target] -= 1
+        grad_conf = grad_rows.new_zeros(ctx.conf_shape)  # [B, P, C]
+        grad_conf[image, prior] = grad_rows * grad[:, None]
+        return grad_conf, None, None, None, None
 
 
 def _check_options(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ssd_core.boxes import batched_box_iou, box_iou
+from ssd_core.boxes import batched_box_iou
 
 __all__ = ["MATCH_TYPES", "MatchResult", "match", "pairwise_iou"]
 
@@ -40,26 +40,31 @@ class MatchResult:
     truth_best_iou: Tensor
 
 
-def pairwise_iou(truths: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of each image's truths with shared priors or per-image boxes.
+def pairwise_iou(truths: Tensor, valid: Tensor, boxes: Tensor) -> Tensor:
+    """IoU of each image's real truths with shared priors or per-image boxes; -1 for padding rows.
 
     Args:
         truths (Tensor[B, M, 4]): in (x1, y1, x2, y2).
+        valid (Tensor[B, M] bool): real (non-padding) truths.
         boxes (Tensor[P, 4] or Tensor[B, P, 4]): in (x1, y1, x2, y2).
 
     Returns:
         Tensor[B, M, P].
     """
-    if boxes.dim() == 2:
-        return box_iou(truths.reshape(-1, 4), boxes).view(*truths.shape[:2], -1)
-    return batched_box_iou(truths, boxes)
+    if boxes.dim() == 3:
+        return batched_box_iou(truths, boxes).masked_fill_(~valid[:, :, None], -1.0)
+    # shared priors: only the real truths of the whole batch against P, then scattered into [B, M, P]
+    iou = truths.new_full((*truths.shape[:2], boxes.shape[0]), -1.0)
+    iou[valid] = batched_box_iou(truths[valid][None], boxes[None])[0]  # [K, P]
+    return iou
 
 
 def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_prediction") -> MatchResult:
     """Match priors to truths for the whole batch at once.
 
     Args:
-        iou (Tensor[B, M, P]): IoU of every truth with every prior (or predicted box).
+        iou (Tensor[B, M, P]): IoU of every truth with every prior (or predicted box), -1 in padding
+            rows, as `pairwise_iou` returns.
         valid (Tensor[B, M] bool): real (non-padding) truths.
         threshold: IoU at or above which a prior is matched to its best truth.
         match_type: "per_prediction" (the seed's forced step) or "bipartite" (Caffe's greedy step).
@@ -69,7 +74,6 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
     """
     if match_type not in MATCH_TYPES:
         raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
-    iou = iou.masked_fill(~valid[:, :, None], -1.0)  # padding never wins a max
     best_iou, truth_idx = iou.max(dim=1)  # [B, P]
     truth_best_iou, truth_best_prior = iou.max(dim=2)  # [B, M]
     if match_type == "per_prediction":

@@ -63,7 +63,8 @@ def random_case(seed, batch=4, max_truths=5):
         targets.append(torch.cat((random_boxes(n, generator), torch.zeros(n, 1)), dim=1))
     padded = pad_targets(targets)
     priors = point_form(small_priors())
-    return pairwise_iou(padded[..., :4], priors), padded[..., 4] >= 0
+    valid = padded[..., 4] >= 0
+    return pairwise_iou(padded[..., :4], valid, priors), valid
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -83,7 +84,7 @@ def test_later_truth_wins_a_shared_best_prior():
     # two truths whose best prior is the same single prior: the seed gives it to the later truth
     priors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
     truths = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.0, 0.0, 0.2, 0.2]]])
-    iou = pairwise_iou(truths, priors)
+    iou = pairwise_iou(truths, torch.ones(1, 2, dtype=torch.bool), priors)
     result = match(iou, torch.ones(1, 2, dtype=torch.bool), 0.5)
     assert result.matched.tolist() == [[True, False]]
     assert result.truth_idx[0, 0].item() == 1
@@ -93,8 +94,8 @@ def test_later_truth_wins_a_shared_best_prior():
 
 
 def test_padding_never_matches_and_empty_images_have_no_matches():
-    iou = torch.rand(2, 3, 10)
     valid = torch.tensor([[True, False, False], [False, False, False]])
+    iou = torch.rand(2, 3, 10).masked_fill(~valid[:, :, None], -1.0)
     result = match(iou, valid, 0.1)
     assert (result.truth_idx[0] == 0).all()
     assert not result.matched[1].any()
