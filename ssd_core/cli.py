@@ -1,0 +1,355 @@
+"""The `ssd` command: train, evaluate, import ssd.pytorch weights, detect on an image.
+
+    ssd train  --data synthetic|voc:ROOT|coco:IMAGES_DIR:ANN.json --model ssd-small --steps N ...
+    ssd eval   --checkpoint-dir DIR --data ...
+    ssd import SRC.pth --model ssd300 --num-classes 21 --checkpoint-dir DIR
+    ssd detect --checkpoint-dir DIR IMAGE --out OUT.png
+
+Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
+and (when it evaluates) `map_curve.png` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from ssd_core.augment import ssd_augmentation
+from ssd_core.checkpoint import CheckpointStore
+from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
+from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
+from ssd_core.evaluation import evaluate, predict
+from ssd_core.images import decode_image_bytes, encode_png
+from ssd_core.loss import MultiBoxLoss
+from ssd_core.models import MODEL_NAMES, SSD, build_model
+from ssd_core.plotting import save_curves
+from ssd_core.synthetic import ShapesDataset
+from ssd_core.training import TrainConfig, Trainer
+
+__all__ = ["build_parser", "load_dataset", "main"]
+
+MAX_IMAGE_PIXELS = 40_000_000  # `detect` refuses larger images (decompression bombs)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    return torch.device(name)
+
+
+def load_dataset(spec: str, *, split: str, synthetic_images: int, synthetic_size: int = 256):
+    """The data set named by a `--data` value.
+
+    Args:
+        spec: `synthetic`, `voc:ROOT` or `coco:IMAGES_DIR:ANNOTATIONS.json`.
+        split: synthetic split name (`train` / `val`: disjoint images); VOC image-set name
+            (`trainval`, `test`, ...); ignored for COCO (the annotation file is the split).
+        synthetic_images: number of synthetic images.
+        synthetic_size: side of the synthetic images (ssd-small's input by default: no resize).
+
+    Returns:
+        A data set of `Sample`s with a `class_names` attribute.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic" and not rest:
+        return ShapesDataset(synthetic_images, image_size=synthetic_size, split=split)
+    if kind == "voc" and rest:
+        return VOCDataset(rest, split=split)
+    if kind == "coco" and ":" in rest:
+        images_dir, annotations = rest.rsplit(":", 1)
+        return CocoDataset(images_dir, annotations)
+    raise ValueError(f"--data must be synthetic, voc:ROOT or coco:IMAGES_DIR:ANN.json, got {spec!r}")
+
+
+def _batches(dataset, model: SSD, args: argparse.Namespace, generator: torch.Generator) -> Iterator:
+    """Endless shuffled training batches (images [B, 3, S, S], targets list[Tensor[n_i, 6]])."""
+    augment = ssd_augmentation(args.augment, fill=model.spec.pixel_mean)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.batch_size,
+        generator=generator,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        collate_fn=partial(collate, spec=model.spec, augment=augment),
+    )
+    while True:
+        yield from loader
+
+
+def _dataset(args: argparse.Namespace, spec: str, split: str, synthetic_images: int):
+    return load_dataset(
+        spec, split=split, synthetic_images=synthetic_images, synthetic_size=args.synthetic_size
+    )
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as JSON-able values, for the checkpoint sidecar."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "handler"}
+
+
+def _next_version(store: CheckpointStore) -> int:
+    versions = store.versions()
+    return versions[-1].version + 1 if versions else 1
+
+
+def _meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra: dict | None = None) -> dict:
+    return {
+        "version": version,
+        "step": step,
+        "model": model.spec.name,
+        "num_classes": model.spec.num_classes,
+        "class_names": list(class_names),
+        **(extra or {}),
+    }
+
+
+def _load_model(checkpoint_dir: str, device: torch.device) -> tuple[SSD, dict[str, Any]]:
+    loaded = CheckpointStore(checkpoint_dir).load_latest()
+    if loaded is None:
+        raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no loadable checkpoint")
+    model = build_model(loaded.meta["model"], loaded.meta["num_classes"])
+    model.load_state_dict(loaded.state_dict)
+    return model.to(device).eval(), loaded.meta
+
+
+@dataclass
+class _History:
+    """What `train` records: per-step losses and lr, periodic mAP, throughput."""
+
+    steps: list[int] = field(default_factory=list)
+    loss_l: list[float] = field(default_factory=list)
+    loss_c: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    map_50: list[float] = field(default_factory=list)
+    map: list[float] = field(default_factory=list)
+    eval_elapsed_s: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    images_per_second: float = 0.0
+    train_seconds: float = 0.0
+
+    def write(self, directory: Path) -> None:
+        (directory / "history.json").write_text(json.dumps(self.__dict__, indent=1))
+        if self.steps:
+            losses = {
+                "loc (Smooth L1)": self.loss_l,
+                "conf (cross-entropy)": self.loss_c,
+                "total": [a + b for a, b in zip(self.loss_l, self.loss_c, strict=True)],
+            }
+            save_curves(
+                directory / "loss_curve.png", self.steps, losses, title="training loss", ylabel="loss"
+            )
+        if self.eval_steps:
+            maps = {"mAP@0.5": self.map_50, "mAP@[.5:.95]": self.map}
+            save_curves(
+                directory / "map_curve.png", self.eval_steps, maps, title="held-out mAP", ylabel="mAP"
+            )
+
+
+def _train(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    device = _device(args.device)
+    dataset = _dataset(args, args.data, args.split, args.synthetic_images)
+    num_classes = args.num_classes or len(dataset.class_names) + 1
+    if num_classes < len(dataset.class_names) + 1:
+        raise ValueError(f"--num-classes {num_classes} < {len(dataset.class_names)} classes + background")
+    model = build_model(args.model, num_classes)
+    criterion = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=device.type == "cuda")
+    config = TrainConfig(
+        lr=args.lr, warmup_steps=args.warmup, clip_grad_norm=args.clip_grad_norm, amp=args.amp
+    )
+    trainer = Trainer(model, criterion, config, device)
+    store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
+    directory = Path(args.checkpoint_dir)
+    if args.resume and (loaded := store.load_latest()) is not None:
+        trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
+    val_set = None
+    if args.eval_every:
+        val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
+    history = _History()
+
+    def save() -> None:
+        history.write(directory)
+        if store.versions() and store.versions()[-1].step == trainer.steps:
+            return  # already saved at this step (--save-every divides the step count)
+        state_dict, optimizer_state = trainer.state()
+        meta = _meta(
+            model, dataset.class_names, _next_version(store), trainer.steps, {"config": _config(args)}
+        )
+        store.save(state_dict, meta, optimizer_state)
+
+    batches = _batches(dataset, model, args, torch.Generator().manual_seed(args.seed))
+    start = time.perf_counter()
+    eval_seconds = 0.0
+    running = None
+    progress = tqdm(total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet)
+    while trainer.steps < args.steps:
+        if args.time_limit and time.perf_counter() - start - eval_seconds > args.time_limit:
+            tqdm.write(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
+            break
+        images, targets = next(batches)
+        result = trainer.step(images, targets)
+        if result.skipped:
+            tqdm.write(f"step {trainer.steps}: non-finite loss or gradient, skipped")
+            continue
+        loss = result.loss_l + result.loss_c
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        history.steps.append(trainer.steps)
+        history.loss_l.append(result.loss_l)
+        history.loss_c.append(result.loss_c)
+        history.lr.append(result.lr)
+        progress.update(1)
+        progress.set_postfix(loss=f"{running:.3f}", lr=f"{result.lr:.2g}")
+        if val_set is not None and (trainer.steps % args.eval_every == 0 or trainer.steps == args.steps):
+            eval_start = time.perf_counter()
+            scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
+            eval_seconds += time.perf_counter() - eval_start
+            history.eval_steps.append(trainer.steps)
+            history.map_50.append(scores["map_50"])
+            history.map.append(scores["map"])
+            history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
+            tqdm.write(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+        if args.save_every and trainer.steps % args.save_every == 0:
+            save()
+    progress.close()
+    history.skipped_steps = trainer.skipped_steps
+    history.train_seconds = time.perf_counter() - start - eval_seconds
+    history.images_per_second = len(history.steps) * args.batch_size / max(history.train_seconds, 1e-9)
+    save()
+    print(
+        f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), "
+        f"{history.images_per_second:.1f} images/s; checkpoints, history.json and loss_curve.png in {directory}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    model, meta = _load_model(args.checkpoint_dir, device)
+    dataset = _dataset(args, args.data, args.split, args.synthetic_images)
+    scores = evaluate(model, dataset, batch_size=args.batch_size, device=device)
+    print(json.dumps({"version": meta["version"], "step": meta["step"], "images": len(dataset), **scores}))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    default_names = VOC_CLASSES if args.num_classes == len(VOC_CLASSES) + 1 else None
+    class_names = args.class_names or default_names or [f"class_{i}" for i in range(args.num_classes - 1)]
+    if len(class_names) != args.num_classes - 1:
+        raise ValueError(f"--class-names: {len(class_names)} names for {args.num_classes - 1} object classes")
+    source = load_ssd_pytorch(args.source)
+    model = build_model(args.model, args.num_classes)
+    model.load_state_dict(ssd_pytorch_state_dict(source, args.model, args.num_classes))
+    store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
+    extra = {"imported_from": Path(args.source).name, "imported_tensors": len(source)}
+    info = store.save(model.state_dict(), _meta(model, class_names, _next_version(store), 0, extra))
+    print(f"imported {len(source)} of {len(model.state_dict())} tensors into {info.weights}")
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    model, meta = _load_model(args.checkpoint_dir, device)
+    image = decode_image_bytes(Path(args.image).read_bytes(), MAX_IMAGE_PIXELS)  # [3, H, W] uint8
+    detections = predict(model, [image], device=device, score_threshold=args.score_threshold)[0]
+    names = [meta["class_names"][int(label)] for label in detections.labels]
+    captions = [f"{name} {score:.2f}" for name, score in zip(names, detections.scores.tolist(), strict=True)]
+    drawn = draw_bounding_boxes(image, detections.boxes.cpu(), labels=captions, colors="red", width=2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_bytes(encode_png(drawn))
+    for name, score, box in zip(names, detections.scores.tolist(), detections.boxes.tolist(), strict=True):
+        print(json.dumps({"label": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}))
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    parser.add_argument("--data", required=True, help="synthetic | voc:ROOT | coco:IMAGES_DIR:ANN.json")
+    parser.add_argument("--split", default=split, help="synthetic split or VOC image set")
+    parser.add_argument("--synthetic-images", type=int, default=512, help="images in the synthetic set")
+    parser.add_argument("--synthetic-size", type=int, default=256, help="side of the synthetic images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `ssd` and its four subcommands."""
+    parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model, writing checkpoints and a loss curve")
+    _add_data_arguments(train, split="train")
+    train.add_argument("--model", choices=MODEL_NAMES, default="ssd-small")
+    train.add_argument("--num-classes", type=int, help="conf columns incl. background (default: data set's)")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    train.add_argument("--clip-grad-norm", type=float)
+    train.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    train.add_argument("--checkpoint-dir", required=True)
+    train.add_argument("--keep", type=int, default=5, help="checkpoints kept")
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--eval-every", type=int, default=0, help="held-out mAP every N steps (0: never)")
+    train.add_argument("--val-data", help="held-out data (default: --data)")
+    train.add_argument("--val-split", default="val")
+    train.add_argument("--eval-images", type=int, default=64, help="size of the synthetic held-out set")
+    train.add_argument("--time-limit", type=float, default=0, help="stop after this many training seconds")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    train.add_argument("--workers", type=int, default=0, help="data loader processes")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    evaluate_ = commands.add_parser("eval", help="mAP of the newest checkpoint on a data set")
+    _add_data_arguments(evaluate_, split="val")
+    evaluate_.add_argument("--checkpoint-dir", required=True)
+    evaluate_.set_defaults(handler=_eval)
+
+    import_ = commands.add_parser("import", help="convert an ssd.pytorch .pth into a checkpoint")
+    import_.add_argument("source", type=Path, help="ssd.pytorch state dict (.pth)")
+    import_.add_argument("--model", choices=IMPORTABLE_MODELS, default="ssd300")
+    import_.add_argument("--num-classes", type=int, default=21)
+    import_.add_argument("--class-names", nargs="+", help="object class names in label order")
+    import_.add_argument("--checkpoint-dir", required=True)
+    import_.add_argument("--keep", type=int, default=5)
+    import_.set_defaults(handler=_import)
+
+    detect = commands.add_parser("detect", help="draw the newest checkpoint's detections on an image")
+    detect.add_argument("image", type=Path)
+    detect.add_argument("--checkpoint-dir", required=True)
+    detect.add_argument("--out", required=True, type=Path, help="PNG to write")
+    detect.add_argument("--score-threshold", type=float, default=0.3)
+    detect.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    detect.set_defaults(handler=_detect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ssd`; returns the exit status (2 with a message for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ssd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
