@@ -108,9 +108,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         size = self.image_size
         masks = torch.zeros(len(placements), size, size, dtype=torch.bool)  # [N, S, S]
         for k, placement in enumerate(placements):
-            masks[k] = self._shape_mask(placement, generator)
+            # Only pixels whose centre lies in [x1, x2] x [y1, y2] can be inside: work on that crop.
+            rows = slice(int(placement.y1), math.ceil(placement.y2))
+            cols = slice(int(placement.x1), math.ceil(placement.x2))
+            mask = self._shape_mask(placement, generator, self._xs[:, cols], self._ys[rows])  # [h, w]
             colour = self._colour(background, placement, generator)  # [3] uint8
-            image = torch.where(masks[k], colour[:, None, None], image)
+            masks[k, rows, cols] = mask
+            image[:, rows, cols] = torch.where(mask, colour[:, None, None], image[:, rows, cols])
         drawn = masks.flatten(1).any(dim=1)  # [N]; tiny shapes may cover no pixel centre
         masks = masks[drawn]
         labels = torch.tensor([p.label for p in placements], dtype=torch.int64)[drawn]
@@ -166,15 +170,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         smaller = min((a.x2 - a.x1) * (a.y2 - a.y1), (b.x2 - b.x1) * (b.y2 - b.y1))
         return inter_w * inter_h / smaller
 
-    def _shape_mask(self, p: _Placement, generator: torch.Generator) -> Tensor:
-        """Pixels whose centre lies inside the shape, Tensor[S, S] bool."""
-        xs, ys = self._xs, self._ys
+    def _shape_mask(self, p: _Placement, generator: torch.Generator, xs: Tensor, ys: Tensor) -> Tensor:
+        """Pixels whose centre lies inside the shape, Tensor[h, w] bool for centres xs [1, w], ys [h, 1]."""
         if p.label == RECTANGLE:
             return (xs >= p.x1) & (xs <= p.x2) & (ys >= p.y1) & (ys <= p.y2)
         if p.label == ELLIPSE:
             cx, cy, rx, ry = (p.x1 + p.x2) / 2, (p.y1 + p.y2) / 2, (p.x2 - p.x1) / 2, (p.y2 - p.y1) / 2
             return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
-        return self._triangle_mask(self._triangle_vertices(p, generator))
+        return self._triangle_mask(self._triangle_vertices(p, generator), xs, ys)
 
     def _triangle_vertices(self, p: _Placement, generator: torch.Generator) -> list[tuple[float, float]]:
         """Apex on one side of the box, base on the opposite side's corners: the box is its bbox."""
@@ -189,12 +192,13 @@ class ShapesDataset(torch.utils.data.Dataset):
             return [(p.x1, ay), (p.x2, p.y1), (p.x2, p.y2)]
         return [(p.x2, ay), (p.x1, p.y1), (p.x1, p.y2)]  # apex on the right
 
-    def _triangle_mask(self, vertices: list[tuple[float, float]]) -> Tensor:
+    @staticmethod
+    def _triangle_mask(vertices: list[tuple[float, float]], xs: Tensor, ys: Tensor) -> Tensor:
         # A point is inside when the three edge functions (cross products) share a sign.
         signs = []
         for (x0, y0), (x1, y1) in zip(vertices, vertices[1:] + vertices[:1], strict=True):
-            signs.append((x1 - x0) * (self._ys - y0) - (y1 - y0) * (self._xs - x0))  # [S, S]
-        edges = torch.stack(signs)  # [3, S, S]
+            signs.append((x1 - x0) * (ys - y0) - (y1 - y0) * (xs - x0))  # [h, w]
+        edges = torch.stack(signs)  # [3, h, w]
         return (edges >= 0).all(dim=0) | (edges <= 0).all(dim=0)
 
     def _colour(self, background: Tensor, p: _Placement, generator: torch.Generator) -> Tensor:
