@@ -7,6 +7,7 @@ huge image is rejected without allocating its pixels.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ _JPEG_SOI = b"\xff\xd8"
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field.
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+_CPP_LOCATION = re.compile(r"^.*\.cpp:\d+, ")
 
 
 class ImageError(ValueError):
@@ -113,7 +115,8 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> Tensor:
     try:
         image = decode_image(buffer, mode=ImageReadMode.RGB)  # [3, H, W]
     except RuntimeError as error:
-        raise ImageError(f"cannot decode image: {error}") from error
+        reason = _CPP_LOCATION.sub("", str(error))  # drop torchvision's "decode_png, /path/x.cpp:79, "
+        raise ImageError(f"cannot decode image: {reason}") from error
     if image.shape[-2:] != (height, width):
         raise ImageError(f"decoded size {tuple(image.shape[-2:])} differs from the header's {(height, width)}")
     return image

@@ -117,7 +117,7 @@ def test_bad_bytes_raise_image_error(data, message):
 @pytest.mark.parametrize("encode", [encode_png, encode_jpeg])
 def test_truncated_files_raise_image_error(encode):
     data = encode(_random_image(64, 64))
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match=r"^cannot decode image: [^/]*$"):  # no C++ source paths
         decode_image_bytes(data[: len(data) // 2], max_pixels=10**6)
 
 
