@@ -46,6 +46,19 @@ class Sample:
     labels: Tensor
     difficult: Tensor
 
+    def __post_init__(self) -> None:
+        if self.image.dim() != 3 or self.image.shape[0] != 3:
+            raise ValueError(f"Sample.image must have shape [3, H, W], got {tuple(self.image.shape)}")
+        if self.boxes.dim() != 2 or self.boxes.shape[1] != 4:
+            raise ValueError(f"Sample.boxes must have shape [N, 4], got {tuple(self.boxes.shape)}")
+        n = self.boxes.shape[0]
+        for name in ("labels", "difficult"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(
+                    f"Sample.{name} must have shape [{n}] to match {n} boxes, "
+                    f"got {tuple(getattr(self, name).shape)}"
+                )
+
 
 def _read_image(path: Path, max_pixels: int) -> Tensor:
     return decode_image_bytes(path.read_bytes(), max_pixels)  # [3, H, W]

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from ssd_core.augment import ssd_augmentation
 from ssd_core.datasets import VOC_CLASSES, CocoDataset, Sample, VOCDataset, collate
 from ssd_core.images import decode_image_bytes, encode_jpeg, encode_png, to_model_input
+from ssd_core.synthetic import ShapesDataset
 
 MEAN, STD = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
 
@@ -192,3 +194,35 @@ def test_coco_reader_rejects_unknown_references(coco_files):
     annotation_file.write_text(json.dumps(coco))
     with pytest.raises(ValueError, match="unknown image 42"):
         CocoDataset(image_dir, annotation_file)
+
+
+@pytest.mark.parametrize(
+    ("image", "boxes", "labels", "difficult", "message"),
+    [
+        ((1, 8, 8), (2, 4), (2,), (2,), r"Sample.image .*\[3, H, W\]"),
+        ((3, 8, 8), (2, 5), (2,), (2,), r"Sample.boxes .*\[N, 4\]"),
+        ((3, 8, 8), (2, 4), (3,), (2,), r"Sample.labels .*\[2\]"),
+        ((3, 8, 8), (2, 4), (2,), (2, 1), r"Sample.difficult .*\[2\]"),
+    ],
+)
+def test_sample_rejects_misaligned_fields(image, boxes, labels, difficult, message):
+    with pytest.raises(ValueError, match=message):
+        Sample(
+            torch.zeros(image, dtype=torch.uint8),
+            torch.zeros(boxes),
+            torch.zeros(labels, dtype=torch.int64),
+            torch.zeros(difficult, dtype=torch.bool),
+        )
+
+
+def test_collate_with_ssd_augmentation_gives_valid_targets():
+    dataset = ShapesDataset(6, image_size=48, seed=9)
+    torch.manual_seed(0)
+    images, targets = collate(list(dataset), _Spec(), augment=ssd_augmentation(fill=MEAN))
+    assert images.shape == (6, 3, 32, 32) and torch.isfinite(images).all()
+    for sample, target in zip(dataset, targets, strict=True):
+        assert target.shape[1] == 6 and len(target) <= len(sample.labels)
+        assert (target[:, :4] >= 0).all() and (target[:, :4] <= 1).all()
+        assert (target[:, 2] > target[:, 0]).all() and (target[:, 3] > target[:, 1]).all()
+        assert set(target[:, 4].long().tolist()) <= set(sample.labels.tolist())
+        assert (target[:, 5] == 0).all()
