@@ -122,10 +122,10 @@ class VOCDataset(torch.utils.data.Dataset):
             name = (obj.findtext("name") or "").strip().lower()
             if name not in self._label_of:
                 raise ValueError(f"{path}: unknown class name {name!r}; expected one of {self.class_names}")
-            box = obj.find("bndbox")
-            if box is None:
-                raise ValueError(f"{path}: object {name!r} has no <bndbox>")
-            boxes.append([float(box.findtext(key) or "nan") - 1 for key in ("xmin", "ymin", "xmax", "ymax")])
+            corners = [obj.findtext(f"bndbox/{key}") for key in ("xmin", "ymin", "xmax", "ymax")]
+            if None in corners:
+                raise ValueError(f"{path}: object {name!r} needs <bndbox> with xmin, ymin, xmax, ymax")
+            boxes.append([float(value) - 1 for value in corners])
             labels.append(self._label_of[name])
             difficult.append(is_difficult)
         return (

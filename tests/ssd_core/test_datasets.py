@@ -133,6 +133,11 @@ def test_voc_reader_errors_name_the_problem(voc_root):
         VOCDataset(root, class_names=("dog", "person", "tvmonitor"), split="trainval").annotation("000003")
     with pytest.raises(ValueError, match="'test'"):
         VOCDataset(root, split="test")
+    (root / "Annotations/000003.xml").write_text(
+        "<annotation><object><name>cat</name><bndbox><xmin>1</xmin></bndbox></object></annotation>"
+    )
+    with pytest.raises(ValueError, match=r"000003\.xml: object 'cat' needs <bndbox>"):
+        VOCDataset(root).annotation("000003")
 
 
 def test_voc_samples_collate_into_a_batch(voc_root):
