@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssd_core import VOC_300, LossOutput, MultiBoxLoss, prior_boxes
+from ssd_core import VOC_300, LossOutput, MultiBoxLoss, center_size, encode, prior_boxes
 from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
 from tests.ssd_core.seed_reference import seed_multibox_loss
 
@@ -90,3 +90,184 @@ def test_compute_returns_stats_consistent_with_the_losses():
     totals = stats.totals()
     assert totals["num_positives"] == int(stats.num_positives.sum())
     assert totals["loss_c"] == pytest.approx(float(output.loss_c.detach()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-made cases, one per constructor option. One truth T = (0, 0, 0.4, 0.4) and 8 priors whose IoU
+# with T is, by construction: p0 1.0, p1 0.12/0.16 = 0.75, p2 0.08/0.16 = 0.5, p3 0.064/0.16 = 0.4,
+# p4 0.04/0.16 = 0.25, p5..p7 0 (disjoint). Background logits make the negatives' conf loss rank
+# p5 > p7 > p4 > p6 > p3 (lower background logit, higher cross-entropy).
+
+T = [0.0, 0.0, 0.4, 0.4]
+FAR = [0.6, 0.6, 1.0, 1.0]
+HAND_PRIORS_XYXY = torch.tensor([
+    T, [0.0, 0.0, 0.4, 0.3], [0.0, 0.0, 0.4, 0.2], [0.0, 0.0, 0.4, 0.16], [0.0, 0.0, 0.4, 0.1],
+    FAR, [0.6, 0.0, 1.0, 0.4], [0.0, 0.6, 0.4, 1.0],
+])
+HAND_PRIORS = center_size(HAND_PRIORS_XYXY)
+BACKGROUND_LOGITS = torch.tensor([0.0, 0.0, 0.0, 3.0, 1.0, -2.0, 2.0, -1.0])
+
+
+def hand_inputs(num_classes=3, background=0):
+    loc = torch.zeros(1, 8, 4, requires_grad=True)
+    conf = torch.zeros(1, 8, num_classes)
+    conf[0, :, background] = BACKGROUND_LOGITS
+    return loc, conf.requires_grad_()
+
+
+def selected(criterion, loc, conf, targets, priors=HAND_PRIORS):
+    """Positive and negative prior indices of image 0, read from the conf gradient.
+
+    Rows in the conf loss get softmax - one_hot(target): non-zero, with its only negative entry at the
+    target class, which is an object class exactly for the positives.
+    """
+    loc.grad = conf.grad = None
+    output = criterion.compute((loc, conf, priors), targets)
+    (output.loss_l + output.loss_c).backward()
+    in_conf_loss = (conf.grad[0] != 0).any(-1)
+    positive = in_conf_loss & (conf.grad[0].argmin(-1) != criterion.background_label)
+    return positive.nonzero().flatten().tolist(), (in_conf_loss & ~positive).nonzero().flatten().tolist(), output
+
+
+def criterion(num_classes=3, overlap=0.5, prior_matching=True, background=0, mining=True, neg_pos=1,
+              neg_overlap=0.5, encode_target=False, **options):
+    return MultiBoxLoss(num_classes, overlap, prior_matching, background, mining, neg_pos, neg_overlap,
+                        encode_target, **options)
+
+
+ONE_TRUTH = [torch.tensor([[*T, 1.0]])]
+
+
+def test_hard_negative_mining_picks_highest_loss_negatives():
+    loc, conf = hand_inputs()
+    positive, negative, output = selected(criterion(neg_pos=1), loc, conf, ONE_TRUTH)
+    assert positive == [0, 1, 2]  # IoU >= 0.5
+    assert negative == [4, 5, 7]  # 1 * 3 negatives: the three highest-loss of p3..p7
+    stats = output.stats
+    assert stats.num_positives.tolist() == [3] and stats.num_negatives.tolist() == [3]
+    assert stats.num_ignored.tolist() == [0] and stats.num_forced_matches.tolist() == [0]
+    assert stats.matched_ious.tolist() == pytest.approx([1.0, 0.75, 0.5])
+
+
+def test_neg_pos_ratio_caps_the_negatives():
+    loc, conf = hand_inputs()
+    assert selected(criterion(neg_pos=0.5), loc, conf, ONE_TRUTH)[1] == [5]  # floor(0.5 * 3) = 1
+    assert selected(criterion(neg_pos=0), loc, conf, ONE_TRUTH)[1] == []
+    assert selected(criterion(neg_pos=3), loc, conf, ONE_TRUTH)[1] == [3, 4, 5, 6, 7]  # all 5 < 9
+
+
+def test_without_mining_every_unmatched_prior_is_negative():
+    loc, conf = hand_inputs()
+    positive, negative, _ = selected(criterion(mining=False), loc, conf, ONE_TRUTH)
+    assert positive == [0, 1, 2] and negative == [3, 4, 5, 6, 7]
+
+
+def test_neg_overlap_ignores_priors_between_it_and_the_threshold():
+    loc, conf = hand_inputs()
+    positive, negative, output = selected(criterion(mining=False, neg_overlap=0.3), loc, conf, ONE_TRUTH)
+    assert positive == [0, 1, 2] and negative == [4, 5, 6, 7]  # p3 (IoU 0.4) is ignored
+    assert output.stats.num_ignored.tolist() == [1]
+    positive, negative, output = selected(
+        criterion(overlap=0.7, mining=False, neg_overlap=0.3), loc, conf, ONE_TRUTH
+    )
+    assert positive == [0, 1] and negative == [4, 5, 6, 7]  # p2 (0.5) and p3 (0.4) ignored
+    assert output.stats.num_ignored.tolist() == [2]
+
+
+def test_overlap_threshold_and_forced_match_statistics():
+    loc, conf = hand_inputs()
+    positive, _, output = selected(criterion(overlap=1.0), loc, conf, ONE_TRUTH)
+    assert positive == [0]  # IoU 1.0 >= 1.0
+    small = [torch.tensor([[0.0, 0.0, 0.1, 0.1, 0.0]])]  # best prior p4 with IoU 0.01 / 0.04 = 0.25
+    positive, _, output = selected(criterion(), loc, conf, small)
+    assert positive == [4]  # only the forced best prior
+    assert output.stats.num_forced_matches.tolist() == [1]
+    assert output.stats.matched_ious.tolist() == pytest.approx([0.25])
+
+
+def test_bkg_label_moves_the_background_column_and_maps_labels_around_it():
+    loc, conf = hand_inputs(num_classes=4, background=2)
+    targets = [torch.tensor([[*T, 2.0], [*FAR, 0.0]])]  # label 2 -> class 3, label 0 -> class 0
+    positive, negative, _ = selected(criterion(num_classes=4, background=2, neg_pos=1), loc, conf, targets)
+    assert positive == [0, 1, 2, 5]
+    # the cross-entropy gradient is softmax - one_hot: its only negative entry is the target class
+    target_class = conf.grad[0].argmin(dim=-1)
+    assert target_class[positive].tolist() == [3, 3, 3, 0]
+    assert target_class[negative].tolist() == [2] * len(negative)
+    assert negative == [3, 4, 6, 7]  # 1 * 4 negatives, all remaining priors
+
+
+def test_prior_for_matching_false_matches_decoded_predictions():
+    loc, conf = hand_inputs()
+    predicted = torch.tensor([FAR] * 8)
+    predicted[5] = torch.tensor(T)  # only p5 predicts a box on the truth
+    with torch.no_grad():
+        loc[0] = encode(predicted, HAND_PRIORS)
+    positive, _, output = selected(criterion(prior_matching=False), loc, conf, ONE_TRUTH)
+    assert positive == [5]
+    assert output.stats.matched_ious.tolist() == pytest.approx([1.0], abs=1e-5)
+    # the regression target is still encoded against the prior: loc[5] is exactly it
+    assert output.loss_l.item() == pytest.approx(0.0, abs=1e-5)
+    assert selected(criterion(prior_matching=True), loc, conf, ONE_TRUTH)[0] == [0, 1, 2]
+
+
+def test_encode_target_compares_raw_offsets_divided_by_the_variance():
+    loc, conf = hand_inputs()
+    raw = encode(torch.tensor([T] * 8), HAND_PRIORS, (1.0, 1.0))  # [8, 4] raw offsets
+    with torch.no_grad():
+        loc[0] = raw
+        loc[0, 1, 0] += 0.01  # p1: centre-x off by 0.01 raw = 0.1 after dividing by variance 0.1
+    _, _, output = selected(criterion(encode_target=True), loc, conf, ONE_TRUTH)
+    # Smooth L1 of 0.1 is 0.5 * 0.1 ** 2; three positives
+    assert output.loss_l.item() == pytest.approx(0.5 * 0.1**2 / 3, rel=1e-4)
+    _, _, plain = selected(criterion(encode_target=False), loc, conf, ONE_TRUTH)
+    assert plain.loss_l.item() > 0.01  # the same raw offsets are wrong for the variance-encoded target
+
+
+def test_variance_and_loc_weight():
+    loc, conf = hand_inputs()
+    with torch.no_grad():
+        loc[0] = encode(torch.tensor([T] * 8), HAND_PRIORS, (0.2, 0.3))
+        loc[0, 0, 2] += 2.0  # p0: width offset off by 2 -> Smooth L1 = 2 - 0.5 = 1.5
+    base = criterion(variance=(0.2, 0.3)).compute((loc, conf, HAND_PRIORS), ONE_TRUTH)
+    assert base.loss_l.item() == pytest.approx(1.5 / 3, rel=1e-5)
+    weighted = criterion(variance=(0.2, 0.3), loc_weight=2.0).compute((loc, conf, HAND_PRIORS), ONE_TRUTH)
+    assert weighted.loss_l.item() == pytest.approx(2 * 1.5 / 3, rel=1e-5)
+    assert weighted.loss_c.item() == pytest.approx(base.loss_c.item())
+
+
+def test_bipartite_gives_each_truth_its_own_prior():
+    # IoU: T0-pA 0.0625/0.09 = 0.694, T0-pB 0.09/0.16 = 0.5625, T1-pA 0.04/0.0625 = 0.64, T1-pB 0.25
+    priors = center_size(torch.tensor([[0.0, 0.0, 0.25, 0.25], [0.0, 0.0, 0.4, 0.4], FAR]))
+    targets = [torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.0], [0.0, 0.0, 0.2, 0.2, 1.0]])]
+    loc = torch.zeros(1, 3, 4, requires_grad=True)
+    conf = torch.zeros(1, 3, 3, requires_grad=True)
+    # seed rule at threshold 0.7: both truths' best prior is pA, the later truth (class 2) takes it
+    positive, _, output = selected(criterion(overlap=0.7), loc, conf, targets, priors)
+    assert positive == [0] and conf.grad[0, 0].argmin().item() == 2
+    assert output.stats.num_forced_matches.tolist() == [2]
+    # bipartite: (T0, pA) is the best pair, then T1 takes pB
+    positive, _, output = selected(criterion(overlap=0.7, match_type="bipartite"), loc, conf, targets, priors)
+    assert positive == [0, 1]
+    assert conf.grad[0, :2].argmin(dim=-1).tolist() == [1, 2]
+
+
+def test_difficult_truths_priors_are_neither_positive_nor_negative():
+    loc, conf = hand_inputs()
+    targets = [torch.tensor([[*T, 0.0, 1.0], [*FAR, 1.0, 0.0]])]  # T difficult
+    positive, negative, output = selected(criterion(mining=False), loc, conf, targets)
+    assert positive == [5]
+    assert negative == [3, 4, 6, 7]  # p0..p2 matched to the difficult truth are ignored
+    assert output.stats.num_ignored.tolist() == [3]
+    assert output.stats.num_ground_truth.tolist() == [2]
+    # priors whose IoU with a difficult truth reaches neg_overlap are not negatives either
+    positive, negative, _ = selected(criterion(mining=False, neg_overlap=0.4, overlap=0.4), loc, conf, targets)
+    assert positive == [5] and negative == [4, 6, 7]
+
+
+def test_use_gpu_is_accepted_and_computation_follows_the_inputs():
+    loc, conf = hand_inputs()
+    a = criterion(use_gpu=True).compute((loc, conf, HAND_PRIORS), ONE_TRUTH)
+    b = criterion(use_gpu=False).compute((loc, conf, HAND_PRIORS), ONE_TRUTH)
+    assert a.loss_l.device.type == "cpu"
+    assert a.loss_c.item() == b.loss_c.item() and a.loss_l.item() == b.loss_l.item()
