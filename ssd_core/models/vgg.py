@@ -24,25 +24,7 @@ from ssd_core.priors import VOC_300, VOC_512, PriorConfig
 __all__ = ["SSD300", "SSD512", "VGGSSD", "VGG_BASE", "ExtraBlock", "L2Norm", "extra_layers", "vgg_layers"]
 
 # ssd.pytorch base['300'] (= base['512']): conv widths, 'M' max pool, 'C' max pool with ceil_mode
-VGG_BASE: tuple[int | str, ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "C",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-)
+VGG_BASE = (64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512)
 CONV4_3_END = 23  # vgg[:23] ends with conv4_3's ReLU: the first source, through L2Norm
 RGB_MEAN = (123.0, 117.0, 104.0)  # ssd.pytorch's BGR means (104, 117, 123) in RGB input order
 RGB_STD = (1.0, 1.0, 1.0)
