@@ -28,7 +28,7 @@ def pad_targets(
     """Stack per-image targets into one padded tensor and validate it.
 
     Args:
-        targets: a list of B tensors Tensor[n_i, 5 or 6], or a padded Tensor[B, M, 5 or 6] whose rows
+        targets: a list of B tensors Tensor[n_i, 5 or 6] (no padding rows), or a padded Tensor[B, M, 5 or 6] whose rows
             with label < 0 are padding; boxes (x1, y1, x2, y2) normalised, then the 0-based label,
             then optionally the difficult flag.
         num_classes: classes of the conf tensor including background; when given, labels must lie in
@@ -67,6 +67,11 @@ def _as_rows(rows: Tensor, image: int) -> Tensor:
         return rows.reshape(0, 5)
     if rows.dim() != 2 or rows.shape[1] not in (5, 6):
         raise ValueError(f"targets[{image}] must have shape [n, 5] or [n, 6], got {tuple(rows.shape)}")
+    negative = (rows[:, 4] < 0).nonzero()
+    if len(negative):
+        i = int(negative[0])
+        raise ValueError(f"targets[{image}][{i}]: label {rows[i, 4].item()} is negative; only padded "
+                         "[B, M, 5|6] targets have padding rows")
     return rows
 
 

@@ -271,3 +271,151 @@ def test_use_gpu_is_accepted_and_computation_follows_the_inputs():
     b = criterion(use_gpu=False).compute((loc, conf, HAND_PRIORS), ONE_TRUTH)
     assert a.loss_l.device.type == "cpu"
     assert a.loss_c.item() == b.loss_c.item() and a.loss_l.item() == b.loss_l.item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge cases and validation
+
+
+def test_image_without_boxes_contributes_nothing():
+    generator = torch.Generator().manual_seed(11)
+    priors = small_priors()
+    targets = random_targets(1, 4, 5, generator, allow_empty=False)
+    loc, conf = random_predictions(2, len(priors), 5, generator)
+    crit = seed_criterion(5)
+    both = losses_and_grads(lambda: crit((loc, conf, priors), [targets[0], torch.zeros(0, 5)]), loc, conf)
+    alone = losses_and_grads(lambda: crit((loc[:1], conf[:1], priors), targets), loc, conf)
+    assert_close(both[0], alone[0])
+    assert_close(both[1], alone[1])
+    assert (both[2][1] == 0).all() and (both[3][1] == 0).all()  # no gradient for the empty image
+    stats = crit.compute((loc, conf, priors), [targets[0], torch.zeros(0, 5)]).stats
+    assert stats.num_positives[1] == 0 and stats.num_negatives[1] == 0 and stats.num_ignored[1] == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"match_type": "bipartite"}])
+def test_batch_without_boxes_gives_zero_loss_and_zero_gradients(options):
+    generator = torch.Generator().manual_seed(12)
+    priors = small_priors()
+    loc, conf = random_predictions(3, len(priors), 4, generator)
+    for targets in ([torch.zeros(0, 5)] * 3, torch.full((3, 2, 5), -1.0)):
+        loss_l, loss_c, loc_grad, conf_grad = losses_and_grads(
+            lambda t=targets: seed_criterion(4, **options)((loc, conf, priors), t), loc, conf
+        )
+        assert loss_l.item() == 0 and loss_c.item() == 0
+        assert torch.equal(loc_grad, torch.zeros_like(loc)) and torch.equal(conf_grad, torch.zeros_like(conf))
+
+
+def test_per_row_log_sum_exp_does_not_underflow_where_the_seed_does():
+    generator = torch.Generator().manual_seed(13)
+    priors = small_priors()
+    targets = random_targets(2, 3, 4, generator, allow_empty=False)
+    loc, conf = random_predictions(2, len(priors), 4, generator)
+    with torch.no_grad():
+        conf[1, 0, 1] = 500.0  # one huge logit: the seed's single global max underflows every other row
+    _, loss_c = seed_criterion(4)((loc, conf, priors), targets)
+    _, seed_c = seed_multibox_loss(loc, conf, priors, targets, 4)
+    # float64 keeps exp(x - 500) representable, so there the seed's mining is still right
+    _, seed_c64 = seed_multibox_loss(loc.double(), conf.double(), priors.double(), targets, 4)
+    assert loss_c.item() == pytest.approx(seed_c64.item(), rel=1e-5)
+    assert seed_c.item() != pytest.approx(seed_c64.item(), rel=1e-3)  # float32 seed mined -inf rows
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        ([0.2, 0.1, 0.2, 0.5], r"targets\[1\]\[0\]: box .* has x2 <= x1"),
+        ([0.2, 0.5, 0.4, 0.5], r"targets\[1\]\[0\]: box .* has y2 <= y1"),
+        ([0.5, 0.5, 0.1, 0.1], r"targets\[1\]\[0\]: box .* has x2 <= x1"),
+        ([float("nan"), 0.1, 0.2, 0.5], r"targets\[1\]\[0\]: box .* non-finite"),
+        ([0.1, 0.1, 0.2, float("inf")], r"targets\[1\]\[0\]: box .* non-finite"),
+    ],
+)
+def test_invalid_boxes_raise_naming_image_and_box(box, message):
+    priors = small_priors()
+    loc, conf = torch.zeros(2, len(priors), 4), torch.zeros(2, len(priors), 3)
+    targets = [torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.0]]), torch.tensor([[*box, 1.0]])]
+    with pytest.raises(ValueError, match=message):
+        seed_criterion(3)((loc, conf, priors), targets)
+
+
+@pytest.mark.parametrize("label", [-0.5, 2.0, 1.5])
+def test_label_outside_the_classes_raises(label):
+    priors = small_priors()
+    loc, conf = torch.zeros(1, len(priors), 4), torch.zeros(1, len(priors), 3)
+    with pytest.raises(ValueError, match=r"targets\[0\]\[0\]: label"):
+        seed_criterion(3)((loc, conf, priors), [torch.tensor([[0.1, 0.1, 0.3, 0.3, label]])])
+
+
+def test_negative_labels_are_padding_in_padded_tensors():
+    priors = small_priors()
+    loc, conf = torch.zeros(1, len(priors), 4), torch.zeros(1, len(priors), 3)
+    output = seed_criterion(3).compute((loc, conf, priors), torch.tensor([[[0.1, 0.1, 0.3, 0.3, -1.0]]]))
+    assert output.stats.num_ground_truth.tolist() == [0]
+
+
+def test_shape_errors_name_the_tensor():
+    priors = small_priors()
+    P = len(priors)
+    crit = seed_criterion(3)
+    targets = [torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.0]])]
+    cases = [
+        ((torch.zeros(1, P, 3), torch.zeros(1, P, 3), priors), r"loc must be \[B, P, 4\]"),
+        ((torch.zeros(1, P, 4), torch.zeros(1, P, 5), priors), r"conf must be \[B, P, num_classes=3\]"),
+        ((torch.zeros(1, P, 4), torch.zeros(1, P - 1, 3), priors), r"conf .* and loc .* differ"),
+        ((torch.zeros(1, P, 4), torch.zeros(1, P, 3), priors[:-1]), rf"priors must be \[P={P}, 4\]"),
+        ((torch.zeros(2, P, 4), torch.zeros(2, P, 3), priors), r"targets hold 1 images, loc has batch size 2"),
+    ]
+    for predictions, message in cases:
+        with pytest.raises(ValueError, match=message):
+            crit(predictions, targets)
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "message"),
+    [
+        ((1, 0.5, True, 0, True, 3, 0.5, False), {}, "num_classes"),
+        ((3, 0.0, True, 0, True, 3, 0.5, False), {}, "overlap_thresh"),
+        ((3, 1.5, True, 0, True, 3, 0.5, False), {}, "overlap_thresh"),
+        ((3, 0.5, True, 3, True, 3, 0.5, False), {}, "bkg_label"),
+        ((3, 0.5, True, 0, True, -1, 0.5, False), {}, "neg_pos"),
+        ((3, 0.5, True, 0, True, 3, 0.0, False), {}, "neg_overlap"),
+        ((3, 0.5, True, 0, True, 3, 0.5, False), {"match_type": "greedy"}, "match_type"),
+        ((3, 0.5, True, 0, True, 3, 0.5, False), {"variance": (0.1, 0.0)}, "variance"),
+        ((3, 0.5, True, 0, True, 3, 0.5, False), {"loc_weight": -1.0}, "loc_weight"),
+    ],
+)
+def test_bad_options_raise(args, options, message):
+    with pytest.raises(ValueError, match=message):
+        MultiBoxLoss(*args, **options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtypes and gradients
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    generator = torch.Generator().manual_seed(14)
+    priors = small_priors()
+    targets = random_targets(3, 4, 5, generator, allow_empty=False)
+    loc, conf = random_predictions(3, len(priors), 5, generator, dtype=torch.bfloat16)
+    crit = seed_criterion(5)
+    loss_l, loss_c = crit((loc, conf, priors), targets)
+    assert loss_l.dtype == loss_c.dtype == torch.float32
+    (loss_l + loss_c).backward()
+    assert loc.grad.dtype == torch.bfloat16 and torch.isfinite(conf.grad.float()).all()
+    exact_l, exact_c = crit((loc.detach().float(), conf.detach().float(), priors), targets)
+    assert loss_l.item() == pytest.approx(exact_l.item(), rel=1e-6)
+    assert loss_c.item() == pytest.approx(exact_c.item(), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_l, auto_c = crit((loc.detach().float(), conf.detach().float(), priors), targets)
+    assert auto_l.dtype == torch.float32 and auto_c.item() == pytest.approx(exact_c.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"match_type": "bipartite", "encode_target": True}])
+def test_gradcheck_float64(options):
+    generator = torch.Generator().manual_seed(15)
+    priors = small_priors()[:40].double()
+    targets = [t.double() for t in random_targets(2, 3, 3, generator, allow_empty=False)]
+    loc, conf = random_predictions(2, len(priors), 3, generator, dtype=torch.float64)
+    crit = MultiBoxLoss(3, 0.5, True, 0, True, 3, 0.5, options.pop("encode_target", False), **options)
+    assert torch.autograd.gradcheck(lambda lo, co: crit((lo, co, priors), targets), (loc, conf))

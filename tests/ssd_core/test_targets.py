@@ -56,6 +56,11 @@ def test_labels_outside_the_classes_raise(label):
         pad_targets([torch.tensor([[0.1, 0.1, 0.3, 0.3, label]])], num_classes=3)  # labels 0..1 allowed
 
 
+def test_negative_label_in_a_list_raises():
+    with pytest.raises(ValueError, match=r"targets\[1\]\[0\]: label -1.0 is negative"):
+        pad_targets([torch.zeros(0, 5), torch.tensor([[0.1, 0.1, 0.3, 0.3, -1.0]])])
+
+
 def test_bad_layout_names_shape():
     with pytest.raises(ValueError, match=r"targets\[0\] must have shape \[n, 5\]"):
         pad_targets([torch.zeros(2, 4)])
