@@ -1,9 +1,92 @@
-"""Placeholder app until the service lands."""
+"""The FastAPI application: `create_app(settings)`; `app` for `uvicorn app.main:app`.
+
+The model is loaded in the lifespan (not at import), and the trainer thread started there; on
+shutdown (SIGTERM) the trainer finishes its current step and the current version is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
 
-app = FastAPI(title="ssd-service")
+from app.errors import install_error_handlers
+from app.finetune import start_worker
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from app.model_host import ModelHost, initial_model
+from app.openapi import install_openapi
+from app.routes import detect, finetune, health, model, score_loss
+from app.settings import Settings, load_settings
+from ssd_core.checkpoint import CheckpointStore
+
+logger = logging.getLogger(__name__)
 
 
-@app.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def _package_version() -> str:
+    try:
+        return version("ssd-service")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    metrics: Metrics = app.state.metrics
+    store = CheckpointStore(settings.checkpoint_dir, settings.checkpoint_keep) if settings.checkpoint_dir else None
+    app.state.store = store
+    model, checkpoint = await run_in_threadpool(initial_model, settings, store)
+    meta = checkpoint.meta if checkpoint is not None else {"version": 0, "step": 0}
+    host = await run_in_threadpool(ModelHost, settings, metrics, model, int(meta["version"]), int(meta.get("step", 0)))
+    app.state.host = host
+    if settings.role != "server":  # the trainer takes over `model`; the host serves its own copy
+        app.state.worker = start_worker(host, model, store, checkpoint, settings, metrics)
+    try:
+        yield
+    finally:
+        worker = getattr(app.state, "worker", None)
+        if worker is not None:
+            await run_in_threadpool(worker.stop, settings.shutdown_timeout_s)
+
+
+def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the application (nothing heavy happens before the lifespan starts).
+
+    Args:
+        settings: defaults to the `SSD_*` environment.
+        registry: Prometheus registry for this app's metrics; a fresh one by default.
+    """
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="ssd-service",
+        version=_package_version(),
+        description="SSD MultiBoxLoss scoring, online fine-tuning and detection.",
+        lifespan=lifespan,
+    )
+    metrics = Metrics(registry or CollectorRegistry())
+    metrics.build.info({"version": app.version, "torch": torch.__version__})
+    app.state.settings = settings
+    app.state.metrics = metrics
+    routers = (score_loss.router, finetune.router, detect.router, model.router, health.router)
+    routes = [route for route in app.routes if isinstance(route, Route)]  # /docs, /openapi.json, ...
+    for router in routers:
+        app.include_router(router)
+        routes.extend(router.routes)
+    install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, routes=routes)  # outermost: sees 413s
+    return app
+
+
+app = create_app()

@@ -1,0 +1,73 @@
+"""FastAPI dependencies and their `Annotated` aliases (SettingsDep, HostDep, ...)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import ApiError
+from app.finetune import FinetuneWorker
+from app.metrics import Metrics
+from app.model_host import ModelHost
+from app.settings import Settings
+from ssd_core.checkpoint import CheckpointStore
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the application was created with."""
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_host(request: Request) -> ModelHost:
+    """The model host; 503 until the lifespan has loaded the model."""
+    host = getattr(request.app.state, "host", None)
+    if host is None:
+        raise ApiError(503, "not_ready", "the model is not loaded yet")
+    return host
+
+
+def get_worker(request: Request) -> FinetuneWorker:
+    """The fine-tune worker; 503 where this replica does not train (role `server`) or it stopped."""
+    worker = getattr(request.app.state, "worker", None)
+    if worker is None or not worker.alive:
+        raise ApiError(503, "no_trainer", "this replica runs no trainer (SSD_ROLE=server) or it has stopped")
+    return worker
+
+
+def get_store(request: Request) -> CheckpointStore | None:
+    """The checkpoint store (None when SSD_CHECKPOINT_DIR is unset)."""
+    return getattr(request.app.state, "store", None)
+
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <SSD_API_TOKEN>`")
+
+
+def require_token(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 unless the request carries the configured Bearer token (no-op when none is configured)."""
+    if settings.api_token is None:
+        return
+    expected = settings.api_token.get_secret_value().encode()
+    supplied = credentials.credentials.encode() if credentials is not None else b""
+    if not secrets.compare_digest(supplied, expected):
+        raise ApiError(
+            401, "unauthorized", "missing or wrong Bearer token", "Authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+HostDep = Annotated[ModelHost, Depends(get_host)]
+WorkerDep = Annotated[FinetuneWorker, Depends(get_worker)]
+StoreDep = Annotated[CheckpointStore | None, Depends(get_store)]
+Authorized = Depends(require_token)

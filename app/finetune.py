@@ -1,0 +1,320 @@
+"""Online fine-tuning: a bounded job queue worked by ONE trainer thread.
+
+The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and publishes a new
+model version after every completed optimizer step, so `/detect` sees progress within a job and a
+cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
+nothing. A checkpoint is written after every job that changed the weights, on demand
+(`POST /model/checkpoint`), after a rollback and on shutdown.
+
+Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
+trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
+weights always equal the published version's, which is what makes a checkpoint of "the current
+version" well defined.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from app.errors import ApiError
+from app.metrics import Metrics, record_match_stats
+from app.model_host import ModelHost, ModelVersion
+from app.schemas import JobState, JobView, StepLoss
+from app.settings import Settings
+from ssd_core.augment import ssd_augmentation
+from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
+from ssd_core.datasets import Sample, collate
+from ssd_core.loss import MultiBoxLoss
+from ssd_core.models import SSD
+from ssd_core.training import StepResult, TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
+@dataclass(eq=False)
+class Job:
+    """One fine-tune request. `samples` is dropped once the job has finished."""
+
+    samples: list[Sample] | None
+    steps_total: int
+    learning_rate: float | None
+    augment: bool
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: JobState = JobState.queued
+    steps_done: int = 0
+    skipped_steps: int = 0
+    losses: list[StepLoss] = field(default_factory=list)
+    model_version: int | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    num_images: int = 0
+    finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
+
+    def view(self) -> JobView:
+        return JobView(
+            job_id=self.job_id, status=self.state, steps_done=self.steps_done, steps_total=self.steps_total,
+            skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
+            augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
+            cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+
+class FinetuneWorker:
+    """The fine-tune queue and its trainer thread.
+
+    Args:
+        host: where new versions are published.
+        trainer: owns the training copy of the weights (equal to `host.current` on entry).
+        store: checkpoint store, or None to run without checkpoints.
+        saved_version: the version already on disk (the checkpoint the process started from).
+    """
+
+    def __init__(
+        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, settings: Settings,
+        metrics: Metrics, saved_version: int | None,
+    ) -> None:
+        self.host = host
+        self.trainer = trainer
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._saved_version = saved_version
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._jobs_lock = threading.Condition()
+        self._train_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="finetune-trainer", daemon=True)
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout: float) -> None:
+        """Cancel queued jobs, let the running step finish, then checkpoint the current version."""
+        with self._jobs_lock:
+            self._stopping = True
+            while self._queue:
+                self._finish(self._queue.popleft(), JobState.cancelled, "server shutting down")
+            if self._running is not None:
+                self._running.cancel_requested = True
+            self._jobs_lock.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("trainer still busy after %.0f s; exiting without a final checkpoint", timeout)
+            return
+        self.save_if_unsaved()
+
+    # ---- jobs
+
+    def submit(self, samples: list[Sample], steps: int, learning_rate: float | None, augment: bool) -> Job:
+        """Queue a job; 429 when the queue is full, 422 for too many steps."""
+        if steps > self.settings.finetune_max_steps:
+            raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
+                           f"{self.settings.finetune_max_steps}", "steps")
+        job = Job(samples, steps, learning_rate, augment, num_images=len(samples))
+        with self._jobs_lock:
+            if self._stopping:
+                raise ApiError(503, "shutting_down", "the server is shutting down")
+            if len(self._queue) >= self.settings.finetune_queue_size:
+                raise ApiError(429, "queue_full", f"the fine-tune queue holds {len(self._queue)} jobs "
+                               f"(limit {self.settings.finetune_queue_size}); retry later", None,
+                               headers={"Retry-After": "5"})
+            self._jobs[job.job_id] = job
+            self._queue.append(job)
+            self.metrics.finetune_queue_depth.set(len(self._queue))
+            self._jobs_lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no fine-tune job {job_id!r}", "job_id")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or a running one after its current step; 409 if already finished."""
+        with self._jobs_lock:
+            job = self.get(job_id)
+            if job.state.finished:
+                raise ApiError(409, "job_finished", f"job {job_id} already {job.state.value}", "job_id")
+            if job.state == JobState.queued:
+                self._queue.remove(job)
+                self.metrics.finetune_queue_depth.set(len(self._queue))
+                self._finish(job, JobState.cancelled, "cancelled before it started")
+            else:
+                job.cancel_requested = True
+        return job
+
+    def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+        """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
+        job.state, job.error, job.finished_at, job.samples = state, error, time.time(), None
+        self.metrics.finetune_jobs.labels(state=state.value).inc()
+        job.finished.set_result(None)
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        for old in finished[: max(0, len(finished) - self.settings.job_history)]:
+            del self._jobs[old.job_id]
+
+    # ---- the trainer thread
+
+    def _run(self) -> None:
+        while True:
+            with self._jobs_lock:
+                while not self._queue and not self._stopping:
+                    self._jobs_lock.wait()
+                if self._stopping:
+                    return
+                job = self._running = self._queue.popleft()
+                job.state, job.started_at = JobState.running, time.time()
+                self.metrics.finetune_queue_depth.set(len(self._queue))
+            state, error = self._train(job)
+            self.save_if_unsaved()
+            with self._jobs_lock:
+                self._running = None
+                self._finish(job, state, error)
+
+    def _train(self, job: Job) -> tuple[JobState, str | None]:
+        """Run the job's steps; returns its final state and error message."""
+        assert job.samples is not None
+        spec = self.host.spec
+        augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        try:
+            fixed = None if augment else collate(job.samples, spec)  # the same batch every step
+            for step in range(1, job.steps_total + 1):
+                if job.cancel_requested:
+                    return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
+                images, targets = fixed or collate(job.samples, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                with self._train_lock:
+                    result = self.trainer.step(images, targets, lr=job.learning_rate)
+                    served = self.host.current if result.skipped else self.host.publish(
+                        self.trainer.model, self.trainer.steps)
+                self._record(job, step, result, served)
+        except Exception as error:  # a failing job must not take the trainer thread down
+            logger.exception("fine-tune job %s failed", job.job_id)
+            return JobState.failed, f"{type(error).__name__}: {error}"
+        if job.skipped_steps == job.steps_total:
+            return JobState.failed, "every step was skipped: non-finite loss or gradients"
+        return JobState.succeeded, None
+
+    def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion) -> None:
+        metrics = self.metrics
+        metrics.learning_rate.set(result.lr)
+        metrics.images_processed.labels(route="/finetune").inc(job.num_images)
+        if result.skipped:
+            metrics.finetune_skipped_steps.inc()
+            job.skipped_steps += 1
+        else:
+            metrics.finetune_steps.inc()
+            record_match_stats(metrics, "finetune", result)
+        job.losses.append(StepLoss(
+            step=step, loss_l=_finite_or_none(result.loss_l), loss_c=_finite_or_none(result.loss_c),
+            skipped=result.skipped, learning_rate=result.lr, model_version=served.version,
+        ))
+        job.steps_done = step
+        job.model_version = served.version
+
+    # ---- checkpoints and rollback (callers outside the trainer thread)
+
+    def checkpoint(self) -> tuple[CheckpointInfo, bool]:
+        """Save the current version now. Returns (its checkpoint, whether it was written just now)."""
+        with self._train_lock:
+            return self._checkpoint()
+
+    def rollback(self, version: int) -> ModelVersion:
+        """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
+
+        409 while a job is running (it would continue from different weights), 404 for an unknown version.
+        """
+        store = self._require_store()
+        with self._train_lock:
+            with self._jobs_lock:
+                if self._running is not None:
+                    raise ApiError(409, "trainer_busy", f"job {self._running.job_id} is running; "
+                                   "cancel it or wait before rolling back", "version")
+            try:
+                state_dict, meta, optimizer_state = store.load(version)
+            except CheckpointError as error:
+                raise ApiError(404, "not_found", f"no loadable saved version {version}: {error}", "version") from None
+            self.trainer.restore(state_dict, optimizer_state, int(meta.get("step", 0)))
+            published = self.host.publish(self.trainer.model, self.trainer.steps, restored_from=version)
+            self._checkpoint()
+        return published
+
+    def _require_store(self) -> CheckpointStore:
+        if self.store is None:
+            raise ApiError(409, "no_checkpoint_dir", "no checkpoint directory is configured (SSD_CHECKPOINT_DIR)")
+        return self.store
+
+    def _checkpoint(self) -> tuple[CheckpointInfo, bool]:
+        """Write the current version unless it is on disk already (caller holds `_train_lock`)."""
+        store = self._require_store()
+        current = self.host.current
+        if current.version == self._saved_version:
+            for info in reversed(store.versions()):
+                if info.version == current.version:
+                    return info, False
+        state_dict, optimizer_state = self.trainer.state()
+        meta = {
+            "version": current.version, "step": current.step, "model": self.settings.model,
+            "num_classes": self.settings.num_classes, "class_names": self.settings.class_names,
+            "restored_from": current.restored_from,
+        }
+        try:
+            info = store.save(state_dict, meta, optimizer_state)
+        except Exception:
+            self.metrics.checkpoints.labels(outcome="failed").inc()
+            raise
+        self.metrics.checkpoints.labels(outcome="saved").inc()
+        self._saved_version = current.version
+        return info, True
+
+    def save_if_unsaved(self) -> None:
+        """Checkpoint the current version unless it is on disk (at start, after a job, at shutdown);
+        a failure (full or read-only disk) is logged and counted, never raised."""
+        with self._train_lock:
+            if self.store is None or self.host.current.version == self._saved_version:
+                return
+            try:
+                self._checkpoint()
+            except Exception:
+                logger.exception("checkpoint of version %d failed", self.host.current.version)
+
+
+def start_worker(
+    host: ModelHost, model: SSD, store: CheckpointStore | None, checkpoint: LoadedCheckpoint | None,
+    settings: Settings, metrics: Metrics,
+) -> FinetuneWorker:
+    """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
+    from `checkpoint`, and start the trainer thread."""
+    criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
+    trainer = Trainer(model, criterion, TrainConfig(lr=settings.learning_rate), host.device)
+    saved_version = None
+    if checkpoint is not None:
+        trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)))
+        saved_version = int(checkpoint.meta["version"])
+    worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version)
+    worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
+    worker.start()
+    return worker

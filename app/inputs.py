@@ -1,0 +1,317 @@
+"""Request bodies -> validated tensors. Every problem becomes an `ApiError` naming the field.
+
+Three body kinds reach the routes: JSON (pydantic models in `app.schemas`), safetensors
+(`application/octet-stream`, `/score-loss` only) and multipart uploads (images as files,
+annotations as a JSON field). They all end up as the same tensors / `Sample`s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import safetensors.torch
+import torch
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from torch import Tensor
+
+from app.errors import ApiError, from_validation_error, invalid
+from app.schemas import ImageAnnotation, LossOptions, ScoreLossRequest
+from app.settings import Settings
+from ssd_core.box_formats import check_pixel_boxes
+from ssd_core.datasets import Sample
+from ssd_core.images import ImageError, decode_image_bytes
+
+Model = TypeVar("Model", bound=BaseModel)
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+MULTIPART = "multipart/form-data"
+
+
+def media_type(content_type: str | None, accepted: Sequence[str]) -> str:
+    """The request's media type if accepted (a missing Content-Type counts as JSON), else 415."""
+    kind = (content_type or JSON).split(";")[0].strip().lower()
+    if kind not in accepted:
+        raise ApiError(
+            415, "unsupported_media_type", f"Content-Type {kind!r} is not one of {', '.join(accepted)}",
+            "Content-Type",
+        )
+    return kind
+
+
+def parse_json(model: type[Model], body: bytes) -> Model:
+    """Validate a JSON body against `model` (400 for invalid JSON, 422 naming the field)."""
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "body is empty; expected a JSON object", "body")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise from_validation_error(error.errors()) from None
+
+
+def validate_as(adapter: TypeAdapter, value: object, field: str):
+    """Validate a Python value (e.g. a multipart field) with `adapter`, naming errors under `field`."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as error:
+        raise from_validation_error(error.errors(), prefix=field) from None
+
+
+# ---- predictions form of /score-loss
+
+
+@dataclass
+class LossBatch:
+    """What the loss is computed on.
+
+    Attributes:
+        loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]), priors (Tensor[P, 4]) cxcywh, targets (Tensor[B, M, 6])
+        padded, normalised (x1, y1, x2, y2, label, difficult), label < 0 = padding; options for the loss.
+    """
+
+    loc: Tensor
+    conf: Tensor
+    priors: Tensor
+    targets: Tensor
+    options: LossOptions
+
+
+def _tensor(values: list, field: str, expected: str) -> Tensor:
+    try:
+        return torch.tensor(values, dtype=torch.float32)
+    except (ValueError, TypeError) as error:  # ragged nesting
+        raise invalid(field, f"must be a rectangular {expected} array ({error})") from None
+
+
+def predictions_batch(request: ScoreLossRequest, model_priors: Tensor, settings: Settings) -> LossBatch:
+    """The JSON prediction form -> LossBatch, checked against the model's priors and classes."""
+    assert request.predictions is not None and request.targets is not None  # the schema's form check
+    loc = request.predictions.loc
+    if not loc:
+        raise invalid("predictions.loc", "the batch is empty")
+    for b, rows in enumerate(loc):
+        if len(rows) != len(loc[0]):
+            raise invalid(f"predictions.loc[{b}]", f"has {len(rows)} priors, predictions.loc[0] has {len(loc[0])}")
+    targets = []
+    for b, boxes in enumerate(request.targets):
+        rows = [[*t.box, t.label, float(t.difficult)] for t in boxes]
+        targets.append(torch.tensor(rows, dtype=torch.float32).reshape(-1, 6))  # [n_b, 6]
+        for i, t in enumerate(boxes):
+            check_label(t.label, settings.num_classes, f"targets[{b}][{i}].label")
+    priors = None if request.priors is None else _tensor(request.priors, "priors", "[P][4]")
+    padded = _pad(targets)
+    return check_batch(
+        _tensor(loc, "predictions.loc", "[B][P][4]"),
+        _tensor(request.predictions.conf, "predictions.conf", "[B][P][C]"),
+        priors, padded, request.options, model_priors, settings, "predictions.",
+    )
+
+
+def _pad(targets: list[Tensor]) -> Tensor:
+    """[n_b, 6] per image -> Tensor[B, M, 6], padding rows label -1 (M >= 1)."""
+    batch = torch.full((len(targets), max([1, *(len(t) for t in targets)]), 6), -1.0)
+    for b, rows in enumerate(targets):
+        batch[b, : len(rows)] = rows
+    return batch
+
+
+def check_label(label: float, num_classes: int, field: str) -> None:
+    if not (label == int(label) and 0 <= label <= num_classes - 2):
+        raise invalid(field, f"label {label} is not an object class in [0, {num_classes - 2}] (background excluded)")
+
+
+def check_batch(
+    loc: Tensor, conf: Tensor, priors: Tensor | None, targets: Tensor, options: LossOptions,
+    model_priors: Tensor, settings: Settings, prefix: str,
+) -> LossBatch:
+    """Shapes, finiteness, classes and boxes of a loss batch; `prefix` is where loc/conf live."""
+    if loc.dim() != 3 or loc.shape[-1] != 4:
+        raise invalid(f"{prefix}loc", f"must be [B][P][4], got shape {list(loc.shape)}")
+    batch, num_priors = loc.shape[:2]
+    if batch == 0:
+        raise invalid(f"{prefix}loc", "the batch is empty")
+    if batch > settings.max_images_per_request:
+        raise invalid(f"{prefix}loc", f"batch of {batch} exceeds the limit of {settings.max_images_per_request}")
+    if conf.dim() != 3 or conf.shape[:2] != loc.shape[:2]:
+        raise invalid(f"{prefix}conf", f"must be [B={batch}][P={num_priors}][C], got shape {list(conf.shape)}")
+    if conf.shape[-1] != settings.num_classes:
+        raise invalid(f"{prefix}conf", f"has {conf.shape[-1]} classes, the model has num_classes={settings.num_classes}")
+    priors_field = "priors" if priors is not None else f"{prefix}loc"
+    priors = model_priors.cpu() if priors is None else priors
+    if priors.dim() != 2 or priors.shape != (num_priors, 4):
+        raise invalid(priors_field, f"P={num_priors} predictions do not match {priors.shape[0]} priors")
+    if not (priors[:, 2:] > 0).all():
+        raise invalid("priors", "every prior needs a positive width and height")
+    for name, tensor in (("loc", loc), ("conf", conf), ("priors", priors)):
+        if not torch.isfinite(tensor).all():
+            field = name if name == "priors" else f"{prefix}{name}"
+            index = [int(i) for i in (~torch.isfinite(tensor)).nonzero()[0]]
+            raise invalid(field, f"holds a non-finite number at {index}")
+    if targets.shape[0] != batch:
+        raise invalid("targets", f"has {targets.shape[0]} images, the predictions have B={batch}")
+    if options.bkg_label >= settings.num_classes:
+        raise invalid("options.bkg_label", f"must be < num_classes={settings.num_classes}")
+    for b in range(batch):
+        real = targets[b][targets[b, :, 4] >= 0]  # [n_b, 6]
+        _check_boxes(real[:, :4], (1, 1), f"targets[{b}]", settings)
+    return LossBatch(loc, conf, priors, targets, options)
+
+
+def _check_boxes(boxes: Tensor, image_hw: tuple[int, int], field: str, settings: Settings) -> None:
+    """422 for too many boxes, or one that is non-finite, inverted/empty or entirely outside the image."""
+    if len(boxes) > settings.max_boxes_per_image:
+        raise invalid(field, f"{len(boxes)} boxes exceed the limit of {settings.max_boxes_per_image}")
+    try:
+        check_pixel_boxes(boxes, image_hw, name=field)
+    except ValueError as error:
+        raise invalid(field, str(error)) from None
+
+
+# ---- safetensors form of /score-loss
+
+_TENSORS = {"loc", "conf", "targets", "priors"}
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def safetensors_batch(body: bytes, model_priors: Tensor, settings: Settings) -> LossBatch:
+    """A safetensors body (loc, conf, targets [B, M, 5|6] padded, optional priors; options as JSON
+    strings in `__metadata__`) -> LossBatch. The header is checked before any tensor is built."""
+    header = _safetensors_header(body)
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if name not in _TENSORS:
+            raise invalid(name, f"unknown tensor; expected {sorted(_TENSORS)}")
+        if not isinstance(entry, dict) or entry.get("dtype") not in _FLOAT_DTYPES:
+            raise invalid(name, f"dtype must be one of {sorted(_FLOAT_DTYPES)}")
+    for name in ("loc", "conf", "targets"):
+        if name not in header:
+            raise invalid(name, "missing tensor")
+    try:
+        tensors = safetensors.torch.load(body)
+    except Exception as error:  # safetensors' own error type: offsets or sizes that lie
+        raise ApiError(400, "invalid_safetensors", f"body is not valid safetensors: {error}", "body") from None
+    options = _metadata_options(header.get("__metadata__") or {})
+    targets = tensors["targets"].float()
+    if targets.dim() != 3 or targets.shape[-1] not in (5, 6):
+        raise invalid("targets", f"must be padded [B, M, 5|6], got shape {list(targets.shape)}")
+    if targets.shape[-1] == 5:
+        targets = torch.cat((targets, targets.new_zeros((*targets.shape[:2], 1))), dim=-1)  # [B, M, 6]
+    if not torch.isfinite(targets).all():
+        raise invalid("targets", "holds a non-finite number")
+    real = targets[..., 4] >= 0  # [B, M]
+    for b, i in real.nonzero().tolist():
+        check_label(float(targets[b, i, 4]), settings.num_classes, f"targets[{b}][{i}]")
+    priors = tensors.get("priors")
+    return check_batch(
+        tensors["loc"].float(), tensors["conf"].float(), None if priors is None else priors.float(),
+        targets, options, model_priors, settings, "",
+    )
+
+
+def _safetensors_header(body: bytes) -> dict:
+    def bad(message: str) -> ApiError:
+        return ApiError(400, "invalid_safetensors", f"body is not valid safetensors: {message}", "body")
+
+    if len(body) < 8:
+        raise bad("shorter than its 8-byte header length")
+    length = int.from_bytes(body[:8], "little")
+    if length > len(body) - 8:
+        raise bad(f"header length {length} exceeds the {len(body) - 8} bytes that follow")
+    try:
+        header = json.loads(body[8 : 8 + length])
+    except ValueError as error:
+        raise bad(f"header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    return header
+
+
+_OPTIONS = TypeAdapter(LossOptions)
+
+
+def _metadata_options(metadata: dict) -> LossOptions:
+    """`__metadata__` {option: JSON string} -> LossOptions (a bare string, e.g. bipartite, is itself)."""
+    if not isinstance(metadata, dict):
+        raise invalid("__metadata__", "must be a JSON object of strings")
+    options = {}
+    for key, text in metadata.items():
+        try:
+            options[key] = json.loads(text)
+        except (TypeError, ValueError):
+            options[key] = text
+    return validate_as(_OPTIONS, options, "__metadata__")
+
+
+# ---- images
+
+
+def decode_image(data: bytes, settings: Settings, field: str) -> Tensor:
+    """Decode PNG/JPEG bytes -> Tensor[3, H, W] uint8; 422 naming `field` when unusable."""
+    try:
+        return decode_image_bytes(data, settings.max_image_pixels)
+    except ImageError as error:
+        raise ApiError(422, "invalid_image", f"{field}: {error}", field) from None
+
+
+def check_image_count(count: int, settings: Settings, field: str = "images") -> None:
+    if count == 0:
+        raise invalid(field, "the batch is empty")
+    if count > settings.max_images_per_request:
+        raise invalid(field, f"{count} images exceed the limit of {settings.max_images_per_request}")
+
+
+def labelled_samples(
+    items: Sequence[tuple[bytes, ImageAnnotation]], settings: Settings, multipart: bool = False
+) -> list[Sample]:
+    """Images with pixel boxes -> `Sample`s (boxes (x1, y1, x2, y2) in pixels, labels 0-based).
+
+    Errors name `images[k].image` / `images[k].boxes` for JSON bodies and `images[k]` /
+    `annotations[k].boxes` for multipart uploads.
+    """
+    check_image_count(len(items), settings)
+    samples = []
+    for k, (data, note) in enumerate(items):
+        image_field, note_field = (f"images[{k}]", f"annotations[{k}]") if multipart else (
+            f"images[{k}].image", f"images[{k}]")
+        if len(note.labels) != len(note.boxes):
+            raise invalid(f"{note_field}.labels", f"has {len(note.labels)} labels for {len(note.boxes)} boxes")
+        if note.difficult is not None and len(note.difficult) != len(note.boxes):
+            raise invalid(f"{note_field}.difficult", f"has {len(note.difficult)} flags for {len(note.boxes)} boxes")
+        for i, label in enumerate(note.labels):
+            check_label(label, settings.num_classes, f"{note_field}.labels[{i}]")
+        image = decode_image(data, settings, image_field)  # [3, H, W]
+        boxes = torch.tensor(note.boxes, dtype=torch.float32).reshape(-1, 4)  # [N, 4] pixel xyxy
+        _check_boxes(boxes, (image.shape[1], image.shape[2]), f"{note_field}.boxes", settings)
+        difficult = note.difficult or [False] * len(note.boxes)
+        labels = torch.tensor(note.labels, dtype=torch.long).reshape(-1)  # [N]
+        samples.append(Sample(image, boxes, labels, torch.tensor(difficult, dtype=torch.bool).reshape(-1)))
+    return samples
+
+
+_ANNOTATIONS = TypeAdapter(list[ImageAnnotation])
+
+
+async def multipart_images(form: FormData, settings: Settings, annotated: bool) -> list[tuple[bytes, ImageAnnotation | None]]:
+    """Files of the `images` field, with the `annotations` JSON field (one entry per file) when `annotated`."""
+    files = form.getlist("images")
+    if any(not isinstance(f, UploadFile) for f in files):
+        raise invalid("images", "every `images` part must be a file upload")
+    check_image_count(len(files), settings)
+    notes: list[ImageAnnotation | None] = [None] * len(files)
+    if annotated:
+        raw = form.get("annotations")
+        if not isinstance(raw, str):
+            raise invalid("annotations", "missing JSON field: one {boxes, labels} object per image")
+        try:
+            value = json.loads(raw)
+        except ValueError as error:
+            raise ApiError(400, "invalid_json", f"annotations is not valid JSON: {error}", "annotations") from None
+        notes = validate_as(_ANNOTATIONS, value, "annotations")
+        if len(notes) != len(files):
+            raise invalid("annotations", f"has {len(notes)} entries for {len(files)} images")
+    return [(await f.read(), note) for f, note in zip(files, notes, strict=True)]

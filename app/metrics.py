@@ -1,0 +1,120 @@
+"""Every Prometheus metric of the service, defined on a registry passed in.
+
+Names and labels are the contract with `deploy/` (docs/ARCHITECTURE.md, "Prometheus metric names").
+Buckets are chosen per quantity rather than the default latency buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+Source = Literal["score", "finetune"]
+
+LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # log-spaced
+COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
+IOU_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0, linear
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _MatchStats(Protocol):
+    num_ground_truth: torch.Tensor  # [B]
+    num_positives: torch.Tensor  # [B]
+    num_negatives: torch.Tensor  # [B]
+    num_forced_matches: torch.Tensor  # [B]
+    matched_ious: torch.Tensor  # [K]
+
+
+class _LossOutput(Protocol):
+    loss_l: torch.Tensor
+    loss_c: torch.Tensor
+    stats: _MatchStats
+
+
+class Metrics:
+    """The service's metrics; one instance per application, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        source = ("source",)
+        self.loss_loc = Histogram(
+            "ssd_loss_loc", "Localisation (Smooth L1) loss per batch.", source,
+            buckets=LOSS_BUCKETS, registry=registry,
+        )
+        self.loss_conf = Histogram(
+            "ssd_loss_conf", "Confidence (cross-entropy) loss per batch.", source,
+            buckets=LOSS_BUCKETS, registry=registry,
+        )
+        self.positives_per_image = Histogram(
+            "ssd_positives_per_image", "Matched (positive) priors per image.", source,
+            buckets=COUNT_BUCKETS, registry=registry,
+        )
+        self.hard_negatives_per_image = Histogram(
+            "ssd_hard_negatives_per_image", "Mined negative priors per image.", source,
+            buckets=COUNT_BUCKETS, registry=registry,
+        )
+        self.matched_iou = Histogram(
+            "ssd_matched_iou", "IoU of each positive prior with its ground truth (ratio).", source,
+            buckets=IOU_BUCKETS, registry=registry,
+        )
+        self.ground_truth_boxes = Counter(
+            "ssd_ground_truth_boxes", "Ground-truth boxes seen.", source, registry=registry
+        )
+        self.forced_matches = Counter(
+            "ssd_forced_matches", "Truths with no prior at or above the threshold, matched only by the forced step.",
+            source, registry=registry,
+        )
+        self.finetune_steps = Counter("ssd_finetune_steps", "Completed optimizer steps.", registry=registry)
+        self.finetune_skipped_steps = Counter(
+            "ssd_finetune_skipped_steps", "Steps skipped for a non-finite loss or gradients.", registry=registry
+        )
+        self.finetune_jobs = Counter("ssd_finetune_jobs", "Finished fine-tune jobs.", ("state",), registry=registry)
+        self.finetune_queue_depth = Gauge("ssd_finetune_queue_depth", "Queued fine-tune jobs.", registry=registry)
+        self.learning_rate = Gauge("ssd_learning_rate", "Learning rate of the last step.", registry=registry)
+        self.model_version = Gauge("ssd_model_version", "Published model version.", registry=registry)
+        self.checkpoints = Counter("ssd_checkpoints", "Checkpoint writes.", ("outcome",), registry=registry)
+        http = ("route", "method")
+        self.http_requests = Counter(
+            "ssd_http_requests", "HTTP requests (route = path template).", (*http, "status"), registry=registry
+        )
+        self.http_request_duration = Histogram(
+            "ssd_http_request_duration_seconds", "HTTP request latency.", http,
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.http_requests_in_progress = Gauge(
+            "ssd_http_requests_in_progress", "HTTP requests in flight.", http, registry=registry
+        )
+        self.images_processed = Counter(
+            "ssd_images_processed", "Images decoded and run through the model.", ("route",), registry=registry
+        )
+        self.build = Info("ssd_build", "Build information.", registry=registry)
+        self.model = Info("ssd_model", "Hosted model.", registry=registry)
+        # label sets known up front appear at zero before their first event
+        for state in ("succeeded", "failed", "cancelled"):
+            self.finetune_jobs.labels(state=state)
+        for outcome in ("saved", "failed"):
+            self.checkpoints.labels(outcome=outcome)
+
+
+def record_match_stats(metrics: Metrics, source: Source, output: _LossOutput) -> None:
+    """Record one scored or trained batch's losses and match statistics.
+
+    Args:
+        output: a `ssd_core.loss.LossOutput`; its stats hold per-image tensors [B] and matched IoUs [K].
+    """
+    stats = output.stats
+    metrics.loss_loc.labels(source=source).observe(float(output.loss_l))
+    metrics.loss_conf.labels(source=source).observe(float(output.loss_c))
+    positives = metrics.positives_per_image.labels(source=source)
+    for count in stats.num_positives.tolist():
+        positives.observe(count)
+    negatives = metrics.hard_negatives_per_image.labels(source=source)
+    for count in stats.num_negatives.tolist():
+        negatives.observe(count)
+    iou = metrics.matched_iou.labels(source=source)
+    for value in stats.matched_ious.tolist():
+        iou.observe(value)
+    metrics.ground_truth_boxes.labels(source=source).inc(int(stats.num_ground_truth.sum()))
+    metrics.forced_matches.labels(source=source).inc(int(stats.num_forced_matches.sum()))

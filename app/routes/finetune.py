@@ -1,0 +1,91 @@
+"""Fine-tune jobs: `POST /finetune` (JSON or multipart), `GET`/`DELETE /finetune/{job_id}`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import Authorized, SettingsDep, WorkerDep
+from app.errors import ErrorResponse
+from app.inputs import (
+    JSON,
+    MULTIPART,
+    labelled_samples,
+    media_type,
+    multipart_images,
+    parse_json,
+    validate_as,
+)
+from app.openapi import AUTH_RESPONSES, ERROR_RESPONSES, request_body
+from app.schemas import FinetuneOptions, FinetuneRequest, JobView
+
+router = APIRouter(prefix="/finetune", tags=["finetune"])
+
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["images", "annotations"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG/JPEG files"},
+        "annotations": {
+            "type": "string",
+            "description": 'JSON list, one entry per file: {"boxes": [[x1, y1, x2, y2] pixels], "labels": [...], '
+                           '"difficult": [...]?}',
+        },
+        "steps": {"type": "integer", "minimum": 1, "default": 1},
+        "learning_rate": {"type": "number", "exclusiveMinimum": 0},
+        "augment": {"type": "boolean", "default": False},
+    },
+}
+_OPTIONS = TypeAdapter(FinetuneOptions)
+_QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune queue is full"}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobView,
+    dependencies=[Authorized],
+    responses={**ERROR_RESPONSES, **AUTH_RESPONSES, **_QUEUE_RESPONSES, 200: {"model": JobView,
+               "description": "?wait=true: the finished job"}},
+    openapi_extra=request_body({JSON: FinetuneRequest, MULTIPART: MULTIPART_SCHEMA}),
+    summary="Queue a fine-tune job on labelled images",
+)
+async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep, wait: bool = False) -> JSONResponse:
+    """Images with pixel boxes train the hosted model for `steps` steps; 202 with the queued job, or
+    with `?wait=true` 200 with the job once it has finished."""
+    kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
+    if kind == MULTIPART:
+        form = await request.form()
+        fields = {name: form[name] for name in FinetuneOptions.model_fields if name in form}
+        options = validate_as(_OPTIONS, fields, "")
+        items = await multipart_images(form, settings, annotated=True)
+        samples = await run_in_threadpool(labelled_samples, items, settings, True)
+    else:
+        options = await run_in_threadpool(parse_json, FinetuneRequest, await request.body())
+        items = [(item.image, item) for item in options.images]
+        samples = await run_in_threadpool(labelled_samples, items, settings)
+    job = worker.submit(samples, options.steps, options.learning_rate, options.augment)
+    if wait:
+        await asyncio.shield(asyncio.wrap_future(job.finished))  # a client hang-up leaves the job running
+        return JSONResponse(job.view().model_dump(mode="json"), status_code=200)
+    return JSONResponse(job.view().model_dump(mode="json"), status_code=202)
+
+
+@router.get("/{job_id}", response_model=JobView, responses={404: {"model": ErrorResponse}}, summary="A job's state")
+async def get_job(job_id: str, worker: WorkerDep) -> JobView:
+    return worker.get(job_id).view()
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobView,
+    dependencies=[Authorized],
+    responses={**AUTH_RESPONSES, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    summary="Cancel a job (a running one stops after its current step)",
+)
+async def cancel_job(job_id: str, worker: WorkerDep) -> JobView:
+    return worker.cancel(job_id).view()

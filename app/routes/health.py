@@ -1,0 +1,36 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import MetricsDep, SettingsDep
+from app.errors import ApiError
+from app.openapi import ERROR_RESPONSES
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: ERROR_RESPONSES[503]},
+            summary="The model is loaded and (unless SSD_ROLE=server) the trainer thread is alive")
+async def readyz(request: Request, settings: SettingsDep) -> Health:
+    state = request.app.state
+    if getattr(state, "host", None) is None:
+        raise ApiError(503, "not_ready", "the model is not loaded")
+    worker = getattr(state, "worker", None)
+    if settings.role != "server" and (worker is None or not worker.alive):
+        raise ApiError(503, "not_ready", "the trainer thread is not running")
+    return Health(status="ready", detail=f"model version {state.host.current.version}")
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,79 @@
+"""The hosted model: `GET /model`, `GET /model/versions`, `POST /model/checkpoint`, `POST /model/rollback`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import Authorized, HostDep, SettingsDep, StoreDep, WorkerDep
+from app.errors import ApiError, ErrorResponse
+from app.model_host import ModelHost
+from app.openapi import AUTH_RESPONSES
+from app.schemas import CheckpointResponse, ModelInfo, RollbackRequest, VersionInfo, VersionsResponse
+from app.settings import Settings
+
+router = APIRouter(prefix="/model", tags=["model"])
+
+_CONFLICT = {409: {"model": ErrorResponse, "description": "Trainer busy or no checkpoint directory"}}
+
+
+def model_info(host: ModelHost, settings: Settings) -> ModelInfo:
+    current = host.current
+    return ModelInfo(
+        architecture=settings.model,
+        num_classes=settings.num_classes,
+        class_names=[settings.class_name(label) for label in range(settings.num_classes - 1)],
+        input_size=host.spec.image_size,
+        num_priors=host.priors.shape[0],
+        version=current.version,
+        training_steps=current.step,
+        device=str(host.device),
+        role=settings.role,
+        restored_from=current.restored_from,
+    )
+
+
+@router.get("", response_model=ModelInfo, summary="Architecture, classes, input size, version, device")
+async def get_model(host: HostDep, settings: SettingsDep) -> ModelInfo:
+    return model_info(host, settings)
+
+
+@router.get("/versions", response_model=VersionsResponse, summary="The current version and the saved ones")
+async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
+    saved = await run_in_threadpool(store.versions) if store is not None else []
+    return VersionsResponse(
+        current=host.current.version,
+        versions=[VersionInfo(version=i.version, step=i.step, created=i.created) for i in saved],
+    )
+
+
+@router.post(
+    "/checkpoint",
+    response_model=CheckpointResponse,
+    dependencies=[Authorized],
+    responses={**AUTH_RESPONSES, **_CONFLICT, 503: {"model": ErrorResponse, "description": "The write failed"}},
+    summary="Save the current version now",
+)
+async def save_checkpoint(worker: WorkerDep) -> CheckpointResponse:
+    try:
+        info, saved = await run_in_threadpool(worker.checkpoint)
+    except OSError as error:  # read-only or full disk: counted, the served model is unaffected
+        raise ApiError(503, "checkpoint_failed", f"checkpoint write failed: {error}") from None
+    return CheckpointResponse(version=info.version, step=info.step, created=info.created, saved=saved)
+
+
+@router.post(
+    "/rollback",
+    response_model=ModelInfo,
+    dependencies=[Authorized],
+    responses={**AUTH_RESPONSES, **_CONFLICT, 404: {"model": ErrorResponse, "description": "No such saved version"}},
+    summary="Serve a saved version's weights again, as a new version number",
+)
+async def rollback(body: RollbackRequest, worker: WorkerDep, host: HostDep, settings: SettingsDep) -> ModelInfo:
+    """Versions only grow: the restored weights are published as the next version, with
+    `restored_from` naming the saved one, and checkpointed so a restart resumes from them."""
+    try:
+        await run_in_threadpool(worker.rollback, body.version)
+    except OSError as error:
+        raise ApiError(503, "checkpoint_failed", f"rolled back but the checkpoint write failed: {error}") from None
+    return model_info(host, settings)

@@ -1,0 +1,120 @@
+"""`POST /score-loss`: the SSD loss of given predictions (JSON or safetensors) or of the hosted model on
+labelled images, without changing any weight."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import HostDep, MetricsDep, SettingsDep
+from app.errors import ApiError, invalid
+from app.inputs import (
+    BINARY,
+    JSON,
+    LossBatch,
+    labelled_samples,
+    media_type,
+    parse_json,
+    predictions_batch,
+    safetensors_batch,
+)
+from app.metrics import Metrics, record_match_stats
+from app.model_host import ModelHost
+from app.openapi import ERROR_RESPONSES, request_body
+from app.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
+from app.settings import Settings
+from ssd_core.datasets import collate
+from ssd_core.loss import LossOutput, MultiBoxLoss
+
+router = APIRouter(tags=["loss"])
+
+BINARY_DOC = (
+    "safetensors with tensors `loc` [B, P, 4], `conf` [B, P, C], `targets` [B, M, 5|6] (normalised x1, y1, x2, "
+    "y2, label, optional difficult; label < 0 = padding) and optional `priors` [P, 4]; loss options as JSON "
+    "strings in `__metadata__` (e.g. {\"match_type\": \"bipartite\", \"neg_pos\": \"3\"})"
+)
+
+
+def criterion_for(options: LossOptions, num_classes: int) -> MultiBoxLoss:
+    """The seed's constructor with the request's options."""
+    return MultiBoxLoss(
+        num_classes, options.overlap_thresh, options.prior_for_matching, options.bkg_label, options.neg_mining,
+        options.neg_pos, options.neg_overlap, options.encode_target,
+        variance=options.variance, loc_weight=options.loc_weight, match_type=options.match_type,
+    )
+
+
+def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
+    """The loss of a validated batch (no gradients)."""
+    with torch.inference_mode():
+        try:
+            return criterion_for(batch.options, num_classes).compute((batch.loc, batch.conf, batch.priors),
+                                                                     batch.targets)
+        except ValueError as error:  # the loss's own checks (e.g. option combinations)
+            raise invalid("body", str(error)) from None
+
+
+def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings, metrics: Metrics) -> tuple[LossOutput, int]:
+    """The image form: decode, run the current model version, score its predictions."""
+    assert request.images is not None
+    samples = labelled_samples([(item.image, item) for item in request.images], settings)
+    served = host.current
+    images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+    loc, conf, priors = host.predict(images, served)
+    metrics.images_processed.labels(route="/score-loss").inc(len(samples))
+    with torch.inference_mode():
+        return criterion_for(request.options, settings.num_classes).compute((loc, conf, priors), targets), served.version
+
+
+def check_form(request: ScoreLossRequest) -> None:
+    """Exactly one form: `predictions` + `targets` (+ `priors`), or `images`."""
+    if request.images is not None:
+        extra = [name for name in ("predictions", "targets", "priors") if getattr(request, name) is not None]
+        if extra:
+            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes go with each image)")
+    elif request.predictions is None:
+        raise ApiError(422, "invalid_value", "body: give either `predictions` with `targets`, or `images`", "body")
+    elif request.targets is None:
+        raise invalid("targets", "required with `predictions`: one list of boxes per image")
+
+
+def response(output: LossOutput, version: int) -> ScoreLossResponse:
+    loss_l, loss_c = float(output.loss_l), float(output.loss_c)
+    if not all(abs(v) < float("inf") for v in (loss_l, loss_c)):
+        raise invalid("predictions", "the loss overflowed to a non-finite value (predictions too large)")
+    totals = output.stats.totals()
+    return ScoreLossResponse(
+        loss=loss_l + loss_c, loss_l=loss_l, loss_c=loss_c, num_positives=totals["num_positives"],
+        num_negatives=totals["num_negatives"], per_image=output.stats.per_image(), model_version=version,
+    )
+
+
+@router.post(
+    "/score-loss",
+    response_model=ScoreLossResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=request_body({JSON: ScoreLossRequest, BINARY: BINARY_DOC}),
+    summary="SSD loss of predictions or of the hosted model on labelled images",
+)
+async def score_loss(request: Request, host: HostDep, settings: SettingsDep, metrics: MetricsDep) -> ScoreLossResponse:
+    """Three forms: JSON predictions + targets (boxes normalised), the same as a safetensors body
+    (`application/octet-stream`), or JSON `images` with pixel boxes, scored with the hosted model."""
+    kind = media_type(request.headers.get("content-type"), (JSON, BINARY))
+    body = await request.body()
+    if kind == BINARY:
+        batch = await run_in_threadpool(safetensors_batch, body, host.priors, settings)
+        version = host.current.version
+        output = await run_in_threadpool(score_batch, batch, settings.num_classes)
+    else:
+        parsed = await run_in_threadpool(parse_json, ScoreLossRequest, body)
+        check_form(parsed)
+        if parsed.images is not None:
+            output, version = await run_in_threadpool(score_images, parsed, host, settings, metrics)
+        else:
+            batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
+            version = host.current.version
+            output = await run_in_threadpool(score_batch, batch, settings.num_classes)
+    result = response(output, version)
+    record_match_stats(metrics, "score", output)
+    return result

@@ -1,0 +1,199 @@
+"""Request and response bodies (pydantic). Boxes are (x1, y1, x2, y2); labels are 0-based object
+classes not counting background. Non-finite numbers are rejected at parse time, naming the field."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from annotated_types import Len
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+
+Box = Annotated[list[float], Len(4, 4)]  # (x1, y1, x2, y2)
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class LossOptions(Request):
+    """MultiBoxLoss options; the defaults are the seed's `(num_classes, 0.5, True, 0, True, 3, 0.5, False)`."""
+
+    overlap_thresh: float = Field(0.5, gt=0, le=1)
+    prior_for_matching: bool = True
+    bkg_label: int = Field(0, ge=0, description="index of background in conf; < num_classes")
+    neg_mining: bool = True
+    neg_pos: int = Field(3, ge=0)
+    neg_overlap: float = Field(0.5, ge=0, le=1)
+    encode_target: bool = False
+    variance: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 0.2)
+    loc_weight: float = Field(1.0, ge=0)
+    match_type: Literal["per_prediction", "bipartite"] = "per_prediction"
+
+
+class TargetBox(Request):
+    box: Box = Field(description="normalised (x1, y1, x2, y2) in [0, 1]")
+    label: int
+    difficult: bool = False
+
+
+class Predictions(Request):
+    loc: list[list[Box]] = Field(description="[B][P][4] encoded offsets")
+    conf: list[list[list[float]]] = Field(description="[B][P][C] class logits, C = num_classes")
+
+
+class ScoreLossRequest(Request):
+    """`POST /score-loss` as JSON: either `predictions` + `targets` (+ `priors`), or `images`."""
+
+    predictions: Predictions | None = None
+    targets: list[list[TargetBox]] | None = Field(None, description="one list of boxes per image")
+    priors: list[Box] | None = Field(None, description="[P][4] (cx, cy, w, h); default: the model's priors")
+    images: list[LabelledImage] | None = Field(None, description="the image form: the model predicts")
+    options: LossOptions = LossOptions()
+
+
+class ImageAnnotation(Request):
+    boxes: list[Box] = Field(description="(x1, y1, x2, y2) in pixels of the image")
+    labels: list[int]
+    difficult: list[bool] | None = None
+
+
+class LabelledImage(ImageAnnotation):
+    image: Base64Bytes = Field(description="base64 PNG or JPEG")
+
+
+class FinetuneOptions(Request):
+    steps: int = Field(1, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE")
+    augment: bool = False
+
+
+class FinetuneRequest(FinetuneOptions):
+    images: list[LabelledImage]
+
+
+class EncodedImage(Request):
+    image: Base64Bytes = Field(description="base64 PNG or JPEG")
+
+
+class DetectOptions(Request):
+    score_threshold: float | None = Field(None, ge=0, lt=1, description="default: SSD_SCORE_THRESHOLD")
+    max_detections: int | None = Field(None, ge=1, le=10_000, description="default: SSD_MAX_DETECTIONS")
+
+
+class DetectRequest(DetectOptions):
+    images: list[EncodedImage]
+
+
+class RollbackRequest(Request):
+    version: int = Field(ge=0)
+
+
+# ---- responses
+
+
+class ImageLoss(BaseModel):
+    loss_l: float
+    loss_c: float
+    num_ground_truth: int
+    num_positives: int
+    num_negatives: int
+    mean_matched_iou: float
+    num_forced_matches: int
+
+
+class ScoreLossResponse(BaseModel):
+    loss: float
+    loss_l: float
+    loss_c: float
+    num_positives: int
+    num_negatives: int
+    per_image: list[ImageLoss]
+    model_version: int
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="(x1, y1, x2, y2) in pixels of the input image")
+    label: int
+    class_name: str
+    score: float
+
+
+class DetectResponse(BaseModel):
+    detections: list[list[Detection]] = Field(description="one list per input image")
+    model_version: int
+
+
+class StepLoss(BaseModel):
+    step: int = Field(description="1-based step of this job")
+    loss_l: float | None = Field(description="null when the loss was not finite")
+    loss_c: float | None
+    skipped: bool = Field(description="non-finite loss or gradients: weights left unchanged")
+    learning_rate: float | None
+    model_version: int = Field(description="version published by this step (unchanged when skipped)")
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: JobState
+    steps_done: int
+    steps_total: int
+    skipped_steps: int
+    num_images: int
+    learning_rate: float | None
+    augment: bool
+    losses: list[StepLoss]
+    model_version: int | None = Field(description="version after the job's last completed step")
+    error: str | None
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+class ModelInfo(BaseModel):
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    input_size: int
+    num_priors: int
+    version: int
+    training_steps: int
+    device: str
+    role: str
+    restored_from: int | None = Field(None, description="the saved version a rollback copied")
+
+
+class VersionInfo(BaseModel):
+    version: int
+    step: int
+    created: str
+
+
+class VersionsResponse(BaseModel):
+    current: int
+    versions: list[VersionInfo] = Field(description="saved checkpoints, oldest first")
+
+
+class CheckpointResponse(BaseModel):
+    version: int
+    step: int
+    created: str
+    saved: bool = Field(description="false when this version was already on disk")
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,94 @@
+"""Fixtures for the service tests: the small model, a temporary checkpoint directory, a fresh
+Prometheus registry per app, and synthetic labelled images."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from app.main import create_app
+from app.settings import Settings
+from ssd_core.images import encode_png
+from ssd_core.synthetic import ShapesDataset
+
+TOKEN = "s3cret-token"
+
+
+def make_settings(tmp_path, **overrides) -> Settings:
+    values = dict(
+        model="ssd-small", num_classes=4, class_names=["rectangle", "ellipse", "triangle"],
+        checkpoint_dir=tmp_path / "checkpoints", max_images_per_request=4, max_image_pixels=200 * 200,
+        max_body_bytes=4 * 2**20, finetune_queue_size=2, finetune_max_steps=200,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+class ServiceClient(TestClient):
+    """A TestClient that also exposes the app's registry for `sample(...)` reads."""
+
+    registry: CollectorRegistry
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    @property
+    def version(self) -> int:
+        return self.get("/model").json()["version"]
+
+
+def start_client(settings: Settings) -> ServiceClient:
+    registry = CollectorRegistry()
+    client = ServiceClient(create_app(settings, registry))
+    client.registry = registry
+    return client
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def client(settings) -> Iterator[ServiceClient]:
+    with start_client(settings) as c:
+        yield c
+
+
+@pytest.fixture
+def shapes() -> ShapesDataset:
+    return ShapesDataset(8, image_size=64, seed=3)
+
+
+def labelled(dataset: ShapesDataset, indices=(0, 1)) -> list[dict]:
+    """JSON image items: base64 PNG, pixel boxes, labels."""
+    items = []
+    for i in indices:
+        sample = dataset[i]
+        items.append({
+            "image": base64.b64encode(encode_png(sample.image)).decode(),
+            "boxes": sample.boxes.tolist(),
+            "labels": sample.labels.tolist(),
+        })
+    return items
+
+
+def png_bytes(dataset: ShapesDataset, index: int = 0) -> bytes:
+    return encode_png(dataset[index].image)
+
+
+def assert_error(response, status: int, field: str | None, code: str | None = None) -> dict:
+    """The response is the one JSON error shape with this status and field."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "field"}
+    assert error["field"] == field, error
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
