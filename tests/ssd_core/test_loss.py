@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ssd_core import VOC_300, LossOutput, MultiBoxLoss, center_size, encode, prior_boxes
 from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
@@ -419,3 +421,76 @@ def test_gradcheck_float64(options):
     loc, conf = random_predictions(2, len(priors), 3, generator, dtype=torch.float64)
     crit = MultiBoxLoss(3, 0.5, True, 0, True, 3, 0.5, options.pop("encode_target", False), **options)
     assert torch.autograd.gradcheck(lambda lo, co: crit((lo, co, priors), targets), (loc, conf))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Properties
+
+PROPERTY_PRIORS = small_priors()
+PROPERTY_CLASSES = 4
+
+
+@st.composite
+def batches(draw, max_images=3, max_boxes=5):
+    """Targets drawn by hypothesis (boxes jittered by a drawn seed so IoU ties between truths vanish)
+    and random predictions from the same seed."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    coordinate = st.floats(0.0, 1.0, allow_nan=False)
+    targets = []
+    for _ in range(draw(st.integers(1, max_images))):
+        rows = []
+        for _ in range(draw(st.integers(0, max_boxes))):
+            x1, x2 = sorted((draw(coordinate), draw(coordinate)))
+            y1, y2 = sorted((draw(coordinate), draw(coordinate)))
+            label = draw(st.integers(0, PROPERTY_CLASSES - 2))
+            rows.append([x1, y1, x2 + 0.02, y2 + 0.02, label])
+        boxes = torch.tensor(rows).reshape(-1, 5)
+        boxes[:, :4] += 1e-3 * torch.rand(len(boxes), 4, generator=generator)
+        targets.append(boxes)
+    loc, conf = random_predictions(len(targets), len(PROPERTY_PRIORS), PROPERTY_CLASSES, generator)
+    return loc, conf, targets
+
+
+@given(batch=batches(), match_type=st.sampled_from(["per_prediction", "bipartite"]),
+       mining=st.booleans(), prior_matching=st.booleans())
+def test_losses_are_finite_and_non_negative(batch, match_type, mining, prior_matching):
+    loc, conf, targets = batch
+    crit = MultiBoxLoss(PROPERTY_CLASSES, 0.5, prior_matching, 0, mining, 3, 0.4, False, match_type=match_type)
+    output = crit.compute((loc, conf, PROPERTY_PRIORS), targets)
+    for loss in (output.loss_l, output.loss_c):
+        assert torch.isfinite(loss) and loss.item() >= 0
+    (output.loss_l + output.loss_c).backward()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(conf.grad).all()
+    assert (output.stats.num_positives <= output.stats.num_ground_truth * len(PROPERTY_PRIORS)).all()
+
+
+@given(batch=batches(max_images=2), order=st.randoms(use_true_random=False))
+def test_bipartite_loss_does_not_depend_on_the_order_of_truths(batch, order):
+    loc, conf, targets = batch
+    crit = seed_criterion(PROPERTY_CLASSES, match_type="bipartite")
+    permuted = []
+    for t in targets:
+        index = list(range(len(t)))
+        order.shuffle(index)
+        permuted.append(t[index])
+    with torch.no_grad():
+        a = crit((loc, conf, PROPERTY_PRIORS), targets)
+        b = crit((loc, conf, PROPERTY_PRIORS), permuted)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@given(batch=batches(), shift=st.floats(-5.0, 5.0, allow_nan=False))
+def test_moving_predictions_of_non_selected_priors_does_not_change_the_loss(batch, shift):
+    loc, conf, targets = batch
+    crit = seed_criterion(PROPERTY_CLASSES)
+    output = crit.compute((loc, conf, PROPERTY_PRIORS), targets)
+    (output.loss_l + output.loss_c).backward()
+    unused = (conf.grad == 0).all(-1)  # [B, P]: neither positive nor negative
+    moved_loc = loc.detach().clone()
+    moved_loc[unused] += shift  # translate the predicted boxes of those priors
+    with torch.no_grad():
+        moved = crit((moved_loc, conf, PROPERTY_PRIORS), targets)
+    assert moved[0].item() == output.loss_l.item()
+    assert moved[1].item() == output.loss_c.item()
