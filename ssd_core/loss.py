@@ -144,8 +144,8 @@ class MultiBoxLoss(nn.Module):
         positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
 
         log_probs = F.log_softmax(conf.detach(), dim=-1)  # [B, P, C], the only pass over conf
-        background_loss = -log_probs[..., self.background_label]  # [B, P] cross-entropy if negative
-        negative = self._mine(background_loss, positive, eligible) if self.do_neg_mining else eligible
+        background = log_probs[..., self.background_label]  # [B, P], minus the loss as a negative
+        negative = self._mine(background, positive, eligible) if self.do_neg_mining else eligible
         image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
         target = self._conf_target(truths[..., 4], matches.truth_idx, positive)[image, prior]  # [K]
         cross_entropy = _SelectedCrossEntropy.apply(conf, log_probs, image, prior, target)  # [K]
@@ -184,17 +184,17 @@ class MultiBoxLoss(nn.Module):
         object_class = object_class + (object_class >= self.background_label)  # skip the background column
         return torch.where(positive, object_class.gather(1, truth_idx), self.background_label)
 
-    def _mine(self, ce: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
-        """Hard negatives: per image the num_neg eligible priors of highest loss, one topk for the batch.
-
-        num_neg = min(neg_pos * positives, P - 1) per image, as in the seed.
+    def _mine(self, background_log_prob: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
+        """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
+        log-probability), one topk for the whole batch; num_neg = min(neg_pos * positives, P - 1) per
+        image, as in the seed. Returns Tensor[B, P] bool.
         """
-        num_priors = ce.shape[1]
+        num_priors = positive.shape[1]
         num_neg = (positive.sum(dim=1) * self.negpos_ratio).floor().long().clamp(max=num_priors - 1)  # [B]
         k = int(num_neg.max()) if num_neg.numel() else 0
-        ranked = torch.where(eligible, ce, float("-inf"))  # [B, P]
-        values, index = ranked.topk(k, dim=1)  # [B, k]
-        take = (torch.arange(k, device=ce.device) < num_neg[:, None]) & (values > float("-inf"))
+        ranked = torch.where(eligible, background_log_prob, float("inf"))  # [B, P]
+        values, index = ranked.topk(k, dim=1, largest=False)  # [B, k]
+        take = (torch.arange(k, device=ranked.device) < num_neg[:, None]) & (values < float("inf"))
         return torch.zeros_like(eligible).scatter(1, index, take)
 
     def _loc_loss(self, loc: Tensor, priors: Tensor, boxes: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:

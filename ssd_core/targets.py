@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 __all__ = ["TARGET_COLUMNS", "pad_targets", "validate_targets"]
 
@@ -46,10 +45,7 @@ def pad_targets(
             raise ValueError(f"targets must be a list of [n, 5|6] tensors or [B, M, 5|6], got {tuple(targets.shape)}")
         padded = _six_columns(targets.to(device=device, dtype=dtype))
     else:
-        rows = [_six_columns(_as_rows(t, b).to(device=device, dtype=dtype)) for b, t in enumerate(targets)]
-        if not rows:
-            return torch.zeros((0, 1, TARGET_COLUMNS), dtype=dtype, device=device)
-        padded = pad_sequence(rows, batch_first=True, padding_value=-1.0)  # [B, max n_i, 6]
+        padded = _pad_list([_as_rows(t, b) for b, t in enumerate(targets)], device, dtype)
     if padded.shape[1] == 0:
         padded = padded.new_full((padded.shape[0], 1, TARGET_COLUMNS), -1.0)
     padding = padded[..., 4:5] < 0  # [B, M, 1]
@@ -67,12 +63,26 @@ def _as_rows(rows: Tensor, image: int) -> Tensor:
         return rows.reshape(0, 5)
     if rows.dim() != 2 or rows.shape[1] not in (5, 6):
         raise ValueError(f"targets[{image}] must have shape [n, 5] or [n, 6], got {tuple(rows.shape)}")
-    negative = (rows[:, 4] < 0).nonzero()
+    return rows
+
+
+def _pad_list(rows: list[Tensor], device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """Scatter B tensors [n_i, 5|6] into Tensor[B, max n_i, 6] (label -1 elsewhere) with one copy."""
+    if len({r.shape[1] for r in rows}) > 1:
+        rows = [_six_columns(r) for r in rows]
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.long)  # [B]
+    flat = _six_columns(torch.cat(rows).to(device=device, dtype=dtype)) if rows else torch.zeros(0, 6)
+    image = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [N]
+    slot = torch.arange(len(image)) - (counts.cumsum(0) - counts)[image]  # [N] row within its image
+    negative = (flat[:, 4] < 0).nonzero()
     if len(negative):
         i = int(negative[0])
-        raise ValueError(f"targets[{image}][{i}]: label {rows[i, 4].item()} is negative; only padded "
-                         "[B, M, 5|6] targets have padding rows")
-    return rows
+        raise ValueError(f"targets[{int(image[i])}][{int(slot[i])}]: label {flat[i, 4].item()} is negative; "
+                         "only padded [B, M, 5|6] targets have padding rows")
+    padded = torch.zeros((len(rows), int(counts.max()) if rows else 0, TARGET_COLUMNS), dtype=dtype, device=device)
+    padded[:, :, 4] = -1
+    padded[image.to(padded.device), slot.to(padded.device)] = flat
+    return padded
 
 
 def _six_columns(rows: Tensor) -> Tensor:
