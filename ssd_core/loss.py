@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ssd_core.boxes import point_form
 from ssd_core.coder import decode, encode
@@ -226,6 +227,7 @@ class _SelectedCrossEntropy(torch.autograd.Function):
         return -rows.gather(1, target[:, None]).squeeze(1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         rows, image, prior, target = ctx.saved_tensors
         grad_rows = rows.exp()  # softmax, [K, C]
