@@ -237,12 +237,15 @@ def grafana_to_promql(expr: str) -> str:
 # ---- request bodies ------------------------------------------------------------------------------------
 
 
-def labelled_images(count: int, seed: int, image_size: int = 96) -> list[dict]:
-    """`count` synthetic images as the service's labelled-image JSON: base64 PNG, pixel xyxy boxes, labels."""
+def labelled_images(count: int, seed: int, image_size: int = 96, **shapes: float) -> list[dict]:
+    """`count` synthetic images as the service's labelled-image JSON: base64 PNG, pixel xyxy boxes, labels.
+
+    `shapes` go to `ShapesDataset` (e.g. `min_size`, `max_size` as fractions of the image side).
+    """
     from ssd_core.images import encode_png
     from ssd_core.synthetic import ShapesDataset
 
-    dataset = ShapesDataset(count, image_size=image_size, seed=seed, max_objects=3)
+    dataset = ShapesDataset(count, image_size=image_size, seed=seed, max_objects=3, **shapes)
     return [
         {
             "image": base64.b64encode(encode_png(sample.image)).decode(),
