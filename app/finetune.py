@@ -22,6 +22,8 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from app.errors import ApiError
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
@@ -100,6 +102,9 @@ class FinetuneWorker:
         self._jobs_lock = threading.Condition()
         self._train_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="finetune-trainer", daemon=True)
+        # BatchNorm cannot train on one image (a 1x1 feature map gives one value per channel)
+        batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in trainer.model.modules())
+        self.min_images = 2 if batch_norm else 1
 
     # ---- lifecycle
 
@@ -133,6 +138,9 @@ class FinetuneWorker:
         if steps > self.settings.finetune_max_steps:
             raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
                            f"{self.settings.finetune_max_steps}", "steps")
+        if len(samples) < self.min_images:
+            raise ApiError(422, "invalid_value", f"images: {self.settings.model} has BatchNorm layers and needs at "
+                           f"least {self.min_images} images per fine-tune job", "images")
         job = Job(samples, steps, learning_rate, augment, num_images=len(samples))
         with self._jobs_lock:
             if self._stopping:

@@ -1,0 +1,49 @@
+"""app.errors and the middleware: one JSON error shape, field paths, 404/405/413/415 and 500."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from app.errors import field_path
+from app.main import create_app
+from tests.app.conftest import assert_error, make_settings
+
+
+def test_field_path():
+    assert field_path(("body", "images", 2, "boxes", 0)) == "images[2].boxes[0]"
+    assert field_path(("version",)) == "version"
+    assert field_path(("body",)) == "body"
+    assert field_path((0, "labels"), prefix="annotations") == "annotations[0].labels"
+
+
+def test_framework_errors_use_the_shape(client):
+    assert_error(client.get("/nowhere"), 404, None, "not_found")
+    assert_error(client.put("/model"), 405, None, "method_not_allowed")
+    assert_error(client.post("/detect", content=b"x", headers={"Content-Type": "text/plain"}), 415, "Content-Type")
+    assert_error(client.post("/model/rollback", json={"version": "latest"}), 422, "version", "invalid_value")
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(client):
+    response = client.post("/detect", content=b"{}", headers={"Content-Type": "application/json",
+                                                                "Content-Length": str(10**10)})
+    assert_error(response, 413, "body", "body_too_large")
+    bogus = client.post("/detect", content=b"{}", headers={"Content-Length": "a lot"})
+    assert_error(bogus, 400, "Content-Length")
+
+
+def test_streamed_multipart_over_the_limit(client):
+    files = [("images", ("a.png", b"\x89PNG" + b"0" * (5 * 2**20), "image/png"))]  # 5 MiB > 4 MiB
+    assert_error(client.post("/detect", files=files), 413, "body", "body_too_large")
+    assert client.get("/readyz").status_code == 200
+
+
+def test_unexpected_errors_are_500_with_the_shape(tmp_path):
+    app = create_app(make_settings(tmp_path))
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("kaput")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        error = assert_error(client.get("/boom"), 500, None, "internal_error")
+        assert "kaput" not in error["message"]  # internals are logged, not returned

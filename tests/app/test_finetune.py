@@ -1,0 +1,204 @@
+"""Fine-tune jobs: training lowers the batch's loss and publishes versions; queue, cancel, wait,
+multipart, auth and every bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from tests.app.conftest import TOKEN, assert_error, labelled, make_settings, png_bytes, start_client
+
+
+def wait_for(client, job_id: str, states: set[str], timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/finetune/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {job}")
+
+
+def test_finetune_lowers_the_batch_loss_and_publishes_versions(client, shapes):
+    torch.manual_seed(0)
+    items = labelled(shapes)
+    before = client.post("/score-loss", json={"images": items}).json()
+    assert before["model_version"] == 0
+    response = client.post("/finetune?wait=true", json={"images": items, "steps": 40, "learning_rate": 0.005})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded"
+    assert job["steps_done"] == job["steps_total"] == 40
+    assert [step["model_version"] for step in job["losses"]] == list(range(1, 41))  # one version per step
+    assert job["model_version"] == 40
+    after = client.post("/score-loss", json={"images": items}).json()
+    assert after["model_version"] == 40
+    assert after["loss"] < 0.5 * before["loss"]
+    assert client.get("/model").json()["training_steps"] == 40
+    assert client.sample("ssd_finetune_steps_total") == 40
+    assert client.sample("ssd_model_version") == 40
+    assert client.sample("ssd_finetune_jobs_total", state="succeeded") == 1
+    assert client.sample("ssd_loss_conf_count", source="finetune") == 40
+    assert client.sample("ssd_learning_rate") == pytest.approx(0.005)
+    assert client.sample("ssd_images_processed_total", route="/finetune") == 80
+    assert client.sample("ssd_checkpoints_total", outcome="saved") == 2  # the initial weights, then the job
+
+
+def test_accepted_job_is_queued_then_runs(client, shapes):
+    response = client.post("/finetune", json={"images": labelled(shapes, (2, 3)), "steps": 2})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] in {"queued", "running", "succeeded"}
+    assert job["steps_total"] == 2 and job["num_images"] == 2
+    done = wait_for(client, job["job_id"], {"succeeded"})
+    assert done["steps_done"] == 2
+    assert all(step["loss_l"] is not None and step["loss_c"] is not None for step in done["losses"])
+    assert done["learning_rate"] is None  # the default schedule (SSD_LEARNING_RATE)
+    assert done["losses"][0]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_multipart_upload(client, shapes):
+    annotations = [{"boxes": shapes[i].boxes.tolist(), "labels": shapes[i].labels.tolist()} for i in (0, 1)]
+    files = [("images", (f"{i}.png", png_bytes(shapes, i), "image/png")) for i in (0, 1)]
+    response = client.post("/finetune?wait=true", files=files,
+                           data={"annotations": json.dumps(annotations), "steps": "2", "learning_rate": "0.002"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["num_images"] == 2 and job["learning_rate"] == 0.002
+    assert client.version == 2
+
+
+def test_queue_full_cancel_queued_and_running(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, finetune_queue_size=2)) as client:
+        items = labelled(shapes, (0, 1))
+        long_job = client.post("/finetune", json={"images": items, "steps": 200}).json()
+        wait_for(client, long_job["job_id"], {"running"})
+        queued = [client.post("/finetune", json={"images": items, "steps": 1}).json() for _ in range(2)]
+        assert [job["status"] for job in queued] == ["queued", "queued"]
+        assert client.sample("ssd_finetune_queue_depth") == 2
+        assert_error(client.post("/finetune", json={"images": items}), 429, None, "queue_full")
+
+        cancelled = client.delete(f"/finetune/{queued[0]['job_id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        client.delete(f"/finetune/{queued[1]['job_id']}")
+        assert client.sample("ssd_finetune_queue_depth") == 0
+        stopping = client.delete(f"/finetune/{long_job['job_id']}").json()
+        assert stopping["cancel_requested"]
+        final = wait_for(client, long_job["job_id"], {"cancelled"})
+        assert final["steps_done"] < 200
+        # the model stays at the last completed step
+        last_version = final["losses"][-1]["model_version"] if final["losses"] else 0
+        assert client.version == last_version == (final["model_version"] or 0)
+        assert client.sample("ssd_finetune_jobs_total", state="cancelled") == 3
+        assert_error(client.delete(f"/finetune/{long_job['job_id']}"), 409, "job_id", "job_finished")
+        for job in queued:
+            assert client.get(f"/finetune/{job['job_id']}").json()["steps_done"] == 0
+
+
+def test_unknown_job(client):
+    assert_error(client.get("/finetune/nope"), 404, "job_id", "not_found")
+    assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
+
+
+def test_skipped_non_finite_steps(client, shapes):
+    job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3,
+                                                   "learning_rate": 1e12}).json()
+    assert job["skipped_steps"] >= 1
+    version = 0
+    for step in job["losses"]:  # a completed step publishes the next version, a skipped one nothing
+        version += 0 if step["skipped"] else 1
+        assert step["model_version"] == version
+    assert client.version == version
+    assert client.sample("ssd_finetune_skipped_steps_total") == job["skipped_steps"]
+
+
+# ---- bad input leaves the model, its version and the queue untouched
+
+
+@pytest.fixture
+def unchanged(client):
+    yield
+    assert client.version == 0
+    assert client.sample("ssd_finetune_queue_depth") == 0
+    assert client.sample("ssd_finetune_steps_total") == 0
+    assert client.get("/readyz").status_code == 200
+
+
+def test_bad_json_requests(client, unchanged, shapes):
+    items = labelled(shapes)
+    cases = [
+        ({"images": items, "steps": 0}, "steps"),
+        ({"images": items, "steps": 201}, "steps"),
+        ({"images": items, "learning_rate": -1}, "learning_rate"),
+        ({"images": items, "learning_rate": "fast"}, "learning_rate"),
+        ({"images": []}, "images"),
+        ({"images": items * 3}, "images"),
+        ({"images": [{**items[0], "labels": [0]}] if len(items[0]["labels"]) != 1 else [{**items[0], "labels": []}]},
+         "images[0].labels"),
+        ({"images": [{**items[0], "labels": [3] * len(items[0]["labels"])}]}, "images[0].labels[0]"),
+        ({"images": [{**items[0], "boxes": [[5, 5, 5, 9]] * len(items[0]["boxes"])}]}, "images[0].boxes"),
+        ({"images": [{**items[0], "boxes": [[1, 2, 3]] * len(items[0]["boxes"])}]}, "images[0].boxes[0]"),
+        ({"images": [{**items[0], "image": "aGVsbG8="}]}, "images[0].image"),
+        ({"images": items, "colour": "red"}, "colour"),
+        ({"images": items[:1]}, "images"),  # ssd-small's BatchNorm needs two images
+    ]
+    for body, field in cases:
+        assert_error(client.post("/finetune", json=body), 422, field)
+    assert_error(client.post("/finetune", content=b"{", headers={"Content-Type": "application/json"}),
+                 400, "body", "invalid_json")
+
+
+def test_bad_multipart_requests(client, unchanged, shapes):
+    files = [("images", ("0.png", png_bytes(shapes, 0), "image/png"))]
+    note = [{"boxes": shapes[0].boxes.tolist(), "labels": shapes[0].labels.tolist()}]
+    assert_error(client.post("/finetune", files=files), 422, "annotations")
+    assert_error(client.post("/finetune", files=files, data={"annotations": "[{"}), 400, "annotations")
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note * 2)}), 422, "annotations")
+    bad_label = [{**note[0], "labels": [9] * len(note[0]["labels"])}]
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(bad_label)}), 422,
+                 "annotations[0].labels[0]")
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note), "steps": "x"}), 422,
+                 "steps")
+    garbage = [("images", ("0.png", b"\x89PNG garbage", "image/png"))]
+    assert_error(client.post("/finetune", files=garbage, data={"annotations": json.dumps(note)}), 422, "images[0]",
+                 "invalid_image")
+
+
+# ---- token
+
+
+@pytest.fixture
+def secured(tmp_path):
+    with start_client(make_settings(tmp_path, api_token=TOKEN)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": TOKEN}])
+def test_mutating_endpoints_need_the_token(secured, shapes, headers):
+    items = labelled(shapes, (0,))
+    for method, path, body in [
+        ("POST", "/finetune", {"images": items}),
+        ("DELETE", "/finetune/whatever", None),
+        ("POST", "/model/checkpoint", None),
+        ("POST", "/model/rollback", {"version": 0}),
+    ]:
+        response = secured.request(method, path, json=body, headers=headers)
+        error = assert_error(response, 401, "Authorization", "unauthorized")
+        assert response.headers["WWW-Authenticate"] == "Bearer", error
+    assert secured.version == 0
+    assert secured.sample("ssd_finetune_queue_depth") == 0
+    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "created": secured.get(
+        "/model/versions").json()["versions"][0]["created"]}]
+
+
+def test_the_right_token_is_accepted(secured, shapes):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    job = secured.post("/finetune?wait=true", json={"images": labelled(shapes)}, headers=auth)
+    assert job.status_code == 200 and job.json()["status"] == "succeeded"
+    assert secured.post("/model/checkpoint", headers=auth).status_code == 200
+    assert secured.get(f"/finetune/{job.json()['job_id']}").status_code == 200  # reading needs no token
+    assert secured.post("/score-loss", json={"images": labelled(shapes, (0,))}).status_code == 200

@@ -1,0 +1,53 @@
+"""GET /healthz, /readyz and the replica roles."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.app.conftest import assert_error, labelled, make_settings, start_client
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_not_ready_before_the_model_is_loaded(settings):
+    client = TestClient(create_app(settings))  # no `with`: the lifespan has not run
+    assert client.get("/healthz").status_code == 200
+    assert_error(client.get("/readyz"), 503, None, "not_ready")
+    assert_error(client.post("/detect", json={"images": []}), 503, None, "not_ready")
+
+
+def test_not_ready_once_the_trainer_stopped(client):
+    client.app.state.worker.stop(timeout=5)
+    assert_error(client.get("/readyz"), 503, None, "not_ready")
+    assert_error(client.post("/finetune", json={"images": []}), 503, None, "no_trainer")
+
+
+def test_server_role_serves_without_a_trainer(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, role="server")) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/model").json()["role"] == "server"
+        assert client.post("/score-loss", json={"images": labelled(shapes)}).status_code == 200
+        assert_error(client.post("/finetune", json={"images": labelled(shapes)}), 503, None, "no_trainer")
+        assert_error(client.post("/model/checkpoint"), 503, None, "no_trainer")
+
+
+def test_openapi_documents_every_endpoint_and_body(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path, method in [("/score-loss", "post"), ("/finetune", "post"), ("/finetune/{job_id}", "get"),
+                         ("/finetune/{job_id}", "delete"), ("/detect", "post"), ("/model", "get"),
+                         ("/model/versions", "get"), ("/model/checkpoint", "post"), ("/model/rollback", "post"),
+                         ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get")]:
+        assert method in paths[path], (path, method)
+    content = paths["/score-loss"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "application/octet-stream"}
+    assert set(paths["/finetune"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    components = schema["components"]["schemas"]
+    for model in ("ScoreLossRequest", "FinetuneRequest", "DetectRequest", "LossOptions", "ErrorResponse"):
+        assert model in components
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,44 @@
+"""app.settings: defaults, SSD_* environment variables, validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+def test_defaults(monkeypatch):
+    for name in ("SSD_MODEL", "SSD_NUM_CLASSES", "SSD_PORT", "SSD_API_TOKEN", "SSD_ROLE", "SSD_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert (settings.model, settings.num_classes, settings.port, settings.role, settings.device) == (
+        "ssd300", 21, 8000, "all", "auto")
+    assert settings.api_token is None
+    assert settings.class_name(4) == "class_4"
+
+
+def test_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSD_MODEL", "ssd-small")
+    monkeypatch.setenv("SSD_NUM_CLASSES", "4")
+    monkeypatch.setenv("SSD_CLASS_NAMES", "cat, dog ,bird")
+    monkeypatch.setenv("SSD_API_TOKEN", "zq-secret-91")
+    monkeypatch.setenv("SSD_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setenv("SSD_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("SSD_ROLE", "server")
+    settings = Settings()
+    assert settings.model == "ssd-small" and settings.num_classes == 4
+    assert settings.class_names == ["cat", "dog", "bird"] and settings.class_name(1) == "dog"
+    assert settings.api_token.get_secret_value() == "zq-secret-91" and "zq-secret" not in repr(settings)
+    assert settings.checkpoint_dir == tmp_path and settings.max_body_bytes == 2048 and settings.role == "server"
+    monkeypatch.setenv("SSD_CLASS_NAMES", '["a", "b", "c"]')
+    assert Settings().class_names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("values", [
+    {"model": "yolo"}, {"num_classes": 1}, {"device": "tpu"}, {"role": "leader"}, {"port": 0},
+    {"num_classes": 4, "class_names": ["a", "b"]}, {"score_threshold": 1.0}, {"finetune_queue_size": 0},
+])
+def test_invalid_values(values):
+    with pytest.raises(ValidationError):
+        Settings(**values)
