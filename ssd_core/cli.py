@@ -6,7 +6,8 @@
     ssd detect --checkpoint-dir DIR IMAGE --out OUT.png
 
 Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
-and (when it evaluates) `map_curve.png` there.
+and (when it evaluates) `map_curve.png` there. `ssd train` also runs under torchrun (DDP, one data
+shard per rank, rank 0 logs and saves): `torchrun --nproc_per_node N -m ssd_core.cli train ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointStore
 from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
 from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
+from ssd_core.distributed import DistributedContext, DistributedTrainer, distributed_sampler, init_distributed
 from ssd_core.evaluation import evaluate, predict
 from ssd_core.images import decode_image_bytes, encode_png
 from ssd_core.loss import MultiBoxLoss
@@ -75,20 +78,28 @@ def load_dataset(spec: str, *, split: str, synthetic_images: int, synthetic_size
     raise ValueError(f"--data must be synthetic, voc:ROOT or coco:IMAGES_DIR:ANN.json, got {spec!r}")
 
 
-def _batches(dataset, model: SSD, args: argparse.Namespace, generator: torch.Generator) -> Iterator:
-    """Endless shuffled training batches (images [B, 3, S, S], targets list[Tensor[n_i, 6]])."""
+def _batches(
+    dataset, model: SSD, args: argparse.Namespace, generator: torch.Generator, sampler=None
+) -> Iterator:
+    """Endless shuffled training batches (images [B, 3, S, S], targets list[Tensor[n_i, 6]]).
+
+    `sampler`: this rank's `DistributedSampler` under torchrun (None: shuffle the whole data set).
+    """
     augment = ssd_augmentation(args.augment, fill=model.spec.pixel_mean)
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset if sampler is None else sampler) >= args.batch_size,
         generator=generator,
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
         collate_fn=partial(collate, spec=model.spec, augment=augment),
     )
-    while True:
+    for epoch in count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # a new permutation, the same on every rank
         yield from loader
 
 
@@ -163,8 +174,20 @@ class _History:
 
 
 def _train(args: argparse.Namespace) -> int:
+    context = init_distributed(_device(args.device))  # single process unless run by torchrun
+    try:
+        status = _train_rank(args, context)
+    except BaseException:
+        context.close(success=False)
+        raise
+    context.close()
+    return status
+
+
+def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     torch.manual_seed(args.seed)
-    device = _device(args.device)
+    device = context.device
+    log = tqdm.write if context.is_main else _silent
     dataset = _dataset(args, args.data, args.split, args.synthetic_images)
     num_classes = args.num_classes or len(dataset.class_names) + 1
     if num_classes < len(dataset.class_names) + 1:
@@ -174,39 +197,54 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         lr=args.lr, warmup_steps=args.warmup, clip_grad_norm=args.clip_grad_norm, amp=args.amp
     )
-    trainer = Trainer(model, criterion, config, device)
+    if context.distributed:
+        trainer = DistributedTrainer(model, criterion, config, context, sync_batchnorm=args.sync_bn)
+        torch.manual_seed(args.seed + context.rank)  # same initial weights, different augmentation per rank
+    else:
+        trainer = Trainer(model, criterion, config, device)
     store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
     directory = Path(args.checkpoint_dir)
     if args.resume and (loaded := store.load_latest()) is not None:
         trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
     val_set = None
-    if args.eval_every:
+    if args.eval_every and context.is_main:
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
     history = _History()
 
     def save() -> None:
+        if not context.is_main:
+            return
         history.write(directory)
         if store.versions() and store.versions()[-1].step == trainer.steps:
             return  # already saved at this step (--save-every divides the step count)
         state_dict, optimizer_state = trainer.state()
         meta = _meta(
-            model, dataset.class_names, _next_version(store), trainer.steps, {"config": _config(args)}
+            model,
+            dataset.class_names,
+            _next_version(store),
+            trainer.steps,
+            {"config": _config(args), "world_size": context.world_size},
         )
         store.save(state_dict, meta, optimizer_state)
 
-    batches = _batches(dataset, model, args, torch.Generator().manual_seed(args.seed))
+    generator = torch.Generator().manual_seed(args.seed + context.rank)
+    batches = _batches(dataset, model, args, generator, distributed_sampler(dataset, context, args.seed))
     start = time.perf_counter()
     eval_seconds = 0.0
     running = None
-    progress = tqdm(total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet)
+    progress = tqdm(
+        total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet or not context.is_main
+    )
     while trainer.steps < args.steps:
-        if args.time_limit and time.perf_counter() - start - eval_seconds > args.time_limit:
-            tqdm.write(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
+        if args.time_limit and context.from_main(
+            time.perf_counter() - start - eval_seconds > args.time_limit
+        ):
+            log(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
             break
         images, targets = next(batches)
         result = trainer.step(images, targets)
         if result.skipped:
-            tqdm.write(f"step {trainer.steps}: non-finite loss or gradient, skipped")
+            log(f"step {trainer.steps}: non-finite loss or gradient, skipped")
             continue
         loss = result.loss_l + result.loss_c
         running = loss if running is None else 0.95 * running + 0.05 * loss
@@ -224,19 +262,25 @@ def _train(args: argparse.Namespace) -> int:
             history.map_50.append(scores["map_50"])
             history.map.append(scores["map"])
             history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
-            tqdm.write(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+            log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
         if args.save_every and trainer.steps % args.save_every == 0:
             save()
     progress.close()
     history.skipped_steps = trainer.skipped_steps
     history.train_seconds = time.perf_counter() - start - eval_seconds
-    history.images_per_second = len(history.steps) * args.batch_size / max(history.train_seconds, 1e-9)
+    history.images_per_second = (
+        len(history.steps) * args.batch_size * context.world_size / max(history.train_seconds, 1e-9)
+    )
     save()
-    print(
+    log(
         f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), "
         f"{history.images_per_second:.1f} images/s; checkpoints, history.json and loss_curve.png in {directory}"
     )
     return 0
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 under torchrun: nothing."""
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -301,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     train.add_argument("--clip-grad-norm", type=float)
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    train.add_argument(
+        "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
+    )
     train.add_argument("--checkpoint-dir", required=True)
     train.add_argument("--keep", type=int, default=5, help="checkpoints kept")
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
