@@ -1,0 +1,113 @@
+"""Time MultiBoxLoss against the seed's per-image algorithm and torchvision's SSD loss.
+
+Forward + backward on the same random inputs (VOC300 priors, P = 8732), interleaved repeats, medians;
+then the no-grad scoring path (`criterion.compute` under `torch.no_grad()`, the service's /score-loss).
+Prints a markdown table with ratios. Usage: python benchmarks/bench_loss.py [--quick] [--repeats N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.ops import box_iou
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssd_core import VOC_300, MultiBoxLoss, point_form, prior_boxes  # noqa: E402
+from tests.ssd_core.random_data import random_predictions, random_targets  # noqa: E402
+from tests.ssd_core.seed_reference import seed_multibox_loss  # noqa: E402
+
+
+def torchvision_ssd(num_classes: int) -> SSD:
+    """An SSD whose only used parts are `proposal_matcher` and `compute_loss` (the network is a stub)."""
+    anchors = DefaultBoxGenerator([[2]])
+    return SSD(nn.Identity(), anchors, (300, 300), num_classes, head=nn.Identity(), iou_thresh=0.5)
+
+
+def torchvision_loss(model: SSD, loc, conf, anchors_xyxy, targets):
+    """torchvision's training path from SSD.forward: per-image Matcher, then compute_loss."""
+    tv_targets, matched_idxs = [], []
+    for t in targets:
+        boxes, labels = t[:, :4], t[:, 4].long() + 1  # torchvision's labels count background as 0
+        tv_targets.append({"boxes": boxes, "labels": labels})
+        if len(boxes) == 0:
+            matched_idxs.append(torch.full((len(anchors_xyxy),), -1, dtype=torch.int64))
+        else:
+            matched_idxs.append(model.proposal_matcher(box_iou(boxes, anchors_xyxy)))
+    head = {"bbox_regression": loc, "cls_logits": conf}
+    losses = model.compute_loss(tv_targets, head, [anchors_xyxy] * len(targets), matched_idxs)
+    return losses["bbox_regression"], losses["classification"]
+
+
+def time_once(fn, loc, conf, backward: bool) -> float:
+    loc.grad = conf.grad = None
+    start = time.perf_counter()
+    loss_l, loss_c = fn()
+    if backward:
+        (loss_l + loss_c).backward()
+    return time.perf_counter() - start
+
+
+def bench_case(batch: int, num_classes: int, repeats: int, priors) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(batch * 1000 + num_classes)
+    targets = random_targets(batch, 8, num_classes, generator, allow_empty=False)
+    loc, conf = random_predictions(batch, len(priors), num_classes, generator)
+    ours = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False)
+    tv_model, anchors_xyxy = torchvision_ssd(num_classes), point_form(priors)
+
+    def compute_no_grad():
+        with torch.no_grad():
+            output = ours.compute((loc, conf, priors), targets)
+        return output.loss_l, output.loss_c
+
+    methods = {
+        "ours": (lambda: ours((loc, conf, priors), targets), True),
+        "seed": (lambda: seed_multibox_loss(loc, conf, priors, targets, num_classes), True),
+        "torchvision": (lambda: torchvision_loss(tv_model, loc, conf, anchors_xyxy, targets), True),
+        "ours_no_grad": (compute_no_grad, False),
+    }
+    for fn, backward in methods.values():  # warm-up
+        time_once(fn, loc, conf, backward)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, (fn, backward) in methods.items():
+            times[name].append(time_once(fn, loc, conf, backward))
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="only B=32, C=21 with 3 repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [(32, 21)] if args.quick else [(8, 21), (8, 81), (32, 21), (32, 81)]
+    repeats = 3 if args.quick else args.repeats
+    priors = prior_boxes(VOC_300)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} repeats, median ms, fwd+bwd")
+    print()
+    print("| B | C | ours (ms) | seed (ms) | torchvision (ms) | seed / ours | torchvision / ours "
+          "| ours no-grad (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, num_classes in cases:
+        ms = bench_case(batch, num_classes, repeats, priors)
+        print(f"| {batch} | {num_classes} | {ms['ours']:.1f} | {ms['seed']:.1f} | {ms['torchvision']:.1f} "
+              f"| {ms['seed'] / ms['ours']:.1f}x | {ms['torchvision'] / ms['ours']:.1f}x "
+              f"| {ms['ours_no_grad']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
