@@ -136,7 +136,9 @@ def init_distributed(device: torch.device | str) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, device, distributed=True)
 
 
-def distributed_sampler(dataset: Dataset, context: DistributedContext, seed: int) -> DistributedSampler | None:
+def distributed_sampler(
+    dataset: Dataset, context: DistributedContext, seed: int
+) -> DistributedSampler | None:
     """This rank's shuffled shard of `dataset`, or None for a single process (shuffle as usual).
 
     Every rank draws the same permutation (from `seed` and the epoch: call `set_epoch` before each
@@ -145,7 +147,9 @@ def distributed_sampler(dataset: Dataset, context: DistributedContext, seed: int
     """
     if not context.distributed:
         return None
-    return DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed)
+    return DistributedSampler(
+        dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed
+    )
 
 
 def _all_gather_padded(values: Tensor, length: int, lengths: list[int]) -> list[Tensor]:
@@ -176,11 +180,11 @@ def gather_match_stats(stats: MatchStats) -> MatchStats:
     shapes = [(int(b), int(k)) for b, k in torch.stack(all_sizes).tolist()]
     width = len(_PER_IMAGE_FIELDS)
     chunks = _all_gather_padded(payload, len(payload), [b * width + k for b, k in shapes])
-    rows = torch.cat([chunk[: b * width].view(b, width) for chunk, (b, _) in zip(chunks, shapes, strict=True)])
+    rows = torch.cat(
+        [chunk[: b * width].view(b, width) for chunk, (b, _) in zip(chunks, shapes, strict=True)]
+    )
     ious = torch.cat([chunk[b * width :] for chunk, (b, _) in zip(chunks, shapes, strict=True)])
-    columns = {
-        name: rows[:, i].to(getattr(stats, name).dtype) for i, name in enumerate(_PER_IMAGE_FIELDS)
-    }
+    columns = {name: rows[:, i].to(getattr(stats, name).dtype) for i, name in enumerate(_PER_IMAGE_FIELDS)}
     normalizer = columns["num_positives"].sum().clamp(min=1).to(stats.normalizer.dtype)
     return MatchStats(**columns, matched_ious=ious.to(stats.matched_ious.dtype), normalizer=normalizer)
 
@@ -221,7 +225,9 @@ def global_loss(output: LossOutput, world_size: int) -> LossOutput:
         global_value = per_image_sums.sum().to(local_loss.dtype) / stats.normalizer.to(local_loss.dtype)
         return _GlobalValue.apply(local_part, global_value)
 
-    return LossOutput(make_global(output.loss_l, stats.loss_l_sum), make_global(output.loss_c, stats.loss_c_sum), stats)
+    return LossOutput(
+        make_global(output.loss_l, stats.loss_l_sum), make_global(output.loss_c, stats.loss_c_sum), stats
+    )
 
 
 class GlobalLoss:

@@ -93,7 +93,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     """One rank: train both models, try a step that is non-finite on rank 1 only, write the results."""
     torch.set_num_threads(1)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
     context = init_distributed("cpu")
@@ -202,8 +205,11 @@ def test_init_distributed_without_torchrun_is_one_process(monkeypatch):
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"RANK": "0"}, "LOCAL_RANK, WORLD_SIZE not set"), ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x'"),
-     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2")],
+    [
+        ({"RANK": "0"}, "LOCAL_RANK, WORLD_SIZE not set"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x'"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2"),
+    ],
 )
 def test_init_distributed_rejects_a_broken_torchrun_environment(monkeypatch, env, message):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -227,7 +233,11 @@ def test_ssd_train_under_torchrun_writes_one_checkpoint_set_from_rank_0(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
     checkpoint_files = sorted(path.name for path in directory.glob("ckpt-*"))
-    assert checkpoint_files == ["ckpt-00000001.json", "ckpt-00000001.optim.safetensors", "ckpt-00000001.safetensors"]
+    assert checkpoint_files == [
+        "ckpt-00000001.json",
+        "ckpt-00000001.optim.safetensors",
+        "ckpt-00000001.safetensors",
+    ]
     loaded = CheckpointStore(directory).load_latest()
     assert (loaded.meta["step"], loaded.meta["world_size"]) == (2, WORLD_SIZE)
     model = build_model(loaded.meta["model"], loaded.meta["num_classes"])
