@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
