@@ -30,8 +30,9 @@ def save_curves(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    marker = "o" if len(steps) <= 50 else None  # sparse series (periodic evaluations): show the points
     for name, values in series.items():
-        axes.plot(steps, values, label=name, linewidth=1.2)
+        axes.plot(steps, values, label=name, linewidth=1.2, marker=marker, markersize=3)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
