@@ -35,6 +35,7 @@ class Settings(BaseSettings):
 
     # HTTP
     api_token: SecretStr | None = Field(None, description="Bearer token for mutating endpoints")
+    host: str = Field("0.0.0.0", description="interface `python -m app` listens on")
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     max_images_per_request: int = Field(32, ge=1)
