@@ -21,6 +21,7 @@ from tests.integration.live import (
     dashboard_expressions,
     grafana_to_promql,
     labelled_images,
+    require_tool,
     run_prometheus,
 )
 
@@ -86,8 +87,14 @@ def value(prometheus: LivePrometheus, expr: str) -> float:
 
 
 @pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    """Skips before the service starts when Prometheus is not installed."""
+    return require_tool("prometheus")
+
+
+@pytest.fixture(scope="module")
 def scraped(
-    live_service: LiveService, tmp_path_factory: pytest.TempPathFactory
+    prometheus_binary: str, live_service: LiveService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LivePrometheus, Traffic]]:
     """Prometheus scraping the service after two phases of traffic (once for the module's tests)."""
     with run_prometheus(tmp_path_factory.mktemp("prometheus"), live_service.host_port) as prometheus, httpx.Client(

@@ -12,8 +12,13 @@ from tests.integration.live import LiveService, labelled_images, require_tool
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration-promtool")]
 
 
-def test_promtool_check_metrics_reports_nothing_on_live_metrics(live_service: LiveService):
-    promtool = require_tool("promtool")
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    """Skips before the service starts when promtool is not installed."""
+    return require_tool("promtool")
+
+
+def test_promtool_check_metrics_reports_nothing_on_live_metrics(promtool: str, live_service: LiveService):
     # one scored batch and one detection so that labelled histograms and counters are exposed too
     with httpx.Client(base_url=live_service.url, timeout=120) as client:
         assert client.post("/score-loss", json={"images": labelled_images(2, seed=11)}).status_code == 200
