@@ -204,8 +204,11 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         trainer = Trainer(model, criterion, config, device)
     store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
     directory = Path(args.checkpoint_dir)
-    if args.resume and (loaded := store.load_latest()) is not None:
-        trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
+    if args.resume:
+        loaded = store.load_latest()
+        context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
+        if loaded is not None:
+            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
     val_set = None
     if args.eval_every and context.is_main:
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)

@@ -83,6 +83,14 @@ class DistributedContext:
         dist.broadcast(tensor, src=0)
         return int(tensor.item())
 
+    def check_same(self, value: int, what: str) -> None:
+        """Raise ValueError on every rank unless all ranks hold the same `value` (every rank must call it)."""
+        main_value = self.from_main(value)
+        if not self.all_true(main_value == value):
+            raise ValueError(
+                f"{what} differs across ranks: {main_value} on rank 0, {value} on rank {self.rank}"
+            )
+
     def close(self, success: bool = True) -> None:
         """Leave the process group: a barrier first when the run succeeded, then destroy it."""
         if not self.distributed:
@@ -308,8 +316,6 @@ class DistributedTrainer(Trainer):
     def restore(
         self, state_dict: dict[str, Tensor], optimizer_state: dict[str, Any] | None, steps: int
     ) -> None:
-        """Resume from a checkpoint every rank loaded (ValueError if the ranks read different steps)."""
-        if not self.context.all_true(self.context.from_main(steps) == steps):
-            raise ValueError(f"ranks resumed from different checkpoints (this rank: step {steps})")
+        """Resume from a checkpoint in the single-process format (no `module.` prefix) on this rank."""
         prefixed = {f"module.{name}": tensor for name, tensor in state_dict.items()}  # DDP's keys
         super().restore(prefixed, optimizer_state, steps)

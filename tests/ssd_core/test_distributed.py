@@ -111,6 +111,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     skipped = trainer.step(images, targets).skipped
     unchanged = all(torch.equal(before[k], v) for k, v in trainer.weights().items())
 
+    state_dict, optimizer_state = trainer.state()
+    trainer.restore(state_dict, optimizer_state, trainer.steps)  # single-process keys back into DDP
+    restored = all(torch.equal(before[k], v) for k, v in trainer.weights().items())
+    context.check_same(7, "a constant")
+    try:
+        context.check_same(rank, "the rank")
+        rank_is_same = True
+    except ValueError:
+        rank_is_same = False
+
     plain = DistributedTrainer(_model(SSDSmall), _criterion(), CONFIG, context)
     for step in range(2):
         plain.step(*_shard(step, rank))
@@ -120,6 +130,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         "nan_step": {"skipped": skipped, "unchanged": unchanged, "skipped_steps": trainer.skipped_steps},
         "all_true_of_rank_is_0": context.all_true(rank == 0),
         "from_main_rank": context.from_main(rank),
+        "restored": restored,
+        "rank_is_same": rank_is_same,
     }
     Path(out, f"summary-{rank}.json").write_text(json.dumps(summary))
     context.close()
@@ -184,6 +196,8 @@ def test_a_step_non_finite_on_one_rank_is_skipped_by_all(ranks):
         assert summary["nan_step"] == {"skipped": True, "unchanged": True, "skipped_steps": 1}
         assert summary["all_true_of_rank_is_0"] is False
         assert summary["from_main_rank"] == 0
+        assert summary["restored"] is True
+        assert summary["rank_is_same"] is False  # check_same raised on every rank
 
 
 def test_train_mode_batchnorm_keeps_parameters_identical_across_ranks(ranks):
@@ -220,17 +234,23 @@ def test_init_distributed_rejects_a_broken_torchrun_environment(monkeypatch, env
         init_distributed("cpu")
 
 
-def test_ssd_train_under_torchrun_writes_one_checkpoint_set_from_rank_0(tmp_path):
-    directory = tmp_path / "ckpt"
+def _torchrun_train(directory: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """`ssd train` (the real CLI) on a tiny synthetic set under torchrun with WORLD_SIZE gloo ranks."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
         "-m", "ssd_core.cli", "train", "--data", "synthetic", "--synthetic-images", "8",
-        "--synthetic-size", "64", "--batch-size", "2", "--steps", "2", "--no-augment", "--device", "cpu",
-        "--checkpoint-dir", str(directory), "--quiet",
+        "--synthetic-size", "64", "--batch-size", "2", "--steps", str(steps), "--no-augment",
+        "--device", "cpu", "--checkpoint-dir", str(directory), "--quiet", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=directory.parent)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_ssd_train_under_torchrun_writes_one_checkpoint_set_from_rank_0_and_resumes(tmp_path):
+    directory = tmp_path / "ckpt"
+    done = _torchrun_train(directory, 2)
     assert done.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
     checkpoint_files = sorted(path.name for path in directory.glob("ckpt-*"))
     assert checkpoint_files == [
@@ -244,3 +264,8 @@ def test_ssd_train_under_torchrun_writes_one_checkpoint_set_from_rank_0(tmp_path
     model.load_state_dict(loaded.state_dict)  # strict: the single-process format, no `module.` prefix
     assert loaded.optimizer_state is not None
     assert json.loads((directory / "history.json").read_text())["steps"] == [1, 2]
+
+    done = _torchrun_train(directory, 3, "--resume")  # every rank restores version 1, then one step
+    assert done.stdout.count("trained 3 steps") == 1
+    assert [(info.version, info.step) for info in CheckpointStore(directory).versions()] == [(1, 2), (2, 3)]
+    assert json.loads((directory / "history.json").read_text())["steps"] == [3]
