@@ -67,8 +67,9 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor[B, N, M]: IoU of every pair in each batch element.
     """
-    x1a, y1a, x2a, y2a = (c[..., :, None] for c in boxes1.unbind(-1))  # [B, N, 1] each
-    x1b, y1b, x2b, y2b = (c[..., None, :] for c in boxes2.unbind(-1))  # [B, 1, M] each
+    # contiguous coordinate planes: strided columns make every op below several times slower
+    x1a, y1a, x2a, y2a = (c[..., :, None] for c in boxes1.movedim(-1, 0).contiguous())  # [B, N, 1] each
+    x1b, y1b, x2b, y2b = (c[..., None, :] for c in boxes2.movedim(-1, 0).contiguous())  # [B, 1, M] each
     width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)  # [B, N, M]
     height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
     inter = width.mul_(height)

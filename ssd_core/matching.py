@@ -55,7 +55,8 @@ def pairwise_iou(truths: Tensor, valid: Tensor, boxes: Tensor) -> Tensor:
         return batched_box_iou(truths, boxes).masked_fill_(~valid[:, :, None], -1.0)
     # shared priors: only the real truths of the whole batch against P, then scattered into [B, M, P]
     iou = truths.new_full((*truths.shape[:2], boxes.shape[0]), -1.0)
-    iou[valid] = batched_box_iou(truths[valid][None], boxes[None])[0]  # [K, P]
+    rows = valid.flatten().nonzero().flatten()  # [K] rows of the flattened [B * M, P]
+    iou.view(-1, boxes.shape[0]).index_copy_(0, rows, batched_box_iou(truths[valid][None], boxes[None])[0])
     return iou
 
 
