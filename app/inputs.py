@@ -147,10 +147,9 @@ def check_batch(
     if not (priors[:, 2:] > 0).all():
         raise invalid("priors", "every prior needs a positive width and height")
     for name, tensor in (("loc", loc), ("conf", conf), ("priors", priors)):
-        if not torch.isfinite(tensor).all():
-            field = name if name == "priors" else f"{prefix}{name}"
-            index = [int(i) for i in (~torch.isfinite(tensor)).nonzero()[0]]
-            raise invalid(field, f"holds a non-finite number at {index}")
+        index = _first_non_finite(tensor)
+        if index is not None:
+            raise invalid(name if name == "priors" else f"{prefix}{name}", f"holds a non-finite number at {index}")
     if targets.shape[0] != batch:
         raise invalid("targets", f"has {targets.shape[0]} images, the predictions have B={batch}")
     if options.bkg_label >= settings.num_classes:
@@ -159,6 +158,15 @@ def check_batch(
         real = targets[b][targets[b, :, 4] >= 0]  # [n_b, 6]
         _check_boxes(real[:, :4], (1, 1), f"targets[{b}]", settings)
     return LossBatch(loc, conf, priors, targets, options)
+
+
+def _first_non_finite(tensor: Tensor) -> list[int] | None:
+    """Index of the first NaN/inf element, or None. The sum is a cheap test: it is finite when every
+    element is (an overflowing sum of finite values falls through to the exact check)."""
+    if torch.isfinite(tensor.sum()):
+        return None
+    bad = (~torch.isfinite(tensor)).nonzero()
+    return [int(i) for i in bad[0]] if len(bad) else None
 
 
 def _check_boxes(boxes: Tensor, image_hw: tuple[int, int], field: str, settings: Settings) -> None:

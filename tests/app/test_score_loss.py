@@ -9,6 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from app.inputs import _first_non_finite
 from ssd_core import MultiBoxLoss
 from ssd_core.images import encode_png
 from ssd_core.models import build_model
@@ -324,3 +325,18 @@ def test_image_over_pixel_limit(client, unchanged):
     item = {"image": base64.b64encode(encode_png(big)).decode(), "boxes": [[1, 1, 20, 20]], "labels": [0]}
     error = assert_error(client.post("/score-loss", json={"images": [item]}), 422, "images[0].image", "invalid_image")
     assert "limit" in error["message"]
+
+
+def test_non_finite_scan_is_exact_when_the_sum_overflows():
+    assert _first_non_finite(torch.full((2, 3), 3e38)) is None  # the sum overflows, every element is finite
+    values = torch.zeros(2, 3, 4)
+    values[1, 2, 0] = float("inf")
+    assert _first_non_finite(values) == [1, 2, 0]
+    values[0, 1, 3] = float("nan")
+    assert _first_non_finite(values) == [0, 1, 3]
+
+
+def test_overflowing_loss_is_a_422(client, unchanged):
+    loc, conf, targets = random_batch()
+    conf[0, :, 0] = 3e38  # finite logits whose cross-entropy overflows to inf
+    assert_error(post_binary(client, as_safetensors(loc, conf, targets)), 422, "predictions")

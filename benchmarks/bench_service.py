@@ -1,0 +1,199 @@
+"""Service throughput against a live server on loopback with concurrent clients (not a timed test).
+
+* `/score-loss` requests/s and p50/p99 latency, JSON and binary (safetensors) bodies, B = 1 and 8,
+  SSD300 VOC priors (P = 8732), C = 21: the server runs `SSD_MODEL=ssd300` (role `server`: no trainer).
+* `/detect` images/s with the small model (a second server, `SSD_MODEL=ssd-small`).
+* The bare loss on the same tensors in this process (`MultiBoxLoss.compute` under inference_mode) to
+  give the server's overhead for B = 8 binary: 1 - loss time / request latency (sequential client).
+
+Goals (issue 4): binary >= 5x the JSON throughput; B = 8 binary overhead < 25% of the request time.
+Run: `python benchmarks/bench_service.py [--clients 4] [--seconds 8] [--threads 1]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import safetensors.torch
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ssd_core import VOC_300, MultiBoxLoss, prior_boxes  # noqa: E402
+from ssd_core.images import encode_png  # noqa: E402
+from ssd_core.synthetic import ShapesDataset  # noqa: E402
+
+NUM_CLASSES = 21
+
+
+@contextlib.contextmanager
+def live_server(model: str, num_classes: int, threads: int) -> Iterator[str]:
+    """`python -m app` on a free loopback port (role server, temporary checkpoint dir); SIGTERM at exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as checkpoints:
+        env = {**os.environ, "SSD_MODEL": model, "SSD_NUM_CLASSES": str(num_classes), "SSD_ROLE": "server",
+               "SSD_CHECKPOINT_DIR": checkpoints, "SSD_HOST": "127.0.0.1", "SSD_PORT": str(port),
+               "SSD_TORCH_THREADS": str(threads), "SSD_MAX_IMAGES_PER_REQUEST": "64"}
+        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{model} server did not become ready")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def random_batch(batch: int, seed: int = 0):
+    """loc [B, 8732, 4], conf [B, 8732, 21], targets [B, 3, 6] padded (normalised xyxy, label, difficult)."""
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(batch, 8732, 4, generator=g)
+    conf = torch.randn(batch, 8732, NUM_CLASSES, generator=g)
+    xy = torch.rand(batch, 3, 2, generator=g) * 0.5
+    wh = 0.1 + torch.rand(batch, 3, 2, generator=g) * 0.4
+    labels = torch.randint(0, NUM_CLASSES - 1, (batch, 3, 1), generator=g).float()
+    targets = torch.cat((xy, xy + wh, labels, torch.zeros(batch, 3, 1)), dim=-1)
+    return loc, conf, targets
+
+
+def bodies(batch: int) -> dict[str, tuple[bytes, str]]:
+    """The same request as a JSON and as a safetensors body (serialised once, outside the timing)."""
+    loc, conf, targets = random_batch(batch)
+    as_json = {
+        "predictions": {"loc": loc.tolist(), "conf": conf.tolist()},
+        "targets": [[{"box": row[:4], "label": int(row[4])} for row in image.tolist()] for image in targets],
+    }
+    return {
+        "json": (json.dumps(as_json).encode(), "application/json"),
+        "binary": (safetensors.torch.save({"loc": loc, "conf": conf, "targets": targets}), "application/octet-stream"),
+    }
+
+
+def drive(url: str, path: str, body: bytes, content_type: str, clients: int, seconds: float,
+          min_requests: int = 3) -> dict[str, float]:
+    """`clients` threads post `body` back to back for about `seconds`; requests/s and latency percentiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600, headers={"Content-Type": content_type}) as http:
+            done = 0
+            while time.monotonic() < stop_at or done < min_requests:
+                start = time.perf_counter()
+                response = http.post(path, content=body)
+                elapsed = time.perf_counter() - start
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
+                done += 1
+                with lock:
+                    latencies.append(elapsed)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {
+        "requests": len(ordered),
+        "rps": len(ordered) / wall,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
+
+
+def bare_loss_ms(batch: int, repeats: int = 15) -> float:
+    """Median in-process time of the loss on the benchmark's tensors (what the server computes)."""
+    loc, conf, targets = random_batch(batch)
+    priors = prior_boxes(VOC_300)
+    criterion = MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            criterion.compute((loc, conf, priors), targets)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
+def detect_body(images: int) -> bytes:
+    shapes = ShapesDataset(images, image_size=256, seed=1)
+    encoded = [{"image": base64.b64encode(encode_png(shapes[i].image)).decode()} for i in range(images)]
+    return json.dumps({"images": encoded}).encode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process")
+    parser.add_argument("--detect-batch", type=int, default=4, help="images per /detect request")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    with live_server("ssd300", NUM_CLASSES, args.threads) as url:
+        for batch in (1, 8):
+            for kind, (body, content_type) in bodies(batch).items():
+                drive(url, "/score-loss", body, content_type, 1, 0, min_requests=1)  # warm-up
+                result = drive(url, "/score-loss", body, content_type, args.clients, args.seconds)
+                rows.append((f"/score-loss {kind}", batch, len(body), result))
+        body, content_type = bodies(8)["binary"]
+        sequential = drive(url, "/score-loss", body, content_type, 1, args.seconds)
+    loss_ms = bare_loss_ms(8)
+    with live_server("ssd-small", 4, args.threads) as url:
+        body = detect_body(args.detect_batch)
+        drive(url, "/detect", body, "application/json", 1, 0, min_requests=1)
+        detect = drive(url, "/detect", body, "application/json", args.clients, args.seconds)
+
+    print(f"\n{args.clients} concurrent clients, {args.seconds:.0f} s per row, torch threads {args.threads}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| endpoint | B | body MB | requests | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, batch, size, r in rows:
+        print(f"| {name} | {batch} | {size / 1e6:.1f} | {r['requests']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
+              f"{r['p99_ms']:.0f} |")
+    print(f"| /detect ssd-small (JSON, {args.detect_batch} PNG 256x256) | {args.detect_batch} | {len(body) / 1e6:.2f} | "
+          f"{detect['requests']} | {detect['rps']:.2f} ({detect['rps'] * args.detect_batch:.1f} images/s) | "
+          f"{detect['p50_ms']:.0f} | {detect['p99_ms']:.0f} |")
+    by = {(name, batch): r for name, batch, _, r in rows}
+    print()
+    for batch in (1, 8):
+        ratio = by["/score-loss binary", batch]["rps"] / by["/score-loss json", batch]["rps"]
+        print(f"binary / JSON throughput, B={batch}: {ratio:.1f}x (goal >= 5x)")
+    overhead = 1 - loss_ms / sequential["p50_ms"]
+    print(f"B=8 binary, one client: request p50 {sequential['p50_ms']:.0f} ms, bare loss in-process {loss_ms:.0f} ms, "
+          f"server overhead {100 * overhead:.0f}% of the request (goal < 25%)")
+
+
+if __name__ == "__main__":
+    main()
