@@ -31,6 +31,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SSD_MODEL=ssd300 \
     SSD_DEVICE=auto \
     SSD_CHECKPOINT_DIR=/var/lib/ssd/checkpoints \
+    SSD_HOST=0.0.0.0 \
     SSD_PORT=8000
 VOLUME ["/var/lib/ssd/checkpoints"]
 WORKDIR /home/ssd
@@ -39,5 +40,6 @@ EXPOSE 8000
 # Liveness only (process answers); /readyz is for load balancers. Plain Python, no curl in the image.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SSD_PORT', '8000'), timeout=4)" || exit 1
-# sh -c so that SSD_PORT is honoured; exec so uvicorn is PID 1 and gets SIGTERM.
-CMD ["sh", "-c", "exec uvicorn app.main:app --host 0.0.0.0 --port \"${SSD_PORT}\""]
+# `python -m app` runs uvicorn with app.main:app on SSD_HOST:SSD_PORT as PID 1; on SIGTERM (docker stop)
+# it lets the trainer finish its step, writes the final checkpoint and exits 0.
+CMD ["python", "-m", "app"]

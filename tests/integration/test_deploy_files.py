@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,7 @@ from tests.integration.live import (
     architecture_metrics,
     dashboard_expressions,
     exposed_names,
+    free_port,
     grafana_to_promql,
     require_tool,
 )
@@ -164,15 +170,16 @@ def test_dockerfile_healthcheck_hits_healthz_with_python():
 def test_dockerfile_settings_port_volume_and_command():
     runtime = stages(dockerfile_instructions())[-1]
     env = env_of(runtime)
-    assert {"SSD_MODEL", "SSD_DEVICE", "SSD_CHECKPOINT_DIR", "SSD_PORT"} <= env.keys()
+    assert {"SSD_MODEL", "SSD_DEVICE", "SSD_CHECKPOINT_DIR", "SSD_HOST", "SSD_PORT"} <= env.keys()
+    assert env["SSD_HOST"] == "0.0.0.0"  # reachable from outside the container
     exposed = {int(port) for keyword, args in runtime if keyword == "EXPOSE" for port in args.split()}
     assert exposed == {int(env["SSD_PORT"])}
     volumes = [json.loads(args) for keyword, args in runtime if keyword == "VOLUME"]
     assert [env["SSD_CHECKPOINT_DIR"]] in volumes
     commands = [json.loads(args) for keyword, args in runtime if keyword == "CMD"]
-    assert len(commands) == 1 and commands[0][:2] == ["sh", "-c"]
-    shell = commands[0][2]
-    assert shell.startswith("exec uvicorn app.main:app ") and '"${SSD_PORT}"' in shell
+    assert commands == [["python", "-m", "app"]]  # exec form: the server is PID 1 and gets SIGTERM
+    entry = (REPO / "app" / "__main__.py").read_text()
+    assert '"app.main:app"' in entry and "settings.port" in entry and "settings.host" in entry
 
 
 def test_docker_build_context_keeps_what_pip_needs_and_drops_the_rest():
@@ -197,6 +204,68 @@ def test_docker_build_context_keeps_what_pip_needs_and_drops_the_rest():
     assert readme in copied and "pyproject.toml" in copied
 
 
+@pytest.mark.integration
+def test_image_build_steps_give_an_install_that_serves_and_passes_its_healthcheck(tmp_path):
+    """The builder stage without an engine: copy exactly what it COPYs, `pip install` it (no editable
+    install, no repo on the path), start the runtime CMD with the runtime ENV, run the HEALTHCHECK
+    command itself, then SIGTERM (docker stop) must end the server with status 0."""
+    built = stages(dockerfile_instructions())
+    context = tmp_path / "context"
+    for keyword, args in built[0]:
+        if keyword == "COPY":
+            *sources, destination = args.split()
+            for source in sources:
+                target = context / destination / source if destination.endswith("/") else context / destination
+                if (REPO / source).is_dir():
+                    shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(REPO / source, target)
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(context)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+
+    runtime = built[-1]
+    port = free_port()
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("SSD_")},
+        **{key: value for key, value in env_of(runtime).items() if key.startswith("SSD_")},
+        "PYTHONPATH": str(site),
+        "SSD_PORT": str(port),
+        "SSD_MODEL": "ssd-small",  # the image's default ssd300 would only be slower to build here
+        "SSD_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "SSD_TORCH_THREADS": "1",
+    }
+    command = json.loads(next(args for keyword, args in runtime if keyword == "CMD"))
+    command[0] = sys.executable if command[0] == "python" else command[0]
+    where = subprocess.run([sys.executable, "-c", "import app; print(app.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert where.stdout.startswith(str(site)), f"app imported from {where.stdout!r}, not the install"
+
+    healthcheck = next(args for keyword, args in runtime if keyword == "HEALTHCHECK")
+    probe = shlex.split(healthcheck.split(" CMD ", 1)[1].split(" || ")[0])
+    probe[0] = sys.executable
+    log = tmp_path / "server.log"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode != 0:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "HEALTHCHECK never passed:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+
+
 # ---- compose ---------------------------------------------------------------------------------------------
 
 
@@ -217,6 +286,17 @@ def test_compose_checkpoints_on_a_named_volume(compose_file):
     checkpoint_dir = ssd["environment"]["SSD_CHECKPOINT_DIR"]
     volume = named_volumes(ssd).get(checkpoint_dir)
     assert volume is not None and volume in compose["volumes"]
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES)
+def test_compose_stop_grace_period_outlasts_the_service_shutdown_timeout(compose_file):
+    """docker stop must not SIGKILL the service before it has written its final checkpoint."""
+    from app.settings import Settings
+
+    ssd = load_yaml(compose_file)["services"]["ssd"]
+    grace_s = float(re.fullmatch(r"(\d+)s", ssd["stop_grace_period"]).group(1))
+    shutdown_s = float(ssd["environment"].get("SSD_SHUTDOWN_TIMEOUT_S", Settings().shutdown_timeout_s))
+    assert grace_s > shutdown_s
 
 
 def test_compose_cpu_variant_has_no_gpu_reservation_and_reuses_prometheus_and_grafana():
