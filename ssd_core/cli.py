@@ -210,7 +210,9 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         if loaded is not None:
             trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
     val_set = None
-    if args.eval_every and context.is_main:
+    if args.eval_every and context.distributed:  # torchmetrics would synchronise rank 0's metric alone
+        raise ValueError("--eval-every: not under torchrun; evaluate the checkpoints with `ssd eval`")
+    if args.eval_every:
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
     history = _History()
 

@@ -234,7 +234,9 @@ def test_init_distributed_rejects_a_broken_torchrun_environment(monkeypatch, env
         init_distributed("cpu")
 
 
-def _torchrun_train(directory: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+def _torchrun_train(
+    directory: Path, steps: int, *extra: str, expect_success: bool = True
+) -> subprocess.CompletedProcess:
     """`ssd train` (the real CLI) on a tiny synthetic set under torchrun with WORLD_SIZE gloo ranks."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
@@ -244,7 +246,7 @@ def _torchrun_train(directory: Path, steps: int, *extra: str) -> subprocess.Comp
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=directory.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not expect_success, done.stderr[-3000:]
     return done
 
 
@@ -269,3 +271,8 @@ def test_ssd_train_under_torchrun_writes_one_checkpoint_set_from_rank_0_and_resu
     assert done.stdout.count("trained 3 steps") == 1
     assert [(info.version, info.step) for info in CheckpointStore(directory).versions()] == [(1, 2), (2, 3)]
     assert json.loads((directory / "history.json").read_text())["steps"] == [3]
+
+    # in-training mAP would make torchmetrics synchronise rank 0's metric alone: refused on every rank
+    done = _torchrun_train(directory, 4, "--resume", "--eval-every", "1", expect_success=False)
+    assert done.returncode != 0 and done.stderr.count("--eval-every: not under torchrun") == WORLD_SIZE
+    assert [info.version for info in CheckpointStore(directory).versions()] == [1, 2]
