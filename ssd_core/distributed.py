@@ -64,7 +64,7 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the only process that logs, evaluates, plots and writes checkpoints."""
+        """Rank 0: the only process that logs, plots and writes checkpoints."""
         return self.rank == 0
 
     def all_true(self, flag: bool | Tensor) -> bool:
@@ -160,10 +160,10 @@ def distributed_sampler(
     )
 
 
-def _all_gather_padded(values: Tensor, length: int, lengths: list[int]) -> list[Tensor]:
-    """Every rank's 1-D `values` (this rank's has `length` entries; rank r's `lengths[r]`), in rank order."""
+def _all_gather_padded(values: Tensor, lengths: list[int]) -> list[Tensor]:
+    """Every rank's 1-D `values` (rank r's has `lengths[r]` entries), in rank order."""
     padded = values.new_zeros(max(lengths))
-    padded[:length] = values
+    padded[: len(values)] = values
     chunks = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(chunks, padded)
     return [chunk[:n] for chunk, n in zip(chunks, lengths, strict=True)]
@@ -187,7 +187,7 @@ def gather_match_stats(stats: MatchStats) -> MatchStats:
     dist.all_gather(all_sizes, sizes)
     shapes = [(int(b), int(k)) for b, k in torch.stack(all_sizes).tolist()]
     width = len(_PER_IMAGE_FIELDS)
-    chunks = _all_gather_padded(payload, len(payload), [b * width + k for b, k in shapes])
+    chunks = _all_gather_padded(payload, [b * width + k for b, k in shapes])
     rows = torch.cat(
         [chunk[: b * width].view(b, width) for chunk, (b, _) in zip(chunks, shapes, strict=True)]
     )
