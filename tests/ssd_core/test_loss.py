@@ -416,7 +416,7 @@ def test_bfloat16_inputs_are_computed_in_float32():
 @pytest.mark.parametrize("options", [{}, {"match_type": "bipartite", "encode_target": True}])
 def test_gradcheck_float64(options):
     generator = torch.Generator().manual_seed(15)
-    priors = small_priors()[:24].double()
+    priors = small_priors()[:40].double()
     targets = [t.double() for t in random_targets(2, 3, 3, generator, allow_empty=False)]
     loc, conf = random_predictions(2, len(priors), 3, generator, dtype=torch.float64)
     crit = MultiBoxLoss(3, 0.5, True, 0, True, 3, 0.5, options.pop("encode_target", False), **options)
