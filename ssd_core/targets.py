@@ -71,7 +71,8 @@ def _pad_list(rows: list[Tensor], device: torch.device | str | None, dtype: torc
     if len({r.shape[1] for r in rows}) > 1:
         rows = [_six_columns(r) for r in rows]
     counts = torch.tensor([len(r) for r in rows], dtype=torch.long)  # [B]
-    flat = _six_columns(torch.cat(rows).to(device=device, dtype=dtype)) if rows else torch.zeros(0, 6)
+    flat = torch.cat(rows) if rows else torch.zeros(0, TARGET_COLUMNS)
+    flat = _six_columns(flat.to(device=device, dtype=dtype))  # [N, 6], on `device` or where the rows are
     image = torch.repeat_interleave(torch.arange(len(rows)), counts)  # [N]
     slot = torch.arange(len(image)) - (counts.cumsum(0) - counts)[image]  # [N] row within its image
     negative = (flat[:, 4] < 0).nonzero()
@@ -79,7 +80,7 @@ def _pad_list(rows: list[Tensor], device: torch.device | str | None, dtype: torc
         i = int(negative[0])
         raise ValueError(f"targets[{int(image[i])}][{int(slot[i])}]: label {flat[i, 4].item()} is negative; "
                          "only padded [B, M, 5|6] targets have padding rows")
-    padded = torch.zeros((len(rows), int(counts.max()) if rows else 0, TARGET_COLUMNS), dtype=dtype, device=device)
+    padded = flat.new_zeros((len(rows), int(counts.max()) if rows else 0, TARGET_COLUMNS))
     padded[:, :, 4] = -1
     padded[image.to(padded.device), slot.to(padded.device)] = flat
     return padded
