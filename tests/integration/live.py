@@ -86,11 +86,16 @@ class LiveService:
     url: str  # http://127.0.0.1:<port>
     host_port: str  # 127.0.0.1:<port>, as a Prometheus target
     log: Path
+    process: subprocess.Popen  # for tests that signal or kill it
 
 
 @contextlib.contextmanager
-def run_service(workdir: Path, **env: str) -> Iterator[LiveService]:
-    """Start `uvicorn app.main:app` (small model, CPU, one thread) and stop it on exit."""
+def run_service(workdir: Path, *, module: bool = False, **env: str) -> Iterator[LiveService]:
+    """Start `uvicorn app.main:app` (small model, CPU, one thread) and stop it on exit.
+
+    `module=True` runs the production entry point `python -m app` instead (exit status 0 after SIGTERM).
+    Restarting with the same `workdir` resumes from its checkpoint directory; the log is appended to.
+    """
     port = free_port()
     log = workdir / "service.log"
     checkpoints = workdir / "checkpoints"
@@ -102,12 +107,14 @@ def run_service(workdir: Path, **env: str) -> Iterator[LiveService]:
         "SSD_DEVICE": "cpu",
         "SSD_CHECKPOINT_DIR": str(checkpoints),
         "SSD_PORT": str(port),
+        "SSD_HOST": "127.0.0.1",
         "SSD_TORCH_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         **env,
     }
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as log_file:
+    command = [sys.executable, "-m", "app"] if module else [
+        sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("ab") as log_file:
         process = subprocess.Popen(command, cwd=REPO, env=process_env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,7 +122,7 @@ def run_service(workdir: Path, **env: str) -> Iterator[LiveService]:
             lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
             START_TIMEOUT_S, process, log, "the service",
         )
-        yield LiveService(url=url, host_port=f"127.0.0.1:{port}", log=log)
+        yield LiveService(url=url, host_port=f"127.0.0.1:{port}", log=log, process=process)
     finally:
         _stop(process)
 
@@ -136,15 +143,23 @@ class LivePrometheus:
         return body["data"]["result"]
 
     def wait_for_scrape_after(self, since: float, timeout_s: float = 30.0) -> None:
-        """Wait until a scrape has completed that started after unix time `since`."""
+        """Wait until the samples of a scrape that started after unix time `since` are queryable.
+
+        A target's lastScrape is set before that scrape's samples are committed, so wait for the
+        scrape after it (the scrape loop is sequential: it starts after the previous commit).
+        """
+        first = self._scrape_started_after(since, timeout_s)
+        self._scrape_started_after(first, timeout_s)
+
+    def _scrape_started_after(self, since: float, timeout_s: float) -> float:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             targets = httpx.get(f"{self.url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
             for target in targets:
-                last = target.get("lastScrape", "")
-                if target["health"] == "up" and last and _rfc3339_to_unix(last) > since:
-                    return
-            time.sleep(0.5)
+                last = _rfc3339_to_unix(target["lastScrape"]) if target.get("lastScrape") else 0.0
+                if target["health"] == "up" and last > since:
+                    return last
+            time.sleep(0.25)
         pytest.fail(f"Prometheus did not complete a scrape within {timeout_s} s:\n{_log_tail(self.log)}")
 
 
