@@ -98,10 +98,10 @@ def predictions_batch(request: ScoreLossRequest, model_priors: Tensor, settings:
             raise invalid(f"predictions.loc[{b}]", f"has {len(rows)} priors, predictions.loc[0] has {len(loc[0])}")
     targets = []
     for b, boxes in enumerate(request.targets):
+        for i, t in enumerate(boxes):  # before the tensor: an int past float range must be a 422, not a 500
+            check_label(t.label, settings.num_classes, f"targets[{b}][{i}].label")
         rows = [[*t.box, t.label, float(t.difficult)] for t in boxes]
         targets.append(torch.tensor(rows, dtype=torch.float32).reshape(-1, 6))  # [n_b, 6]
-        for i, t in enumerate(boxes):
-            check_label(t.label, settings.num_classes, f"targets[{b}][{i}].label")
     priors = None if request.priors is None else _tensor(request.priors, "priors", "[P][4]")
     padded = _pad(targets)
     return check_batch(
@@ -232,7 +232,7 @@ def _safetensors_header(body: bytes) -> dict:
         raise bad(f"header length {length} exceeds the {len(body) - 8} bytes that follow")
     try:
         header = json.loads(body[8 : 8 + length])
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than Python's stack
         raise bad(f"header is not JSON ({error})") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
@@ -250,7 +250,7 @@ def _metadata_options(metadata: dict) -> LossOptions:
     for key, text in metadata.items():
         try:
             options[key] = json.loads(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             options[key] = text
     return validate_as(_OPTIONS, options, "__metadata__")
 
@@ -317,7 +317,7 @@ async def multipart_images(form: FormData, settings: Settings, annotated: bool) 
             raise invalid("annotations", "missing JSON field: one {boxes, labels} object per image")
         try:
             value = json.loads(raw)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than Python's stack
             raise ApiError(400, "invalid_json", f"annotations is not valid JSON: {error}", "annotations") from None
         notes = validate_as(_ANNOTATIONS, value, "annotations")
         if len(notes) != len(files):
