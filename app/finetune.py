@@ -4,7 +4,9 @@ The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and p
 model version after every completed optimizer step, so `/detect` sees progress within a job and a
 cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
 nothing. A checkpoint is written after every job that changed the weights, on demand
-(`POST /model/checkpoint`), after a rollback and on shutdown.
+(`POST /model/checkpoint`), after a rollback and on shutdown. On a graceful shutdown the job
+registry is written to `jobs.json` beside the checkpoints, so after a restart `GET /finetune/{id}`
+still answers (a job the shutdown interrupted reads `cancelled`; one a crash interrupted is unknown).
 
 Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
 trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
@@ -14,7 +16,9 @@ version" well defined.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -37,6 +41,8 @@ from ssd_core.models import SSD
 from ssd_core.training import StepResult, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
+
+JOURNAL = "jobs.json"  # in the checkpoint directory
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -64,6 +70,17 @@ class Job:
     finished_at: float | None = None
     num_images: int = 0
     finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
+
+    @classmethod
+    def from_view(cls, view: JobView) -> Job:
+        """A finished job restored from the journal (no images)."""
+        job = cls(None, view.steps_total, view.learning_rate, view.augment, job_id=view.job_id, state=view.status,
+                  steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
+                  model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
+                  created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
+                  num_images=view.num_images)
+        job.finished.set_result(None)
+        return job
 
     def view(self) -> JobView:
         return JobView(
@@ -130,6 +147,43 @@ class FinetuneWorker:
             logger.error("trainer still busy after %.0f s; exiting without a final checkpoint", timeout)
             return
         self.save_if_unsaved()
+        self._write_journal()
+
+    # ---- the job journal: job states survive a graceful restart
+
+    def _journal_path(self):
+        return None if self.store is None else self.store.directory / JOURNAL
+
+    def _write_journal(self) -> None:
+        """Write every known job's final view next to the checkpoints (atomically; failures logged)."""
+        path = self._journal_path()
+        if path is None:
+            return
+        with self._jobs_lock:
+            views = [job.view().model_dump(mode="json") for job in self._jobs.values()]
+        temp = path.with_name(f".{path.name}.tmp")
+        try:
+            temp.write_text(json.dumps(views))
+            os.replace(temp, path)
+        except OSError:
+            logger.exception("cannot write the job journal %s", path)
+
+    def load_journal(self) -> None:
+        """Restore the jobs of the previous run; one that had not finished is reported as failed."""
+        path = self._journal_path()
+        if path is None or not path.exists():
+            return
+        try:
+            views = [JobView.model_validate(v) for v in json.loads(path.read_text())]
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring unreadable job journal %s: %s", path, error)
+            return
+        with self._jobs_lock:
+            for view in views[-self.settings.job_history :]:
+                if not view.status.finished:
+                    view = view.model_copy(update={"status": JobState.failed,
+                                                   "error": "the server stopped before the job finished"})
+                self._jobs[view.job_id] = Job.from_view(view)
 
     # ---- jobs
 
@@ -324,5 +378,6 @@ def start_worker(
         saved_version = int(checkpoint.meta["version"])
     worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version)
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
+    worker.load_journal()
     worker.start()
     return worker

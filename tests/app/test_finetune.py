@@ -202,3 +202,19 @@ def test_the_right_token_is_accepted(secured, shapes):
     assert secured.post("/model/checkpoint", headers=auth).status_code == 200
     assert secured.get(f"/finetune/{job.json()['job_id']}").status_code == 200  # reading needs no token
     assert secured.post("/score-loss", json={"images": labelled(shapes, (0,))}).status_code == 200
+
+
+def test_jobs_survive_a_restart_and_unfinished_ones_read_failed(tmp_path, shapes):
+    settings = make_settings(tmp_path)
+    with start_client(settings) as client:
+        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1}).json()
+    journal = settings.checkpoint_dir / "jobs.json"
+    views = json.loads(journal.read_text())
+    assert [v["job_id"] for v in views] == [done["job_id"]]
+    views.append({**views[0], "job_id": "crashed", "status": "running", "finished_at": None})
+    journal.write_text(json.dumps(views))
+    with start_client(settings) as client:
+        assert client.get(f"/finetune/{done['job_id']}").json() == done
+        crashed = client.get("/finetune/crashed").json()
+        assert crashed["status"] == "failed" and "stopped" in crashed["error"]
+        assert_error(client.delete("/finetune/crashed"), 409, "job_id", "job_finished")

@@ -103,5 +103,9 @@ def test_live_server_trains_detects_exports_metrics_and_stops_on_sigterm(tmp_pat
         version = httpx.get(f"{url}/model").json()["version"]
         assert 4 <= version < 2 + 150  # resumed from the checkpoint written at shutdown
         assert httpx.get(f"{url}/model/versions").json()["versions"][-1]["version"] == version
+        interrupted = httpx.get(f"{url}/finetune/{long_job['job_id']}").json()  # from the job journal
+        assert interrupted["status"] == "cancelled" and interrupted["error"] == "server shutting down"
+        assert interrupted["model_version"] == version
+        assert httpx.get(f"{url}/finetune/{job['job_id']}").json()["status"] == "succeeded"
     finally:
         stop(process, log)
