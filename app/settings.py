@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     role: Literal["all", "trainer", "server"] = Field(
         "all", description="trainer: runs fine-tuning; server: inference only; all: both"
     )
+    reload_interval: float = Field(
+        5.0, gt=0, description="seconds between a server replica's polls of the checkpoint directory"
+    )
+    workers: int = Field(1, ge=1, description="uvicorn worker processes of `python -m app`; > 1 only for role server")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's")
 
     # HTTP
@@ -71,6 +75,17 @@ class Settings(BaseSettings):
                 f"class_names has {len(self.class_names)} names but num_classes={self.num_classes} "
                 f"needs {self.num_classes - 1} (background excluded)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_trainer_process(self) -> Settings:
+        if self.workers > 1 and self.role != "server":
+            raise ValueError(
+                f"workers={self.workers} needs role=server (got role={self.role!r}): every worker process would "
+                "run its own trainer on the same checkpoint directory"
+            )
+        if self.role == "server" and self.checkpoint_dir is None:
+            raise ValueError("role=server needs checkpoint_dir: the trainer's shared checkpoint directory to follow")
         return self
 
     def class_name(self, label: int) -> str:
