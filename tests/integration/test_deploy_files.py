@@ -319,10 +319,22 @@ def test_prometheus_scrapes_the_compose_service_on_its_container_port():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [target for group in jobs["ssd"]["static_configs"] for target in group["targets"]]
     assert jobs["ssd"].get("metrics_path", "/metrics") == "/metrics"
-    assert len(targets) == 1
-    host, port = targets[0].split(":")
-    assert host in compose["services"]
-    assert int(port) in container_ports(compose["services"][host])
+    assert targets == ["ssd:8000"]
+    for target in targets:
+        host, port = target.split(":")
+        assert host in compose["services"]
+        assert int(port) in container_ports(compose["services"][host])
+
+
+@pytest.mark.integration
+def test_promtool_accepts_the_prometheus_config():
+    promtool = require_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "config", "deploy/prometheus/prometheus.yml"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
 
 
 def test_grafana_provisioning_is_mounted_and_points_at_prometheus():
