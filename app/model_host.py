@@ -91,17 +91,22 @@ class ModelHost:
         """The version to serve now; keep the returned object for the whole request."""
         return self._current
 
-    def publish(self, model: SSD, step: int, restored_from: int | None = None) -> ModelVersion:
+    def publish(
+        self, model: SSD, step: int, restored_from: int | None = None, version: int | None = None
+    ) -> ModelVersion:
         """Freeze a copy of `model` as the next version and make it current.
 
         Args:
             model: the trainer's network; copied, so the trainer may keep changing it afterwards.
             step: completed training steps behind these weights.
             restored_from: set by a rollback.
+            version: the number to publish under, default the next one; a server replica passes the
+                number of the trainer's checkpoint it loaded (app.replica).
         """
         snapshot = frozen_copy(model, self.device)  # outside the lock: copying is the slow part
         with self._lock:
-            published = ModelVersion(snapshot, self._current.version + 1, step, time.time(), restored_from)
+            number = self._current.version + 1 if version is None else version
+            published = ModelVersion(snapshot, number, step, time.time(), restored_from)
             self._current = published
         self.metrics.model_version.set(published.version)
         logger.info("published model version %d (step %d)", published.version, step)
@@ -129,7 +134,7 @@ def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SS
     model = build_model(settings.model, settings.num_classes)
     checkpoint = store.load_latest() if store is not None else None
     if checkpoint is not None:
-        _check_compatible(checkpoint.meta, settings)
+        check_compatible(checkpoint.meta, settings)
         model.load_state_dict(checkpoint.state_dict)
         logger.info("resuming from checkpoint version %s", checkpoint.meta["version"])
     elif settings.weights is not None:
@@ -138,7 +143,7 @@ def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SS
     return model, checkpoint
 
 
-def _check_compatible(meta: dict, settings: Settings) -> None:
+def check_compatible(meta: dict, settings: Settings) -> None:
     """Refuse a checkpoint written for another architecture or class count."""
     for key in ("model", "num_classes"):
         if key in meta and meta[key] != getattr(settings, key):
