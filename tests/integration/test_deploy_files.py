@@ -319,7 +319,7 @@ def test_prometheus_scrapes_the_compose_service_on_its_container_port():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [target for group in jobs["ssd"]["static_configs"] for target in group["targets"]]
     assert jobs["ssd"].get("metrics_path", "/metrics") == "/metrics"
-    assert targets == ["ssd:8000"]
+    assert targets, "the ssd job scrapes nothing"
     for target in targets:
         host, port = target.split(":")
         assert host in compose["services"]
