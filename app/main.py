@@ -50,7 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     host = await run_in_threadpool(ModelHost, settings, metrics, model, int(meta["version"]), int(meta.get("step", 0)))
     app.state.host = host
     if settings.role != "server":  # the trainer takes over `model`; the host serves its own copy
-        app.state.worker = start_worker(host, model, store, checkpoint, settings, metrics)
+        app.state.worker = await run_in_threadpool(start_worker, host, model, store, checkpoint, settings, metrics)
     try:
         yield
     finally:
