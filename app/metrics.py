@@ -2,16 +2,29 @@
 
 Names and labels are the contract with `deploy/` (docs/ARCHITECTURE.md, "Prometheus metric names").
 Buckets are chosen per quantity rather than the default latency buckets.
+
+With several worker processes (`SSD_WORKERS` > 1) prometheus_client's multiprocess mode is used: the
+environment variable PROMETHEUS_MULTIPROC_DIR, set before the workers start, makes every metric write
+its values to files there, and `exposition` merges the files of all workers. Each gauge names how its
+per-process values merge (`multiprocess_mode`); Info metrics are not merged by prometheus_client and
+are taken from the answering process (they are the same in every worker). docs/SCALING.md lists the limits.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 Source = Literal["score", "finetune"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # log-spaced
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
@@ -71,9 +84,20 @@ class Metrics:
             "ssd_finetune_skipped_steps", "Steps skipped for a non-finite loss or gradients.", registry=registry
         )
         self.finetune_jobs = Counter("ssd_finetune_jobs", "Finished fine-tune jobs.", ("state",), registry=registry)
-        self.finetune_queue_depth = Gauge("ssd_finetune_queue_depth", "Queued fine-tune jobs.", registry=registry)
-        self.learning_rate = Gauge("ssd_learning_rate", "Learning rate of the last step.", registry=registry)
-        self.model_version = Gauge("ssd_model_version", "Published model version.", registry=registry)
+        # multiprocess_mode: how the gauge's per-process values merge (ignored with one process)
+        self.finetune_queue_depth = Gauge(
+            "ssd_finetune_queue_depth", "Queued fine-tune jobs.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.learning_rate = Gauge(
+            "ssd_learning_rate", "Learning rate of the last step.", registry=registry, multiprocess_mode="mostrecent"
+        )
+        self.model_version = Gauge(  # versions only grow: the newest any worker serves
+            "ssd_model_version", "Published model version.", registry=registry, multiprocess_mode="max"
+        )
+        self.model_reloads = Counter(
+            "ssd_model_reloads", "Checkpoint loads by a server replica following the shared directory.", ("outcome",),
+            registry=registry,
+        )
         self.checkpoints = Counter("ssd_checkpoints", "Checkpoint writes.", ("outcome",), registry=registry)
         http = ("route", "method")
         self.http_requests = Counter(
@@ -84,7 +108,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.http_requests_in_progress = Gauge(
-            "ssd_http_requests_in_progress", "HTTP requests in flight.", http, registry=registry
+            "ssd_http_requests_in_progress", "HTTP requests in flight.", http, registry=registry,
+            multiprocess_mode="livesum",
         )
         self.images_processed = Counter(
             "ssd_images_processed", "Images decoded and run through the model.", ("route",), registry=registry
@@ -96,6 +121,53 @@ class Metrics:
             self.finetune_jobs.labels(state=state)
         for outcome in ("saved", "failed"):
             self.checkpoints.labels(outcome=outcome)
+        for outcome in ("loaded", "failed"):
+            self.model_reloads.labels(outcome=outcome)
+
+
+class _InfoOnly:
+    """A collector exposing only the Info metrics of a registry (multiprocess mode cannot merge them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self.registry.collect() if family.type == "info")
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The Prometheus text format of `metrics`: its registry, or in multiprocess mode (PROMETHEUS_MULTIPROC_DIR
+    set) the values of every worker process merged from that directory plus this process's Info metrics."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return generate_latest(metrics.registry)
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, directory)
+    merged.register(_InfoOnly(metrics.registry))
+    return generate_latest(merged)
+
+
+def prepare_multiprocess_dir(workers: int) -> Path | None:
+    """Empty PROMETHEUS_MULTIPROC_DIR; call in the parent before any worker starts (values an earlier run
+    left there would otherwise be added to this run's).
+
+    Returns:
+        the directory, or None when the variable is unset (single-process mode).
+
+    Raises:
+        ValueError: `workers` > 1 without the variable: each worker would count only its own requests.
+    """
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        if workers > 1:
+            raise ValueError(f"SSD_WORKERS={workers} needs {MULTIPROC_ENV} (an empty directory per container) "
+                             "so that /metrics counts the requests of every worker")
+        return None
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return path
 
 
 def record_match_stats(metrics: Metrics, source: Source, output: _LossOutput) -> None:
