@@ -6,6 +6,8 @@ when the goal (mAP@0.5 >= 0.6 within 10 minutes of CPU training) was reached:
 
     .venv/bin/python benchmarks/bench_train.py --minutes 10 --out benchmarks/results/train
 
+By default one core trains (1 torch thread) while one data-loader process renders fresh images.
+
 `--throughput-only` measures training images/s on random data only, e.g. on a GPU:
 
     python benchmarks/bench_train.py --device cuda --model ssd300 --batch-size 32 --amp --throughput-only
@@ -44,7 +46,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-images", type=int, default=200, help="held-out synthetic images")
     parser.add_argument("--train-images", type=int, default=100_000, help="synthetic training set size")
     parser.add_argument("--workers", type=int, default=1, help="data loader processes")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train"))
     parser.add_argument("--throughput-only", action="store_true", help="random data, images/s only")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")

@@ -240,6 +240,18 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     progress = tqdm(
         total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet or not context.is_main
     )
+
+    def run_eval() -> None:
+        nonlocal eval_seconds
+        eval_start = time.perf_counter()
+        scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
+        eval_seconds += time.perf_counter() - eval_start
+        history.eval_steps.append(trainer.steps)
+        history.map_50.append(scores["map_50"])
+        history.map.append(scores["map"])
+        history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
+        log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+
     while trainer.steps < args.steps:
         if args.time_limit and context.from_main(
             time.perf_counter() - start - eval_seconds > args.time_limit
@@ -259,18 +271,13 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         history.lr.append(result.lr)
         progress.update(1)
         progress.set_postfix(loss=f"{running:.3f}", lr=f"{result.lr:.2g}")
-        if val_set is not None and (trainer.steps % args.eval_every == 0 or trainer.steps == args.steps):
-            eval_start = time.perf_counter()
-            scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
-            eval_seconds += time.perf_counter() - eval_start
-            history.eval_steps.append(trainer.steps)
-            history.map_50.append(scores["map_50"])
-            history.map.append(scores["map"])
-            history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
-            log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+        if val_set is not None and trainer.steps % args.eval_every == 0:
+            run_eval()
         if args.save_every and trainer.steps % args.save_every == 0:
             save()
     progress.close()
+    if val_set is not None and history.steps and history.eval_steps[-1:] != [trainer.steps]:
+        run_eval()  # the run ended between evaluation points
     history.skipped_steps = trainer.skipped_steps
     history.train_seconds = time.perf_counter() - start - eval_seconds
     history.images_per_second = (
