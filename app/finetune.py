@@ -371,7 +371,7 @@ def start_worker(
     """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
     from `checkpoint`, and start the trainer thread."""
     criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
-    trainer = Trainer(model, criterion, TrainConfig(lr=settings.learning_rate), host.device)
+    trainer = Trainer(model, criterion, TrainConfig(lr=settings.learning_rate, verify_update=True), host.device)
     saved_version = None
     if checkpoint is not None:
         trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)))

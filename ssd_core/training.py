@@ -3,11 +3,17 @@
 A step whose loss or gradient norm is not finite changes nothing: the optimizer does not step
 (weights and momentum buffers stay bitwise as they were) and the BatchNorm running statistics the
 forward pass updated are put back. Such steps are counted in `Trainer.skipped_steps`.
+
+A finite gradient can still wreck the weights (an extreme learning rate turns them into values whose
+predictions overflow). With `TrainConfig.verify_update` the updated model scores the batch once more
+(eval mode, no gradients) and a non-finite loss undoes the update the same way; the service, which
+publishes every step to clients, turns this on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +36,9 @@ class TrainConfig:
             warmup_steps - 1); 0 disables the warm-up.
         clip_grad_norm: clip the global gradient L2 norm to this value; None disables clipping.
         amp: bfloat16 autocast for the forward pass on CUDA (ignored on other devices).
+        verify_update: score the batch again after the update and skip the step (weights, buffers
+            and optimizer state restored) when that loss is not finite; costs a copy of the weights
+            and optimizer state and one forward pass per step.
     """
 
     lr: float = 1e-3
@@ -38,6 +47,7 @@ class TrainConfig:
     warmup_steps: int = 0
     clip_grad_norm: float | None = None
     amp: bool = False
+    verify_update: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -148,10 +158,15 @@ class Trainer:
                 )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            before = self._snapshot() if self.config.verify_update else None
             self.optimizer.step()
-            self.steps += 1
             self.optimizer.zero_grad(set_to_none=True)
-        else:
+            if before is not None and not self._scores_finite(images, targets):
+                self._restore(*before)
+                finite = False
+            else:
+                self.steps += 1
+        if not finite:
             self._undo_forward(buffers)
             self.skipped_steps += 1
         return StepResult(
@@ -167,6 +182,29 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         return output, grad_norm
+
+    def _snapshot(self) -> tuple[list[Tensor], dict[str, Any]]:
+        """Copies of the parameters and the optimizer state, for `_restore`."""
+        parameters = [p.detach().clone() for p in self.model.parameters()]
+        return parameters, copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore(self, parameters: list[Tensor], optimizer_state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for parameter, saved in zip(self.model.parameters(), parameters, strict=True):
+                parameter.copy_(saved)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    @torch.no_grad()
+    def _scores_finite(self, images: Tensor, targets: Tensor | list[Tensor]) -> bool:
+        """Whether the (updated) model's loss on the batch is finite; eval mode leaves BatchNorm alone."""
+        self.model.eval()
+        try:
+            with self._autocast():
+                loc, conf, priors = self.model(images.to(self.device))  # [B, P, 4], [B, P, C], [P, 4]
+            output = self.criterion.compute((loc.float(), conf.float(), priors), _to_device(targets, self.device))
+        finally:
+            self.model.train()
+        return bool(torch.isfinite(output.loss_l + output.loss_c))
 
     def _undo_forward(self, buffers: list[Tensor]) -> None:
         """Drop the gradients and put back the buffers (BatchNorm statistics) saved before the forward."""
