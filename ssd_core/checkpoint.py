@@ -94,6 +94,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or all of the new one."""
     fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from readers running as other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

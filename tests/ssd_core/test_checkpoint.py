@@ -67,6 +67,7 @@ def test_round_trip_weights_meta_and_optimizer(tmp_path):
         "ckpt-00000007.optim.safetensors",
         "ckpt-00000007.json",
     }
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir())
     sidecar = json.loads((tmp_path / "ckpt-00000007.json").read_text())
     assert sidecar["files"]["weights"]["size"] == os.path.getsize(tmp_path / "ckpt-00000007.safetensors")
     assert sidecar["meta"] == meta
