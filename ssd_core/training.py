@@ -201,7 +201,9 @@ class Trainer:
         try:
             with self._autocast():
                 loc, conf, priors = self.model(images.to(self.device))  # [B, P, 4], [B, P, C], [P, 4]
-            output = self.criterion.compute((loc.float(), conf.float(), priors), _to_device(targets, self.device))
+            output = self.criterion.compute(
+                (loc.float(), conf.float(), priors), _to_device(targets, self.device)
+            )
         finally:
             self.model.train()
         return bool(torch.isfinite(output.loss_l + output.loss_c))
