@@ -23,6 +23,7 @@ from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.model_host import ModelHost, initial_model
 from app.openapi import install_openapi
+from app.replica import CheckpointReader, start_watcher
 from app.routes import detect, finetune, health, model, score_loss
 from app.settings import Settings, load_settings
 from ssd_core.checkpoint import CheckpointStore
@@ -43,7 +44,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     metrics: Metrics = app.state.metrics
-    store = CheckpointStore(settings.checkpoint_dir, settings.checkpoint_keep) if settings.checkpoint_dir else None
+    # a server only reads the trainer's directory (and must not remove its temp files: writes in flight)
+    store_type = CheckpointReader if settings.role == "server" else CheckpointStore
+    store = store_type(settings.checkpoint_dir, settings.checkpoint_keep) if settings.checkpoint_dir else None
     app.state.store = store
     model, checkpoint = await run_in_threadpool(initial_model, settings, store)
     meta = checkpoint.meta if checkpoint is not None else {"version": 0, "step": 0}
@@ -51,9 +54,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.host = host
     if settings.role != "server":  # the trainer takes over `model`; the host serves its own copy
         app.state.worker = await run_in_threadpool(start_worker, host, model, store, checkpoint, settings, metrics)
+    else:  # follows the trainer's checkpoints (settings guarantee a checkpoint directory)
+        app.state.watcher = start_watcher(host, store, settings, metrics, synced=checkpoint is not None)
     try:
         yield
     finally:
+        watcher = getattr(app.state, "watcher", None)
+        if watcher is not None:
+            await run_in_threadpool(watcher.stop, settings.shutdown_timeout_s)
         worker = getattr(app.state, "worker", None)
         if worker is not None:
             await run_in_threadpool(worker.stop, settings.shutdown_timeout_s)

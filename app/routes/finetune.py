@@ -21,9 +21,11 @@ from app.inputs import (
     validate_as,
 )
 from app.openapi import AUTH_RESPONSES, ERROR_RESPONSES, request_body
+from app.replica import ROLE_RESPONSES, TrainerRole
 from app.schemas import FinetuneOptions, FinetuneRequest, JobView
 
-router = APIRouter(prefix="/finetune", tags=["finetune"])
+# jobs live on the trainer: a server replica answers 409 wrong_role to every route here
+router = APIRouter(prefix="/finetune", tags=["finetune"], dependencies=[TrainerRole], responses=ROLE_RESPONSES)
 
 MULTIPART_SCHEMA = {
     "type": "object",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import MetricsDep, SettingsDep
 from app.errors import ApiError
+from app.metrics import exposition
 from app.openapi import ERROR_RESPONSES
 from app.schemas import Health
 
@@ -19,7 +20,8 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: ERROR_RESPONSES[503]},
-            summary="The model is loaded and (unless SSD_ROLE=server) the trainer thread is alive")
+            summary="The model is loaded, and the trainer thread alive (SSD_ROLE all/trainer) or the trainer's "
+                    "checkpoint loaded (SSD_ROLE=server)")
 async def readyz(request: Request, settings: SettingsDep) -> Health:
     state = request.app.state
     if getattr(state, "host", None) is None:
@@ -27,10 +29,13 @@ async def readyz(request: Request, settings: SettingsDep) -> Health:
     worker = getattr(state, "worker", None)
     if settings.role != "server" and (worker is None or not worker.alive):
         raise ApiError(503, "not_ready", "the trainer thread is not running")
+    watcher = getattr(state, "watcher", None)
+    if watcher is not None and not watcher.synced:  # serving a local initialisation, not a published version
+        raise ApiError(503, "not_ready", f"waiting for the trainer's first checkpoint in {settings.checkpoint_dir}")
     return Health(status="ready", detail=f"model version {state.host.current.version}")
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(metrics), media_type=CONTENT_TYPE_LATEST)

@@ -9,12 +9,13 @@ from app.deps import Authorized, HostDep, SettingsDep, StoreDep, WorkerDep
 from app.errors import ApiError, ErrorResponse
 from app.model_host import ModelHost
 from app.openapi import AUTH_RESPONSES
+from app.replica import TrainerRole
 from app.schemas import CheckpointResponse, ModelInfo, RollbackRequest, VersionInfo, VersionsResponse
 from app.settings import Settings
 
 router = APIRouter(prefix="/model", tags=["model"])
 
-_CONFLICT = {409: {"model": ErrorResponse, "description": "Trainer busy or no checkpoint directory"}}
+_CONFLICT = {409: {"model": ErrorResponse, "description": "Trainer busy, no checkpoint directory, or a server replica"}}
 
 
 def model_info(host: ModelHost, settings: Settings) -> ModelInfo:
@@ -50,7 +51,7 @@ async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
 @router.post(
     "/checkpoint",
     response_model=CheckpointResponse,
-    dependencies=[Authorized],
+    dependencies=[TrainerRole, Authorized],
     responses={**AUTH_RESPONSES, **_CONFLICT, 503: {"model": ErrorResponse, "description": "The write failed"}},
     summary="Save the current version now",
 )
@@ -65,7 +66,7 @@ async def save_checkpoint(worker: WorkerDep) -> CheckpointResponse:
 @router.post(
     "/rollback",
     response_model=ModelInfo,
-    dependencies=[Authorized],
+    dependencies=[TrainerRole, Authorized],
     responses={**AUTH_RESPONSES, **_CONFLICT, 404: {"model": ErrorResponse, "description": "No such saved version"}},
     summary="Serve a saved version's weights again, as a new version number",
 )
