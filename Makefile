@@ -35,7 +35,8 @@ test-integration: $(STAMP) tools
 	timeout $(INTEGRATION_TIMEOUT_S) $(PY) -m pytest tests/integration -m integration -n 2 --dist loadgroup --timeout 600
 
 serve: $(STAMP)
-	$(PY) -m uvicorn app.main:app --host $(SSD_HOST) --port $(SSD_PORT)
+	# python -m app: uvicorn with a graceful SIGTERM that exits 0 after the final checkpoint
+	SSD_HOST=$(SSD_HOST) SSD_PORT=$(SSD_PORT) $(PY) -m app
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
