@@ -4,11 +4,16 @@ On SIGTERM (or SIGINT) uvicorn shuts down gracefully (the lifespan stops the tra
 the final checkpoint) and then re-raises the signal against the handler installed before it
 started; the handler below turns that into a clean exit with status 0, which is what process
 supervisors and the reliability tests expect from an orderly shutdown.
+
+uvicorn waits for open requests before it runs the lifespan's shutdown, and a `POST /finetune?wait=true`
+stays open until its job ends: so the fine-tune worker is told to stop (queued jobs cancelled, the
+running one after its current step) as soon as shutdown begins, not after that wait times out.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -20,11 +25,24 @@ def _exit_cleanly(signum: int, _frame: object) -> None:
     sys.exit(0)
 
 
+class _Server(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from app.main import app  # the object uvicorn imported from "app.main:app"
+
+        worker = getattr(app.state, "worker", None)
+        if worker is not None:
+            worker.begin_stop()
+        await super().shutdown(sockets)
+
+
 def main() -> None:
     settings = load_settings()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    config = uvicorn.Config(
+        "app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_timeout_s
+    )
+    _Server(config).run()
 
 
 if __name__ == "__main__":

@@ -132,8 +132,12 @@ class FinetuneWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    def stop(self, timeout: float) -> None:
-        """Cancel queued jobs, let the running step finish, then checkpoint the current version."""
+    def begin_stop(self) -> None:
+        """Refuse new jobs, cancel queued ones and ask the running one to stop after its current step.
+
+        Returns at once; `python -m app` calls it when shutdown begins, so requests waiting on a job
+        (`?wait=true`) get their answer before the server stops waiting for open connections.
+        """
         with self._jobs_lock:
             self._stopping = True
             while self._queue:
@@ -141,6 +145,10 @@ class FinetuneWorker:
             if self._running is not None:
                 self._running.cancel_requested = True
             self._jobs_lock.notify_all()
+
+    def stop(self, timeout: float) -> None:
+        """`begin_stop`, let the running step finish, then checkpoint the current version."""
+        self.begin_stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._thread.is_alive():

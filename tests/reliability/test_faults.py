@@ -9,7 +9,6 @@ each with its own checkpoint directory, and always stop what they start.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import random
 import shutil
@@ -17,8 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -94,3 +91,141 @@ def test_extreme_learning_rate_is_skipped_and_the_served_model_is_untouched(tmp_
         assert checkpoint_digests(tmp_path / "checkpoints") == checkpoints  # nothing new to save
         after = client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
         assert after["status"] == "succeeded" and after["model_version"] == 2  # the model still trains
+
+
+# ---- SIGTERM during a running job
+
+
+@pytest.mark.xdist_group("reliability-faults")
+def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restart(tmp_path):
+    """A running job (and a queued one whose client waits with ?wait=true) at SIGTERM: the waiting client
+    gets its answer, the process saves the last published version and exits 0 within the bound; after a
+    restart the version is the saved one and both jobs read `cancelled`."""
+    items = labelled_images(2, seed=1, image_size=64)
+    waited: dict[str, httpx.Response] = {}
+    with run_service(tmp_path, module=True, SSD_SHUTDOWN_TIMEOUT_S="30") as service:
+        http = httpx.Client(base_url=service.url, timeout=60)
+        running = http.post("/finetune", json={"images": items, "steps": 1000, "learning_rate": 1e-4}).json()
+
+        def wait_for_queued_job() -> None:
+            with contextlib.suppress(httpx.TransportError):
+                waited["queued"] = httpx.post(f"{service.url}/finetune?wait=true", json={"images": items, "steps": 1},
+                                              timeout=60)
+
+        waiter = threading.Thread(target=wait_for_queued_job)
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while http.get(f"/finetune/{running['job_id']}").json()["steps_done"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scrape(service.url).value("ssd_finetune_queue_depth") == 1  # the waiter's job is queued
+
+        start = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        code = service.process.wait(timeout=60)
+        elapsed = time.monotonic() - start
+        waiter.join(timeout=10)
+    assert code == 0 and elapsed < SIGTERM_EXIT_BOUND_S, (code, elapsed)
+    assert waited["queued"].status_code == 200, waited
+    queued = waited["queued"].json()
+    assert queued["status"] == "cancelled" and queued["steps_done"] == 0, queued
+    saved = complete_checkpoints(tmp_path / "checkpoints")[-1]
+
+    with run_service(tmp_path, module=True) as service:
+        http = httpx.Client(base_url=service.url, timeout=30)
+        assert http.get("/model").json()["version"] == saved
+        job = http.get(f"/finetune/{running['job_id']}").json()
+        assert job["status"] in {"cancelled", "failed"} and job["error"], job
+        assert 2 <= job["steps_done"] < 1000 and job["model_version"] == saved  # its last step is the one saved
+        assert http.get(f"/finetune/{queued['job_id']}").json()["status"] == "cancelled"
+
+
+# ---- kill -9 while checkpoints are being written
+
+KILL_ROUNDS = 4
+
+
+def _traffic(url: str, items: list[dict], stop: threading.Event, acknowledged: dict[str, int]) -> None:
+    """One-step jobs back to back (each ends with a checkpoint write) and explicit checkpoint requests,
+    until `stop` or the server dies; records the version of every job the server said succeeded."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        while not stop.is_set():
+            try:
+                job = http.post("/finetune?wait=true", json={"images": items, "steps": 1, "learning_rate": 1e-4})
+                if job.status_code == 200 and job.json()["status"] == "succeeded":
+                    acknowledged[job.json()["job_id"]] = job.json()["model_version"]
+                http.post("/model/checkpoint")
+            except httpx.TransportError:
+                return
+
+
+def _kill_during_write(process: subprocess.Popen, checkpoints: Path, targeted: bool, rng: random.Random) -> None:
+    """SIGKILL as soon as a checkpoint temp file appears (targeted) or at a random moment."""
+    start = time.monotonic()
+    fire_at = start + (30.0 if targeted else rng.uniform(0.5, 4.0))
+    while time.monotonic() < fire_at:
+        if targeted and any(name.startswith(".tmp-ckpt-") for name in os.listdir(checkpoints)):
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def _torn_copy(checkpoints: Path, version: int) -> int:
+    """Plant version+1 whose sidecar is complete but whose weights file lost its tail (a torn write
+    the sidecar did not see): a loader must refuse it and fall back."""
+    torn = version + 1
+    for suffix in (".safetensors", ".optim.safetensors", ".json"):
+        source = checkpoints / f"ckpt-{version:08d}{suffix}"
+        if source.exists():
+            shutil.copyfile(source, checkpoints / f"ckpt-{torn:08d}{suffix}")
+    sidecar = checkpoints / f"ckpt-{torn:08d}.json"
+    text = sidecar.read_text().replace(f'"version": {version}', f'"version": {torn}')
+    sidecar.write_text(text.replace(f"ckpt-{version:08d}", f"ckpt-{torn:08d}"))
+    weights = checkpoints / f"ckpt-{torn:08d}.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return torn
+
+
+@pytest.mark.xdist_group("reliability-faults")
+def test_kill_9_during_checkpoint_writes_restarts_from_the_newest_complete_checkpoint(tmp_path):
+    rng = random.Random(6)
+    checkpoints = tmp_path / "checkpoints"
+    items = labelled_images(2, seed=2, image_size=64)
+    acknowledged: dict[str, int] = {}
+    kills, mid_write = 0, 0
+    expected = None  # the newest complete checkpoint after the last kill
+    for round_index in range(KILL_ROUNDS + 1):
+        with run_service(tmp_path, module=True) as service:
+            http = httpx.Client(base_url=service.url, timeout=30)
+            model = http.get("/model").json()
+            if expected is not None:
+                meta = CheckpointStore(checkpoints).load(expected).meta  # the store agrees it is loadable
+                assert model["version"] == expected and model["training_steps"] == meta["step"], (model, expected)
+                listed = http.get("/model/versions").json()  # lists sidecars; a torn newer one may appear
+                assert listed["current"] == expected and expected in [v["version"] for v in listed["versions"]]
+                assert not any(name.startswith(".tmp-ckpt-") for name in os.listdir(checkpoints))
+                # no acknowledged step is lost: every job reported succeeded was checkpointed first
+                assert max(acknowledged.values(), default=0) <= expected
+            assert http.post("/detect", json={"images": [{"image": items[0]["image"]}]}).status_code == 200
+            if round_index == KILL_ROUNDS:
+                break
+            stop = threading.Event()
+            traffic = threading.Thread(target=_traffic, args=(service.url, items, stop, acknowledged))
+            traffic.start()
+            try:
+                _kill_during_write(service.process, checkpoints, targeted=round_index % 2 == 0, rng=rng)
+            finally:
+                stop.set()
+                traffic.join(timeout=60)
+            kills += 1
+        complete = complete_checkpoints(checkpoints)
+        newest_file = max(int(p.name[5:13]) for p in checkpoints.glob("ckpt-*"))
+        leftovers = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-ckpt-")]
+        mid_write += bool(leftovers) or newest_file > complete[-1]
+        expected = complete[-1]
+        if round_index == KILL_ROUNDS - 1:
+            torn = _torn_copy(checkpoints, expected)
+            assert complete_checkpoints(checkpoints)[-1] == expected, torn
+    assert kills == KILL_ROUNDS and mid_write >= 1, (kills, mid_write)  # at least one kill landed inside a write
+    print(f"kill -9: {kills} kills survived, {mid_write} inside a checkpoint write, {len(acknowledged)} jobs "
+          f"acknowledged, final version {expected}")
