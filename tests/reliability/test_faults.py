@@ -9,6 +9,7 @@ each with its own checkpoint directory, and always stop what they start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -229,3 +231,107 @@ def test_kill_9_during_checkpoint_writes_restarts_from_the_newest_complete_check
     assert kills == KILL_ROUNDS and mid_write >= 1, (kills, mid_write)  # at least one kill landed inside a write
     print(f"kill -9: {kills} kills survived, {mid_write} inside a checkpoint write, {len(acknowledged)} jobs "
           f"acknowledged, final version {expected}")
+
+
+# ---- a failing disk
+
+
+class TmpfsDisk:
+    """The checkpoint directory on its own 64 MiB tmpfs: `fail(ENOSPC)` fills it with a filler file,
+    `fail(EROFS)` remounts it read-only; `heal()` undoes either. Real kernel errors, even for root
+    (for whom chmod would not stop a write)."""
+
+    def __init__(self, mount_point: Path) -> None:
+        self.mount_point = mount_point
+        self.directory = mount_point / "checkpoints"
+        self.filler = mount_point / "filler"
+
+    @classmethod
+    @contextlib.contextmanager
+    def mounted(cls, tmp_path: Path) -> Iterator[TmpfsDisk]:
+        mount_point = tmp_path / "disk"
+        mount_point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the patched disk covers this case")
+        try:
+            yield cls(mount_point)
+        finally:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+    def fail(self, code: int) -> None:
+        if code == errno.EROFS:
+            subprocess.run(["mount", "-o", "remount,ro", str(self.mount_point)], check=True)
+            return
+        with self.filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+
+    def heal(self) -> None:
+        subprocess.run(["mount", "-o", "remount,rw", str(self.mount_point)], check=True)
+        self.filler.unlink(missing_ok=True)
+
+
+class PatchedDisk:
+    """Where mounting is not allowed: `os.replace` into the checkpoint directory raises the error, as the
+    kernel would when the data cannot be committed (the temp file was written and must be cleaned up)."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.directory = tmp_path / "checkpoints"
+        self.monkeypatch = monkeypatch
+        self.original = os.replace
+
+    def fail(self, code: int) -> None:
+        def failing_replace(source, destination, **kwargs):
+            if Path(destination).parent == self.directory:
+                raise OSError(code, os.strerror(code), str(destination))
+            return self.original(source, destination, **kwargs)
+
+        self.monkeypatch.setattr(os, "replace", failing_replace)
+
+    def heal(self) -> None:
+        self.monkeypatch.setattr(os, "replace", self.original)
+
+
+@pytest.fixture(params=["tmpfs", "patched"])
+def disk(request, tmp_path, monkeypatch) -> Iterator[TmpfsDisk | PatchedDisk]:
+    if request.param == "patched":
+        yield PatchedDisk(tmp_path, monkeypatch)
+        return
+    with TmpfsDisk.mounted(tmp_path) as mounted:
+        yield mounted
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full", "read-only"])
+def test_failing_disk_is_reported_and_counted_and_the_previous_checkpoint_survives(tmp_path, disk, code):
+    items = labelled(SHAPES)
+    detect = {"images": [{"image": items[0]["image"]}]}
+    with start_client(make_settings(tmp_path, checkpoint_dir=disk.directory)) as client:
+        assert client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()["model_version"] == 1
+        assert complete_checkpoints(disk.directory) == [0, 1]
+        before = checkpoint_digests(disk.directory)
+
+        disk.fail(code)
+        try:
+            job = client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
+            assert job["status"] == "succeeded" and job["model_version"] == 2  # training itself is unaffected
+            assert client.sample("ssd_checkpoints_total", outcome="failed") == 1  # the save after the job
+            response = client.post("/model/checkpoint")
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "checkpoint_failed"
+            assert os.strerror(code) in response.json()["error"]["message"]
+            assert client.sample("ssd_checkpoints_total", outcome="failed") == 2
+            served = client.post("/detect", json=detect)  # the served model keeps working
+            assert served.status_code == 200 and served.json()["model_version"] == 2
+            assert client.get("/readyz").status_code == 200
+        finally:
+            disk.heal()
+        assert checkpoint_digests(disk.directory) == before  # version 1 intact, no temp file or partial version 2 left behind
+        assert CheckpointStore(disk.directory).load_latest().meta["version"] == 1
+
+        saved = client.post("/model/checkpoint")  # the disk is back: the version that failed is written
+        assert saved.status_code == 200 and saved.json() == {**saved.json(), "version": 2, "saved": True}
+        assert client.sample("ssd_checkpoints_total", outcome="saved") == 3
+        assert complete_checkpoints(disk.directory) == [0, 1, 2]
