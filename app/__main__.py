@@ -17,7 +17,9 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from app.metrics import prepare_multiprocess_dir
 from app.settings import load_settings
 
 
@@ -37,12 +39,17 @@ class _Server(uvicorn.Server):
 
 def main() -> None:
     settings = load_settings()
+    prepare_multiprocess_dir(settings.workers)  # before any worker process writes metrics there
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
     config = uvicorn.Config(
-        "app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_timeout_s
+        "app.main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        workers=settings.workers,
     )
-    _Server(config).run()
+    if config.workers > 1:  # SSD_ROLE=server only (settings): no trainer, uvicorn's own worker supervisor
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    else:
+        _Server(config).run()
 
 
 if __name__ == "__main__":

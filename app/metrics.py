@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:  # annotations only: `python -m app`'s supervising parent imports this module without torch
+    import torch
 
 Source = Literal["score", "finetune"]
 
