@@ -436,3 +436,92 @@ def test_docker_compose_config_accepts_the_file(compose_file):
     assert any(volume.endswith("/etc/prometheus/prometheus.yml:ro") for volume in services["prometheus"]["volumes"])
     has_gpu = "deploy" in services["ssd"]
     assert has_gpu == (compose_file == "docker-compose.yml")
+
+
+# ---- the scaled variant: one trainer, N servers, nginx, per-replica scrapes (docs/SCALING.md) ---------------
+
+SCALE_FILE = "docker-compose.scale.yml"
+
+
+def test_compose_scale_has_one_trainer_and_replicated_servers_on_one_checkpoint_volume():
+    from app.settings import Settings
+
+    compose = load_yaml(SCALE_FILE)
+    trainer, server = compose["services"]["trainer"], compose["services"]["ssd-server"]
+    assert trainer["environment"]["SSD_ROLE"] == "trainer" and "replicas" not in trainer.get("deploy", {})
+    assert server["environment"]["SSD_ROLE"] == "server"
+    assert re.fullmatch(r"\$\{SSD_SERVER_REPLICAS:-([2-9]|\d\d+)\}", str(server["deploy"]["replicas"]))
+    checkpoint_dir = trainer["environment"]["SSD_CHECKPOINT_DIR"]
+    assert server["environment"]["SSD_CHECKPOINT_DIR"] == checkpoint_dir
+    volume = named_volumes(trainer)[checkpoint_dir]
+    assert volume in compose["volumes"] and named_volumes(server)[checkpoint_dir] == volume
+    assert f"{volume}:{checkpoint_dir}:ro" in server["volumes"]  # only the trainer writes
+    # several workers per server container only with multiprocess metrics, emptied per container (tmpfs)
+    assert "SSD_WORKERS" not in trainer["environment"]
+    metrics_dir = server["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert any(entry.split(":")[0] == metrics_dir for entry in server["tmpfs"])
+    # the servers start once the trainer is ready (its version 0 is on the volume)
+    assert server["depends_on"]["trainer"]["condition"] == "service_healthy"
+    assert "/readyz" in " ".join(trainer["healthcheck"]["test"])
+    grace_s = float(re.fullmatch(r"(\d+)s", trainer["stop_grace_period"]).group(1))
+    assert grace_s > Settings().shutdown_timeout_s
+
+
+def test_compose_scale_proxy_routes_to_the_compose_services():
+    """nginx.conf is mounted where nginx reads it, listens on the published port, and names the trainer
+    and server services on their SSD_PORT; training and model changes go to the trainer."""
+    compose = load_yaml(SCALE_FILE)
+    services = compose["services"]
+    proxy = services["proxy"]
+    assert bind_mounts(proxy)["/etc/nginx/nginx.conf"] == "./deploy/nginx/nginx.conf"
+    config = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
+    listen = int(re.search(r"^\s*listen (\d+);", config, re.MULTILINE).group(1))
+    assert container_ports(proxy) == {listen}
+    backends = set(re.findall(r"\b([a-z][a-z0-9-]*):(\d+);", config))
+    assert {host for host, _ in backends} == {"trainer", "ssd-server"}
+    for host, port in backends:
+        assert services[host]["environment"]["SSD_PORT"] == port
+    assert re.search(r"location = /finetune \{\s*proxy_pass http://\$trainer;", config)
+    assert re.search(r"location /finetune/ \{\s*proxy_pass http://\$trainer;", config)
+    assert re.search(r"POST\s+trainer:8000;", config)  # POST /model/* via the $model_backend map
+    assert re.search(r"location / \{\s*proxy_pass http://\$servers;", config)
+
+
+def test_compose_scale_prometheus_scrapes_every_replica_separately():
+    compose = load_yaml(SCALE_FILE)
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["extends"] == {"file": "docker-compose.yml", "service": "prometheus"}
+    assert bind_mounts(prometheus)["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.scale.yml"
+    jobs = {job["job_name"]: job for job in load_yaml("deploy/prometheus/prometheus.scale.yml")["scrape_configs"]}
+    trainer_targets = [target for group in jobs["ssd-trainer"]["static_configs"] for target in group["targets"]]
+    assert trainer_targets == [f"trainer:{compose['services']['trainer']['environment']['SSD_PORT']}"]
+    (dns,) = jobs["ssd-server"]["dns_sd_configs"]
+    assert dns["names"] == ["ssd-server"] and dns["type"] == "A"
+    assert str(dns["port"]) == compose["services"]["ssd-server"]["environment"]["SSD_PORT"]
+    assert not any("proxy" in str(job) for job in jobs.values())  # never through the load balancer
+
+
+@pytest.mark.integration
+def test_docker_compose_config_accepts_the_scaled_variant():
+    docker_compose = require_tool("docker-compose")
+    result = subprocess.run([docker_compose, "-f", SCALE_FILE, "config"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == {"trainer", "ssd-server", "proxy", "prometheus", "grafana"}
+    assert services["ssd-server"]["deploy"]["replicas"] == 3
+    # extends resolved, the scale scrape config mounted over the default one (the same target path)
+    mounts = [volume for volume in services["prometheus"]["volumes"] if "/etc/prometheus/prometheus.yml" in volume]
+    assert mounts == [f"{REPO}/deploy/prometheus/prometheus.scale.yml:/etc/prometheus/prometheus.yml:ro"]
+
+
+@pytest.mark.integration
+def test_promtool_and_nginx_accept_the_scaled_configs():
+    promtool = require_tool("promtool")
+    result = subprocess.run([promtool, "check", "config", "deploy/prometheus/prometheus.scale.yml"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    nginx = require_tool("nginx")
+    result = subprocess.run([nginx, "-t", "-c", str(REPO / "deploy" / "nginx" / "nginx.conf")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "test is successful" in result.stderr, result.stderr
