@@ -26,7 +26,7 @@ test: test-unit test-integration
 test-unit: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not integration"
 
-# Installs Debian's prometheus and docker-compose when missing; never fails (tests then skip, saying why).
+# Installs Debian's prometheus, docker-compose and nginx when missing; never fails (tests then skip, saying why).
 tools:
 	./deploy/scripts/install-tools.sh
 

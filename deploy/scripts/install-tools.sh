@@ -2,6 +2,7 @@
 # Installs the outside tools the integration tests drive, from Debian packages, when missing:
 #   prometheus      -> `prometheus` and `promtool` (real scrape + query API, `promtool check metrics`)
 #   docker-compose  -> `docker-compose config -q` validates docker-compose*.yml without a Docker engine
+#   nginx           -> deploy/nginx/nginx.conf run in front of live replicas (tests/integration/test_replicas.py)
 # Never fails hard: when a tool cannot be installed it says why and exits 0; the tests that need it
 # then skip with a clear message.
 set -u
@@ -9,9 +10,10 @@ set -u
 missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-tools: prometheus, promtool and docker-compose already present"
+    echo "install-tools: prometheus, promtool, docker-compose and nginx already present"
     exit 0
 fi
 
@@ -40,8 +42,9 @@ if ! "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[
     exit 0
 fi
 
-# The Debian package starts a prometheus daemon where an init system runs; the tests start their own.
-for tool in prometheus promtool docker-compose; do
+# The Debian packages start prometheus/nginx daemons where an init system runs; the tests start their
+# own on free loopback ports.
+for tool in prometheus promtool docker-compose /usr/sbin/nginx; do
     if command -v "$tool" >/dev/null 2>&1; then
         echo "install-tools: $tool -> $(command -v "$tool")"
     else
