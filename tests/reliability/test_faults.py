@@ -127,6 +127,7 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
         elapsed = time.monotonic() - start
         waiter.join(timeout=10)
     assert code == 0 and elapsed < SIGTERM_EXIT_BOUND_S, (code, elapsed)
+    print(f"\nSIGTERM during a job: exit 0 after {elapsed:.1f} s")
     assert waited["queued"].status_code == 200, waited
     queued = waited["queued"].json()
     assert queued["status"] == "cancelled" and queued["steps_done"] == 0, queued
