@@ -73,6 +73,14 @@ def detect_version(service: LiveService, image: str) -> int:
     return response.json()["model_version"]
 
 
+def wait_for_version(server: LiveService, image: str, version: int) -> None:
+    """Until four /detect answers in a row name `version` (a two-worker server's processes poll on their own)."""
+    deadline = time.monotonic() + PICKUP_TIMEOUT_S
+    while [detect_version(server, image) for _ in range(4)] != [version] * 4:
+        assert time.monotonic() < deadline, f"{server.url} not on version {version} after {PICKUP_TIMEOUT_S} s"
+        time.sleep(0.2)
+
+
 def score(service: LiveService, images: list[dict]) -> dict:
     response = httpx.post(f"{service.url}/score-loss", json={"images": images}, timeout=30)
     assert response.status_code == 200, response.text
@@ -98,7 +106,7 @@ def test_a_fine_tune_on_the_trainer_reaches_both_servers(cluster):
     image = images[0]["image"]
     start = detect_version(cluster.trainer, image)
     for server in cluster.servers:
-        assert detect_version(server, image) == start
+        wait_for_version(server, image, start)  # (already there unless another test fine-tuned just before)
     job = httpx.post(f"{cluster.trainer.url}/finetune", params={"wait": "true"},
                      json={"images": images, "steps": 2}, timeout=120).json()
     assert job["status"] == "succeeded", job
@@ -106,12 +114,8 @@ def test_a_fine_tune_on_the_trainer_reaches_both_servers(cluster):
     assert new == start + 2
     trained = score(cluster.trainer, images)
     assert trained["model_version"] == new
-    deadline = time.monotonic() + PICKUP_TIMEOUT_S
     for server in cluster.servers:
-        # several answers in a row: the `workers` server's two processes each poll on their own
-        while [detect_version(server, image) for _ in range(4)] != [new] * 4:
-            assert time.monotonic() < deadline, f"{server.url} still not on version {new}"
-            time.sleep(0.2)
+        wait_for_version(server, image, new)
         served = score(server, images)
         assert served["model_version"] == new
         assert served["loss"] == pytest.approx(trained["loss"], rel=1e-5)  # the same weights as the trainer's
