@@ -324,7 +324,7 @@ def test_lying_safetensors_headers(client, body):
 
 @pytest.fixture
 def secured(tmp_path) -> Iterator[ServiceClient]:
-    with start_client(make_settings(tmp_path, api_token=TOKEN, finetune_queue_size=4)) as c:
+    with start_client(make_settings(tmp_path, api_token=TOKEN, finetune_queue_size=4, finetune_max_steps=5000)) as c:
         yield c
 
 
@@ -336,10 +336,10 @@ BAD_AUTH = [{}, {"Authorization": "Bearer "}, {"Authorization": "Bearer wrong"},
 
 def test_every_mutating_endpoint_refuses_a_missing_or_wrong_token(secured):
     """401 for each, with a job running and one queued; neither job, the version nor the checkpoint
-    files change (the trainer is held on the running job by its many steps)."""
+    files change (the trainer is held on the running job by its 5000 steps)."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
     items = labelled(SHAPES)
-    running = secured.post("/finetune", json={"images": items, "steps": 200, "learning_rate": 1e-4}, headers=auth)
+    running = secured.post("/finetune", json={"images": items, "steps": 5000, "learning_rate": 1e-4}, headers=auth)
     queued = secured.post("/finetune", json={"images": items, "steps": 1}, headers=auth)
     assert running.status_code == queued.status_code == 202
     running_id, queued_id = running.json()["job_id"], queued.json()["job_id"]
@@ -373,7 +373,7 @@ def test_every_mutating_endpoint_refuses_a_missing_or_wrong_token(secured):
     while cancelled["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.05)
         cancelled = secured.get(f"/finetune/{running_id}").json()
-    assert cancelled["status"] == "cancelled" and cancelled["steps_done"] < 200
+    assert cancelled["status"] == "cancelled" and cancelled["steps_done"] < 5000
     # versions are those of the steps it completed, no more (no 401 request published anything)
     assert secured.version == cancelled["model_version"] == cancelled["steps_done"] - cancelled["skipped_steps"]
 
