@@ -109,6 +109,7 @@ def test_a_fine_tune_on_the_trainer_reaches_both_servers(cluster):
         wait_for_version(server, image, start)  # (already there unless another test fine-tuned just before)
     job = httpx.post(f"{cluster.trainer.url}/finetune", params={"wait": "true"},
                      json={"images": images, "steps": 2}, timeout=120).json()
+    job_returned = time.monotonic()  # the job's checkpoint is on disk by now
     assert job["status"] == "succeeded", job
     new = job["model_version"]
     assert new == start + 2
@@ -116,6 +117,7 @@ def test_a_fine_tune_on_the_trainer_reaches_both_servers(cluster):
     assert trained["model_version"] == new
     for server in cluster.servers:
         wait_for_version(server, image, new)
+        print(f"{server.url} on version {new} {time.monotonic() - job_returned:.2f} s after the job returned")
         served = score(server, images)
         assert served["model_version"] == new
         assert served["loss"] == pytest.approx(trained["loss"], rel=1e-5)  # the same weights as the trainer's
