@@ -143,7 +143,7 @@ def check_batch(
     priors_field = "priors" if priors is not None else f"{prefix}loc"
     priors = model_priors.cpu() if priors is None else priors
     if priors.dim() != 2 or priors.shape != (num_priors, 4):
-        raise invalid(priors_field, f"P={num_priors} predictions do not match {priors.shape[0]} priors")
+        raise invalid(priors_field, f"P={num_priors} predictions do not match priors of shape {list(priors.shape)}")
     if not (priors[:, 2:] > 0).all():
         raise invalid("priors", "every prior needs a positive width and height")
     for name, tensor in (("loc", loc), ("conf", conf), ("priors", priors)):

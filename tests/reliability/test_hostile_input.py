@@ -18,6 +18,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
+import safetensors.torch
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -304,6 +306,10 @@ LYING_HEADERS = {
         {"loc": [1, -2, 4], "conf": [1, 1, 4], "targets": [1, 1, 6]},
         {"loc": [0, 16], "conf": [16, 32], "targets": [32, 56]})).encode(), b"\0" * 56),
     "header not an object": safetensors_body(b"[1, 2, 3]"),
+    "0-dim priors": safetensors.torch.save({"loc": torch.zeros(1, 2, 4), "conf": torch.zeros(1, 2, 4),
+                                            "targets": torch.zeros(1, 0, 5), "priors": torch.tensor(0.5)}),
+    "1-dim loc": safetensors.torch.save({"loc": torch.zeros(8), "conf": torch.zeros(1, 2, 4),
+                                         "targets": torch.zeros(1, 0, 5)}),
     "header not UTF-8": safetensors_body(b"\xff\xfe{}"),
 }
 
@@ -412,3 +418,30 @@ def test_gigabyte_content_length_is_refused_without_reading(live, path):
     assert rss_mib(live.process.pid) - rss < 50
     assert scrape(live.url).value("ssd_http_requests_total", route=path, status="413") >= 1
     assert live.process.poll() is None
+
+
+DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X9"]
+HEADER_ENTRIES = st.fixed_dictionaries({
+    "dtype": st.sampled_from(DTYPES),
+    "shape": st.lists(st.integers(min_value=-2, max_value=2**40), max_size=4)
+    | st.lists(st.integers(min_value=0, max_value=8), min_size=3, max_size=3),
+    "data_offsets": st.lists(st.integers(min_value=-1, max_value=2**33), min_size=0, max_size=3),
+})
+SAFETENSORS_HEADERS = st.dictionaries(
+    st.sampled_from(["loc", "conf", "targets", "priors", "__metadata__", "other"]),
+    HEADER_ENTRIES | st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3) | SCALARS,
+    max_size=5,
+)
+
+
+@FUZZ
+@given(header=SAFETENSORS_HEADERS, data=st.binary(max_size=512),
+       length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**40]))
+def test_fuzzed_safetensors_headers(client, header, data, length_delta):
+    """Structured but wrong headers (dtypes, shapes, offsets, metadata) over random data: never a 5xx
+    (the safetensors parser's own errors, including a Rust panic, are a 400)."""
+    before = Unchanged(client)
+    encoded = json.dumps(header).encode()
+    body = safetensors_body(encoded, data, declared_length=max(0, len(encoded) + length_delta))
+    response = client.post("/score-loss", content=body, headers=BINARY)
+    _no_5xx_and_unchanged_unless_accepted(client, response, before)
