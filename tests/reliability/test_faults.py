@@ -117,9 +117,12 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
         waiter = threading.Thread(target=wait_for_queued_job)
         waiter.start()
         deadline = time.monotonic() + 60
-        while http.get(f"/finetune/{running['job_id']}").json()["steps_done"] < 2 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            http.get(f"/finetune/{running['job_id']}").json()["steps_done"] >= 2
+            and scrape(service.url).value("ssd_finetune_queue_depth") == 1  # the waiter's job is queued
+        ):
             time.sleep(0.05)
-        assert scrape(service.url).value("ssd_finetune_queue_depth") == 1  # the waiter's job is queued
+        assert scrape(service.url).value("ssd_finetune_queue_depth") == 1, "the waiting client's job never queued"
 
         start = time.monotonic()
         service.process.send_signal(signal.SIGTERM)

@@ -445,3 +445,63 @@ def test_fuzzed_safetensors_headers(client, header, data, length_delta):
     body = safetensors_body(encoded, data, declared_length=max(0, len(encoded) + length_delta))
     response = client.post("/score-loss", content=body, headers=BINARY)
     _no_5xx_and_unchanged_unless_accepted(client, response, before)
+
+
+# ---- structured fuzzing: well-formed JSON with wrong shapes and extreme values reaches the loss
+
+NUM_PRIORS = 7  # the bodies carry their own priors, so the predictions stay small
+EXTREMES = st.sampled_from([0.0, 1.0, -1.0, 0.5, 0.25, 0.75, 1.5, -0.5, 10.0, 1e4, 1e30, -1e30, 3e38, 1e-45])
+
+
+def rectangular(shape: list[int]) -> st.SearchStrategy:
+    """Nested lists of `shape` holding float extremes."""
+    if not shape:
+        return EXTREMES
+    return st.lists(rectangular(shape[1:]), min_size=shape[0], max_size=shape[0])
+
+
+UNIT = st.floats(min_value=0.05, max_value=0.45)
+VALID_BOX = st.tuples(UNIT, UNIT, UNIT, UNIT).map(lambda v: [v[0], v[1], v[0] + v[2], v[1] + v[3]])
+VALID_PRIOR = st.tuples(UNIT, UNIT, UNIT, UNIT).map(lambda v: [v[0] + 0.1, v[1] + 0.1, v[2], v[3]])
+LOSS_OPTIONS = st.fixed_dictionaries({}, optional={
+    "overlap_thresh": st.sampled_from([0.5, 1.0, 1e-9]), "neg_pos": st.sampled_from([0, 3, 10**6, 2**31]),
+    "neg_overlap": st.sampled_from([0, 0.5, 1]), "bkg_label": st.integers(0, 4), "neg_mining": st.booleans(),
+    "prior_for_matching": st.booleans(), "encode_target": st.booleans(),
+    "variance": st.sampled_from([[0.1, 0.2], [1e-30, 1e-30], [1e30, 1e30]]), "loc_weight": st.sampled_from([0, 1, 1e30]),
+    "match_type": st.sampled_from(["per_prediction", "bipartite"])})
+# at most one structural flaw per body, so half of them are well-formed and reach the loss
+FLAWS = ["none"] * 6 + ["empty batch", "ragged loc", "P mismatch", "C mismatch", "B mismatch", "label", "box", "priors"]
+
+
+@st.composite
+def score_loss_bodies(draw) -> dict:
+    flaw = draw(st.sampled_from(FLAWS))
+    batch = 0 if flaw == "empty batch" else draw(st.sampled_from([1, 2]))
+    p = NUM_PRIORS
+    loc = draw(rectangular([batch, p, 4]))
+    conf = draw(rectangular([batch + (flaw == "B mismatch"), p - (flaw == "P mismatch"), 4 - (flaw == "C mismatch")]))
+    if flaw == "ragged loc":
+        loc[-1].pop()
+    targets = [draw(st.lists(st.fixed_dictionaries({"box": VALID_BOX, "label": st.integers(0, 2)},
+                                                   optional={"difficult": st.booleans()}), max_size=3))
+               for _ in range(batch)]
+    if flaw in ("label", "box") and batch:
+        bad = draw(st.integers(-2, 5).filter(lambda v: not 0 <= v <= 2)) if flaw == "label" else draw(
+            st.lists(EXTREMES, min_size=4, max_size=4))
+        targets[0].append({"box": bad, "label": 0} if flaw == "box" else {"box": [0.1, 0.1, 0.5, 0.5], "label": bad})
+    priors = draw(rectangular([p, 4]) if flaw == "priors" else st.lists(VALID_PRIOR, min_size=p, max_size=p))
+    return {"predictions": {"loc": loc, "conf": conf}, "targets": targets, "priors": priors,
+            "options": draw(LOSS_OPTIONS)}
+
+
+@FUZZ
+@given(body=score_loss_bodies())
+def test_fuzzed_score_loss_predictions(client, body):
+    """Ragged or mismatched shapes, labels out of range, boxes and priors at float extremes, every loss
+    option at its edges: a 200 with finite numbers or a 4xx, never a 5xx."""
+    before = Unchanged(client)
+    response = client.post("/score-loss", json=body)
+    _no_5xx_and_unchanged_unless_accepted(client, response, before)
+    if response.status_code == 200:
+        result = response.json()
+        assert all(abs(result[key]) < float("inf") for key in ("loss", "loss_l", "loss_c"))
