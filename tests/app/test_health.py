@@ -27,13 +27,15 @@ def test_not_ready_once_the_trainer_stopped(client):
     assert_error(client.post("/finetune", json={"images": []}), 503, None, "no_trainer")
 
 
-def test_server_role_serves_without_a_trainer(tmp_path, shapes):
+def test_server_role_serves_the_trainers_checkpoint_and_refuses_training(tmp_path, shapes):
+    with start_client(make_settings(tmp_path)):  # a trainer writes version 0 to the shared directory
+        pass
     with start_client(make_settings(tmp_path, role="server")) as client:
         assert client.get("/readyz").status_code == 200
         assert client.get("/model").json()["role"] == "server"
         assert client.post("/score-loss", json={"images": labelled(shapes)}).status_code == 200
-        assert_error(client.post("/finetune", json={"images": labelled(shapes)}), 503, None, "no_trainer")
-        assert_error(client.post("/model/checkpoint"), 503, None, "no_trainer")
+        assert_error(client.post("/finetune", json={"images": labelled(shapes)}), 409, None, "wrong_role")
+        assert_error(client.post("/model/checkpoint"), 409, None, "wrong_role")
 
 
 def test_openapi_documents_every_endpoint_and_body(client):
