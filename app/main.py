@@ -23,7 +23,7 @@ from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.model_host import ModelHost, initial_model
 from app.openapi import install_openapi
-from app.replica import CheckpointReader, start_watcher
+from app.replica import start_watcher
 from app.routes import detect, finetune, health, model, score_loss
 from app.settings import Settings, load_settings
 from ssd_core.checkpoint import CheckpointStore
@@ -45,8 +45,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
     metrics: Metrics = app.state.metrics
     # a server only reads the trainer's directory (and must not remove its temp files: writes in flight)
-    store_type = CheckpointReader if settings.role == "server" else CheckpointStore
-    store = store_type(settings.checkpoint_dir, settings.checkpoint_keep) if settings.checkpoint_dir else None
+    read_only = settings.role == "server"
+    store = (CheckpointStore(settings.checkpoint_dir, settings.checkpoint_keep, read_only=read_only)
+             if settings.checkpoint_dir else None)
     app.state.store = store
     model, checkpoint = await run_in_threadpool(initial_model, settings, store)
     meta = checkpoint.meta if checkpoint is not None else {"version": 0, "step": 0}

@@ -43,23 +43,12 @@ def require_trainer_role(settings: SettingsDep) -> None:
 TrainerRole = Depends(require_trainer_role)
 
 
-class CheckpointReader(CheckpointStore):
-    """A CheckpointStore for a process that only reads a directory another process writes.
-
-    `CheckpointStore` removes leftover temp files when it is constructed; in a shared directory those are
-    the trainer's checkpoint writes in flight, so a reader leaves them alone.
-    """
-
-    def _remove_temp_files(self) -> None:
-        pass
-
-
 class CheckpointWatcher:
     """Polls a shared checkpoint directory and publishes each newer version through the model host.
 
     Args:
         host: the server's model host; only the watcher publishes to it.
-        store: a `CheckpointReader` on the trainer's directory.
+        store: a read-only `CheckpointStore` on the trainer's directory.
         settings: architecture and class count (a checkpoint of another model is refused), reload interval.
         metrics: `ssd_model_reloads_total{outcome}`.
         synced: whether `host.current` came from `store` (the newest checkpoint, loaded at start). Until it

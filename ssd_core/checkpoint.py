@@ -143,15 +143,21 @@ class CheckpointStore:
         directory: where the files live (created if missing). Temp files left by a crashed
             writer are removed on construction.
         keep: how many versions to keep (>= 1); older ones are deleted after each save.
+        read_only: for a process that only reads a directory another process writes (a server
+            replica following the trainer): the store never creates, writes, prunes or removes
+            anything (leftover temp files in a shared directory are the writer's saves in flight,
+            and the directory may be mounted read-only); `save` raises `PermissionError`.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], keep: int = 5) -> None:
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 5, *, read_only: bool = False) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_temp_files()
+        self.read_only = read_only
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_temp_files()
 
     def _paths(self, version: int) -> tuple[Path, Path, Path]:
         stem = self.directory / f"ckpt-{version:08d}"
@@ -179,7 +185,12 @@ class CheckpointStore:
 
         Returns:
             CheckpointInfo of the saved version.
+
+        Raises:
+            PermissionError: the store is read-only.
         """
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: read-only checkpoint store, cannot save")
         version = meta.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**8:
             raise ValueError(f"meta['version'] must be an int in [0, 1e8), got {version!r}")

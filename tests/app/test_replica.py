@@ -43,6 +43,8 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 def test_server_refuses_trainer_routes_and_serves_inference(tmp_path, shapes):
     save_checkpoint(tmp_path / "checkpoints", 3, seed=1)
+    in_flight = tmp_path / "checkpoints" / ".tmp-ckpt-ckpt-00000004.safetensors.abc123"  # the trainer's write
+    in_flight.write_bytes(b"partial")
     with start_client(make_settings(tmp_path, role="server", reload_interval=STILL)) as server:
         images = labelled(shapes)
         refused = [
@@ -59,6 +61,7 @@ def test_server_refuses_trainer_routes_and_serves_inference(tmp_path, shapes):
         assert (model["version"], model["training_steps"], model["role"]) == (3, 30, "server")
         assert server.get("/model/versions").json()["current"] == 3
         assert server.get("/readyz").status_code == 200
+        assert in_flight.exists()  # a server's read-only store leaves the trainer's temp files alone
         assert [info.version for info in CheckpointStore(tmp_path / "checkpoints").versions()] == [3]  # untouched
 
 

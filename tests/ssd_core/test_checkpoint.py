@@ -196,6 +196,30 @@ def test_leftover_temp_file_is_never_loaded_and_is_cleaned(tmp_path):
     assert not leftover.exists()
 
 
+def test_read_only_store_reads_but_never_writes_prunes_or_cleans(tmp_path):
+    writer = CheckpointStore(tmp_path, keep=2)
+    saved = _save_versions(writer, [1, 2])
+    in_flight = tmp_path / ".tmp-ckpt-ckpt-00000003.safetensors.abc123"  # the writer's save in progress
+    in_flight.write_bytes(b"partial")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    reader = CheckpointStore(tmp_path, keep=1, read_only=True)
+    assert in_flight.exists()  # not removed on construction
+    assert [info.version for info in reader.versions()] == [1, 2]  # keep=1 prunes nothing on read
+    _assert_state_equal(reader.load_latest().state_dict, saved[2])
+    _assert_state_equal(reader.load(1).state_dict, saved[1])
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.save({"w": torch.zeros(3)}, {"version": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_read_only_store_does_not_create_its_directory(tmp_path):
+    reader = CheckpointStore(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()
+    assert reader.versions() == [] and reader.load_latest() is None
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        reader.load(1)
+
+
 def test_crash_before_sidecar_keeps_previous(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path)
     saved = _save_versions(store, [1])
