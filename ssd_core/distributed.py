@@ -14,7 +14,6 @@ Without torchrun's variables everything degrades to one plain process (`Distribu
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -289,33 +288,10 @@ class DistributedTrainer(Trainer):
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=device_ids)
-        super().__init__(wrapped, GlobalLoss(criterion, context.world_size), config, context.device)
-        self.module = module
+        # global loss values and averaged gradients already agree across ranks; the all_reduce of
+        # the finite flag keeps the skip joint whatever a rank saw locally
+        super().__init__(
+            wrapped, GlobalLoss(criterion, context.world_size), config, context.device,
+            module=module, all_finite=context.all_true,
+        )
         self.context = context
-
-    def _forward_backward(self, images: Tensor, targets: Tensor | list[Tensor]) -> tuple[Any, Tensor]:
-        """The base step's loss and (all-reduced) gradients; the norm is NaN unless every rank is finite.
-
-        Global loss values and averaged gradients are already equal on all ranks; the explicit
-        all_reduce of the flag keeps the skip decision joint whatever a rank saw locally.
-        """
-        output, grad_norm = super()._forward_backward(images, targets)
-        finite = torch.isfinite(output.loss_l + output.loss_c) & torch.isfinite(grad_norm)
-        if not self.context.all_true(finite):
-            grad_norm = torch.full_like(grad_norm, math.nan)
-        return output, grad_norm
-
-    def weights(self) -> dict[str, Tensor]:
-        """A detached CPU copy of the unwrapped network's state dict."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.module.state_dict().items()}
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """`(network state_dict without the DDP prefix, optimizer state_dict)` for `CheckpointStore.save`."""
-        return self.module.state_dict(), self.optimizer.state_dict()
-
-    def restore(
-        self, state_dict: dict[str, Tensor], optimizer_state: dict[str, Any] | None, steps: int
-    ) -> None:
-        """Resume from a checkpoint in the single-process format (no `module.` prefix) on this rank."""
-        prefixed = {f"module.{name}": tensor for name, tensor in state_dict.items()}  # DDP's keys
-        super().restore(prefixed, optimizer_state, steps)

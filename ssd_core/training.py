@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,23 +99,39 @@ def _to_device(targets: Tensor | list[Tensor], device: torch.device) -> Tensor |
 class Trainer:
     """Owns a model and its SGD optimizer and runs training steps.
 
-    Public attributes (nothing else holds state): `model`, `criterion`, `config`, `device`,
-    `optimizer`, `steps` (completed steps), `skipped_steps`.
+    Public attributes (nothing else holds state): `model`, `module`, `criterion`, `config`,
+    `device`, `optimizer`, `steps` (completed steps), `skipped_steps`.
 
     Args:
-        model: an SSD (forward [B, 3, S, S] -> (loc, conf, priors)); moved to `device`.
+        model: an SSD (forward [B, 3, S, S] -> (loc, conf, priors)), or a wrapper of one such as
+            `DistributedDataParallel`; moved to `device`. Steps run its forward pass.
         criterion: a `MultiBoxLoss` (anything with `compute`).
         config: optimizer settings.
         device: where to train.
+        module: extension point for wrappers: the network inside `model` whose state dict (keys
+            without a wrapper's prefix) `weights`, `state` and `restore` use; None means `model`.
+        all_finite: extension point for data parallelism: turns this process's verdict (bool
+            Tensor []: loss and gradient norm finite) into the step's; a step is skipped when it
+            returns False. None means `bool`; `DistributedContext.all_true` makes the skip joint
+            across ranks (called once per step on every rank).
     """
 
     def __init__(
-        self, model: nn.Module, criterion: LossCriterion, config: TrainConfig, device: torch.device | str
+        self,
+        model: nn.Module,
+        criterion: LossCriterion,
+        config: TrainConfig,
+        device: torch.device | str,
+        *,
+        module: nn.Module | None = None,
+        all_finite: Callable[[Tensor], bool] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        self.module = self.model if module is None else module
         self.criterion = criterion
         self.config = config
+        self._all_finite = bool if all_finite is None else all_finite
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -150,7 +167,7 @@ class Trainer:
             self._undo_forward(buffers)
             raise
         loss = output.loss_l + output.loss_c
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        finite = self._all_finite(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if finite:
             if self.config.clip_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(
@@ -216,18 +233,18 @@ class Trainer:
                 buffer.copy_(saved)
 
     def weights(self) -> dict[str, Tensor]:
-        """A detached CPU copy of the model's state dict (e.g. to publish a new serving version)."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+        """A detached CPU copy of `module`'s state dict (e.g. to publish a new serving version)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.module.state_dict().items()}
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """`(model state_dict, optimizer state_dict)` for `CheckpointStore.save`; `steps` goes in meta."""
-        return self.model.state_dict(), self.optimizer.state_dict()
+        """`(module state_dict, optimizer state_dict)` for `CheckpointStore.save`; `steps` goes in meta."""
+        return self.module.state_dict(), self.optimizer.state_dict()
 
     def restore(
         self, state_dict: dict[str, Tensor], optimizer_state: dict[str, Any] | None, steps: int
     ) -> None:
-        """Resume from a checkpoint: model weights, optional optimizer state, completed step count."""
-        self.model.load_state_dict(state_dict)
+        """Resume from a checkpoint: `module` weights, optional optimizer state, completed step count."""
+        self.module.load_state_dict(state_dict)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self.steps = steps

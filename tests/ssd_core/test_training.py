@@ -209,3 +209,45 @@ def test_recovers_from_truncated_newest_checkpoint(tmp_path):
         assert (a.loss_l, a.loss_c, a.lr) == (b.loss_l, b.loss_c, b.lr)
     assert resumed.steps == uninterrupted.steps == 3
     _assert_same_state(resumed, _snapshot(uninterrupted))
+
+
+def test_all_finite_hook_decides_the_skip_and_sees_the_local_verdict():
+    """A finite step vetoed by `all_finite` (as another rank's NaN would) changes nothing."""
+    images, targets = _batch(2)
+    verdicts = []
+    veto = True
+
+    def all_finite(flag: torch.Tensor) -> bool:
+        verdicts.append(bool(flag))
+        return bool(flag) and not veto
+
+    trainer = Trainer(_model(), _criterion(), TrainConfig(lr=0.01), "cpu", all_finite=all_finite)
+    before = _snapshot(trainer)
+    assert trainer.step(images, targets).skipped
+    _assert_same_state(trainer, before)
+    veto = False
+    assert not trainer.step(images, targets).skipped
+    assert verdicts == [True, True] and (trainer.steps, trainer.skipped_steps) == (1, 1)
+
+
+def test_module_hook_keys_weights_state_and_restore_by_the_wrapped_network():
+    class Wrapper(torch.nn.Module):  # prefixes every key with `inner.`, like DDP's `module.`
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(images)
+
+    network = _model()
+    trainer = Trainer(Wrapper(network), _criterion(), TrainConfig(lr=0.01), "cpu", module=network)
+    images, targets = _batch(2)
+    trainer.step(images, targets)
+    plain = network.state_dict()
+    _assert_tensors_equal(trainer.weights(), plain)
+    _assert_tensors_equal(trainer.state()[0], plain)
+    assert all(key.startswith("inner.") for key in trainer.model.state_dict())
+    fresh = _model(seed=1).state_dict()
+    trainer.restore(fresh, None, steps=7)
+    _assert_tensors_equal(network.state_dict(), fresh)
+    assert trainer.steps == 7
