@@ -28,17 +28,24 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+PositiveFinite = Annotated[float, Field(gt=0)]  # finite: Request forbids inf and NaN
+
+
 class LossOptions(Request):
-    """MultiBoxLoss options; the defaults are the seed's `(num_classes, 0.5, True, 0, True, 3, 0.5, False)`."""
+    """MultiBoxLoss options; the defaults are the seed's `(num_classes, 0.5, True, 0, True, 3, 0.5, False)`.
+
+    The bounds are `MultiBoxLoss`'s own (its ValueError checks), so a bad option is a 422 naming
+    `options.<name>`; only `bkg_label < num_classes` depends on the model and is checked with the batch.
+    """
 
     overlap_thresh: float = Field(0.5, gt=0, le=1)
     prior_for_matching: bool = True
     bkg_label: int = Field(0, ge=0, description="index of background in conf; < num_classes")
     neg_mining: bool = True
     neg_pos: int = Field(3, ge=0)
-    neg_overlap: float = Field(0.5, ge=0, le=1)
+    neg_overlap: float = Field(0.5, gt=0, le=1)
     encode_target: bool = False
-    variance: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 0.2)
+    variance: tuple[PositiveFinite, PositiveFinite] = (0.1, 0.2)
     loc_weight: float = Field(1.0, ge=0)
     match_type: Literal["per_prediction", "bipartite"] = "per_prediction"
 
