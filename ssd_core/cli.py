@@ -7,7 +7,7 @@
 
 Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
 and (when it evaluates) `map_curve.png` there. `ssd train` also runs under torchrun (DDP, one data
-shard per rank, rank 0 logs and saves): `torchrun --nproc_per_node N -m ssd_core.cli train ...`.
+shard per rank, rank 0 logs, evaluates and saves): `torchrun --nproc_per_node N -m ssd_core.cli train ...`.
 """
 
 from __future__ import annotations
@@ -210,9 +210,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         if loaded is not None:
             trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
     val_set = None
-    if args.eval_every and context.distributed:  # torchmetrics would synchronise rank 0's metric alone
-        raise ValueError("--eval-every: not under torchrun; evaluate the checkpoints with `ssd eval`")
-    if args.eval_every:
+    if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
     history = _History()
 
@@ -242,15 +240,20 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     )
 
     def run_eval() -> None:
+        """Rank 0 scores the held-out set with the unwrapped network while the other ranks wait."""
         nonlocal eval_seconds
         eval_start = time.perf_counter()
-        scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
+        scores = None
+        if val_set is not None:
+            scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
+        context.barrier()
         eval_seconds += time.perf_counter() - eval_start
-        history.eval_steps.append(trainer.steps)
-        history.map_50.append(scores["map_50"])
-        history.map.append(scores["map"])
-        history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
-        log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+        history.eval_steps.append(trainer.steps)  # on every rank: it decides the final evaluation
+        if scores is not None:
+            history.map_50.append(scores["map_50"])
+            history.map.append(scores["map"])
+            history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
+            log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
 
     while trainer.steps < args.steps:
         if args.time_limit and context.from_main(
@@ -271,12 +274,12 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         history.lr.append(result.lr)
         progress.update(1)
         progress.set_postfix(loss=f"{running:.3f}", lr=f"{result.lr:.2g}")
-        if val_set is not None and trainer.steps % args.eval_every == 0:
+        if args.eval_every and trainer.steps % args.eval_every == 0:
             run_eval()
         if args.save_every and trainer.steps % args.save_every == 0:
             save()
     progress.close()
-    if val_set is not None and history.steps and history.eval_steps[-1:] != [trainer.steps]:
+    if args.eval_every and history.steps and history.eval_steps[-1:] != [trainer.steps]:
         run_eval()  # the run ended between evaluation points
     history.skipped_steps = trainer.skipped_steps
     history.train_seconds = time.perf_counter() - start - eval_seconds

@@ -90,12 +90,17 @@ class DistributedContext:
                 f"{what} differs across ranks: {main_value} on rank 0, {value} on rank {self.rank}"
             )
 
+    def barrier(self) -> None:
+        """Wait until every rank has called it (e.g. while rank 0 evaluates); a no-op for one process."""
+        if self.distributed:
+            dist.barrier()
+
     def close(self, success: bool = True) -> None:
         """Leave the process group: a barrier first when the run succeeded, then destroy it."""
         if not self.distributed:
             return
         if success:
-            dist.barrier()
+            self.barrier()
         dist.destroy_process_group()
 
 

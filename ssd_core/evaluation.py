@@ -61,8 +61,13 @@ def predict(
 
 
 def _metric(max_detections: int) -> MeanAveragePrecision:
+    # never synchronised over a process group: under torchrun rank 0 scores the held-out set alone
+    # (compute() would otherwise all-gather the state of ranks that do not evaluate and block)
     return MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", max_detection_thresholds=[1, 10, max_detections]
+        box_format="xyxy",
+        iou_type="bbox",
+        max_detection_thresholds=[1, 10, max_detections],
+        sync_on_compute=False,
     )
 
 
@@ -123,6 +128,9 @@ def evaluate(
 
     Returns:
         {"map_50": mAP@0.5 (VOC criterion), "map": COCO mAP@[0.5:0.95]}.
+
+    Local to this process: nothing is synchronised over a `torch.distributed` process group, so one
+    rank of a torchrun job can evaluate while the others wait (see `ssd train --eval-every`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
