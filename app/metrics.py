@@ -48,31 +48,33 @@ class _LossOutput(Protocol):
     stats: _MatchStats
 
 
+def _histogram(
+    registry: CollectorRegistry, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+) -> Histogram:
+    return Histogram(name, documentation, labels, buckets=buckets, registry=registry)
+
+
 class Metrics:
     """The service's metrics; one instance per application, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         source = ("source",)
-        self.loss_loc = Histogram(
-            "ssd_loss_loc", "Localisation (Smooth L1) loss per batch.", source,
-            buckets=LOSS_BUCKETS, registry=registry,
+        self.loss_loc = _histogram(
+            registry, "ssd_loss_loc", "Localisation (Smooth L1) loss per batch.", source, LOSS_BUCKETS
         )
-        self.loss_conf = Histogram(
-            "ssd_loss_conf", "Confidence (cross-entropy) loss per batch.", source,
-            buckets=LOSS_BUCKETS, registry=registry,
+        self.loss_conf = _histogram(
+            registry, "ssd_loss_conf", "Confidence (cross-entropy) loss per batch.", source, LOSS_BUCKETS
         )
-        self.positives_per_image = Histogram(
-            "ssd_positives_per_image", "Matched (positive) priors per image.", source,
-            buckets=COUNT_BUCKETS, registry=registry,
+        self.positives_per_image = _histogram(
+            registry, "ssd_positives_per_image", "Matched (positive) priors per image.", source, COUNT_BUCKETS
         )
-        self.hard_negatives_per_image = Histogram(
-            "ssd_hard_negatives_per_image", "Mined negative priors per image.", source,
-            buckets=COUNT_BUCKETS, registry=registry,
+        self.hard_negatives_per_image = _histogram(
+            registry, "ssd_hard_negatives_per_image", "Mined negative priors per image.", source, COUNT_BUCKETS
         )
-        self.matched_iou = Histogram(
-            "ssd_matched_iou", "IoU of each positive prior with its ground truth (ratio).", source,
-            buckets=IOU_BUCKETS, registry=registry,
+        self.matched_iou = _histogram(
+            registry, "ssd_matched_iou", "IoU of each positive prior with its ground truth (ratio).", source,
+            IOU_BUCKETS,
         )
         self.ground_truth_boxes = Counter(
             "ssd_ground_truth_boxes", "Ground-truth boxes seen.", source, registry=registry
@@ -105,9 +107,8 @@ class Metrics:
         self.http_requests = Counter(
             "ssd_http_requests", "HTTP requests (route = path template).", (*http, "status"), registry=registry
         )
-        self.http_request_duration = Histogram(
-            "ssd_http_request_duration_seconds", "HTTP request latency.", http,
-            buckets=LATENCY_BUCKETS, registry=registry,
+        self.http_request_duration = _histogram(
+            registry, "ssd_http_request_duration_seconds", "HTTP request latency.", http, LATENCY_BUCKETS
         )
         self.http_requests_in_progress = Gauge(
             "ssd_http_requests_in_progress", "HTTP requests in flight.", http, registry=registry,
@@ -181,14 +182,14 @@ def record_match_stats(metrics: Metrics, source: Source, output: _LossOutput) ->
     stats = output.stats
     metrics.loss_loc.labels(source=source).observe(float(output.loss_l))
     metrics.loss_conf.labels(source=source).observe(float(output.loss_c))
-    positives = metrics.positives_per_image.labels(source=source)
-    for count in stats.num_positives.tolist():
-        positives.observe(count)
-    negatives = metrics.hard_negatives_per_image.labels(source=source)
-    for count in stats.num_negatives.tolist():
-        negatives.observe(count)
-    iou = metrics.matched_iou.labels(source=source)
-    for value in stats.matched_ious.tolist():
-        iou.observe(value)
+    per_value = (
+        (metrics.positives_per_image, stats.num_positives),  # [B]
+        (metrics.hard_negatives_per_image, stats.num_negatives),  # [B]
+        (metrics.matched_iou, stats.matched_ious),  # [K]
+    )
+    for histogram, values in per_value:
+        child = histogram.labels(source=source)
+        for value in values.tolist():
+            child.observe(value)
     metrics.ground_truth_boxes.labels(source=source).inc(int(stats.num_ground_truth.sum()))
     metrics.forced_matches.labels(source=source).inc(int(stats.num_forced_matches.sum()))
