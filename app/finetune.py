@@ -4,9 +4,11 @@ The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and p
 model version after every completed optimizer step, so `/detect` sees progress within a job and a
 cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
 nothing. A checkpoint is written after every job that changed the weights, on demand
-(`POST /model/checkpoint`), after a rollback and on shutdown. On a graceful shutdown the job
-registry is written to `jobs.json` beside the checkpoints, so after a restart `GET /finetune/{id}`
-still answers (a job the shutdown interrupted reads `cancelled`; one a crash interrupted is unknown).
+(`POST /model/checkpoint`), after a rollback and on shutdown; a job's `checkpoint` says whether the
+version it left was written. Every job state change is appended to the job journal
+(`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final state), so after a
+restart, even after `kill -9`, `GET /finetune/{id}` still answers: a job the previous process did
+not finish reads `failed` ("interrupted"), with the restored version.
 
 Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
 trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
@@ -16,9 +18,7 @@ version" well defined.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from app.errors import ApiError
+from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
-from app.schemas import JobState, JobView, StepLoss
+from app.schemas import JobCheckpoint, JobState, JobView, StepLoss
 from app.settings import Settings
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
@@ -42,7 +43,7 @@ from ssd_core.training import StepResult, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
-JOURNAL = "jobs.json"  # in the checkpoint directory
+INTERRUPTED = "interrupted: the server stopped before the job finished"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -69,6 +70,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     num_images: int = 0
+    checkpoint: JobCheckpoint | None = None
     finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
 
     @classmethod
@@ -78,7 +80,7 @@ class Job:
                   steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
                   model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
                   created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
-                  num_images=view.num_images)
+                  num_images=view.num_images, checkpoint=view.checkpoint)
         job.finished.set_result(None)
         return job
 
@@ -88,7 +90,7 @@ class Job:
             skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
             augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
-            finished_at=self.finished_at,
+            finished_at=self.finished_at, checkpoint=self.checkpoint,
         )
 
 
@@ -112,6 +114,7 @@ class FinetuneWorker:
         self.settings = settings
         self.metrics = metrics
         self._saved_version = saved_version
+        self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
         self._running: Job | None = None
@@ -155,43 +158,37 @@ class FinetuneWorker:
             logger.error("trainer still busy after %.0f s; exiting without a final checkpoint", timeout)
             return
         self.save_if_unsaved()
-        self._write_journal()
-
-    # ---- the job journal: job states survive a graceful restart
-
-    def _journal_path(self):
-        return None if self.store is None else self.store.directory / JOURNAL
-
-    def _write_journal(self) -> None:
-        """Write every known job's final view next to the checkpoints (atomically; failures logged)."""
-        path = self._journal_path()
-        if path is None:
-            return
         with self._jobs_lock:
-            views = [job.view().model_dump(mode="json") for job in self._jobs.values()]
-        temp = path.with_name(f".{path.name}.tmp")
-        try:
-            temp.write_text(json.dumps(views))
-            os.replace(temp, path)
-        except OSError:
-            logger.exception("cannot write the job journal %s", path)
+            self._compact_journal()
+
+    # ---- the job journal: job states survive a restart, even kill -9
+
+    def _journal_record(self, job: Job, durable: bool) -> None:
+        """Append `job`'s current view (caller holds `_jobs_lock`, which keeps records in order)."""
+        if self._journal is not None:
+            self._journal.append(job.view(), durable)
+
+    def _compact_journal(self) -> None:
+        """One record per known job (caller holds `_jobs_lock`)."""
+        if self._journal is not None:
+            self._journal.compact([job.view() for job in self._jobs.values()])
 
     def load_journal(self) -> None:
-        """Restore the jobs of the previous run; one that had not finished is reported as failed."""
-        path = self._journal_path()
-        if path is None or not path.exists():
+        """Restore the newest SSD_JOB_HISTORY jobs of previous runs and compact the journal. A job
+        whose last record is queued or running was interrupted: it reads `failed`, with the version
+        this process restored (its unsaved steps are gone)."""
+        if self._journal is None:
             return
-        try:
-            views = [JobView.model_validate(v) for v in json.loads(path.read_text())]
-        except (OSError, ValueError) as error:
-            logger.warning("ignoring unreadable job journal %s: %s", path, error)
-            return
+        restored = self.host.current.version
         with self._jobs_lock:
-            for view in views[-self.settings.job_history :]:
+            for view in self._journal.replay()[-self.settings.job_history :]:
                 if not view.status.finished:
-                    view = view.model_copy(update={"status": JobState.failed,
-                                                   "error": "the server stopped before the job finished"})
+                    view = view.model_copy(update={
+                        "status": JobState.failed, "error": INTERRUPTED, "model_version": restored,
+                        "finished_at": time.time(),  # when it was found interrupted
+                    })
                 self._jobs[view.job_id] = Job.from_view(view)
+            self._compact_journal()
 
     # ---- jobs
 
@@ -213,6 +210,7 @@ class FinetuneWorker:
                                headers={"Retry-After": "5"})
             self._jobs[job.job_id] = job
             self._queue.append(job)
+            self._journal_record(job, durable=True)  # on disk before the 202
             self.metrics.finetune_queue_depth.set(len(self._queue))
             self._jobs_lock.notify_all()
         return job
@@ -241,11 +239,14 @@ class FinetuneWorker:
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
         job.state, job.error, job.finished_at, job.samples = state, error, time.time(), None
+        self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
         self.metrics.finetune_jobs.labels(state=state.value).inc()
         job.finished.set_result(None)
         finished = [j for j in self._jobs.values() if j.state.finished]
         for old in finished[: max(0, len(finished) - self.settings.job_history)]:
             del self._jobs[old.job_id]
+        if self._journal is not None and self._journal.needs_compaction():
+            self._compact_journal()
 
     # ---- the trainer thread
 
@@ -258,9 +259,10 @@ class FinetuneWorker:
                     return
                 job = self._running = self._queue.popleft()
                 job.state, job.started_at = JobState.running, time.time()
+                self._journal_record(job, durable=False)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
             state, error = self._train(job)
-            self.save_if_unsaved()
+            job.checkpoint = self._save_for_job()
             with self._jobs_lock:
                 self._running = None
                 self._finish(job, state, error)
@@ -360,16 +362,31 @@ class FinetuneWorker:
         self._saved_version = current.version
         return info, True
 
+    def _save_for_job(self) -> JobCheckpoint | None:
+        """Checkpoint the version a job left; whether it is on disk (None without a checkpoint directory)."""
+        with self._train_lock:
+            if self.store is None:
+                return None
+            version = self.host.current.version
+            error = self._save_unsaved()
+            return JobCheckpoint(saved=self._saved_version == version, version=version, error=error)
+
     def save_if_unsaved(self) -> None:
         """Checkpoint the current version unless it is on disk (at start, after a job, at shutdown);
         a failure (full or read-only disk) is logged and counted, never raised."""
         with self._train_lock:
-            if self.store is None or self.host.current.version == self._saved_version:
-                return
-            try:
-                self._checkpoint()
-            except Exception:
-                logger.exception("checkpoint of version %d failed", self.host.current.version)
+            self._save_unsaved()
+
+    def _save_unsaved(self) -> str | None:
+        """`save_if_unsaved` under `_train_lock`; returns the error message of a failed write."""
+        if self.store is None or self.host.current.version == self._saved_version:
+            return None
+        try:
+            self._checkpoint()
+        except Exception as error:
+            logger.exception("checkpoint of version %d failed", self.host.current.version)
+            return f"{type(error).__name__}: {error}"
+        return None
 
 
 def start_worker(

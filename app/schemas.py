@@ -152,6 +152,14 @@ class StepLoss(BaseModel):
     model_version: int = Field(description="version published by this step (unchanged when skipped)")
 
 
+class JobCheckpoint(BaseModel):
+    """Whether a finished job's weights are on disk (a restart resumes from them)."""
+
+    saved: bool = Field(description="false: the steps are served but not yet durable (the write failed)")
+    version: int = Field(description="the model version when the job ended: the one written, or that failed")
+    error: str | None = Field(description="why the write failed, else null")
+
+
 class JobView(BaseModel):
     job_id: str
     status: JobState
@@ -168,6 +176,9 @@ class JobView(BaseModel):
     created_at: float
     started_at: float | None
     finished_at: float | None
+    checkpoint: JobCheckpoint | None = Field(
+        None, description="set when the job ends and a checkpoint directory is configured: whether the "
+        "model version it left is saved")
 
 
 class ModelInfo(BaseModel):

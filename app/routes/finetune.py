@@ -70,7 +70,8 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
         options = await run_in_threadpool(parse_json, FinetuneRequest, await request.body())
         items = [(item.image, item) for item in options.images]
         samples = await run_in_threadpool(labelled_samples, items, settings)
-    job = worker.submit(samples, options.steps, options.learning_rate, options.augment)
+    # off the event loop: acceptance fsyncs the job journal
+    job = await run_in_threadpool(worker.submit, samples, options.steps, options.learning_rate, options.augment)
     if wait:
         await asyncio.shield(asyncio.wrap_future(job.finished))  # a client hang-up leaves the job running
         return JSONResponse(job.view().model_dump(mode="json"), status_code=200)
@@ -90,4 +91,4 @@ async def get_job(job_id: str, worker: WorkerDep) -> JobView:
     summary="Cancel a job (a running one stops after its current step)",
 )
 async def cancel_job(job_id: str, worker: WorkerDep) -> JobView:
-    return worker.cancel(job_id).view()
+    return (await run_in_threadpool(worker.cancel, job_id)).view()  # fsyncs the journal

@@ -204,17 +204,47 @@ def test_the_right_token_is_accepted(secured, shapes):
     assert secured.post("/score-loss", json={"images": labelled(shapes, (0,))}).status_code == 200
 
 
+def journal_records(settings) -> list[dict]:
+    return [json.loads(line) for line in (settings.checkpoint_dir / "jobs.jsonl").read_text().splitlines()]
+
+
 def test_jobs_survive_a_restart_and_unfinished_ones_read_failed(tmp_path, shapes):
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, job_history=3)
     with start_client(settings) as client:
         done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1}).json()
-    journal = settings.checkpoint_dir / "jobs.json"
-    views = json.loads(journal.read_text())
-    assert [v["job_id"] for v in views] == [done["job_id"]]
-    views.append({**views[0], "job_id": "crashed", "status": "running", "finished_at": None})
-    journal.write_text(json.dumps(views))
+        assert [r["status"] for r in journal_records(settings)] == ["queued", "running", "succeeded"]
+        assert done["checkpoint"] == {"saved": True, "version": 1, "error": None}
+    assert journal_records(settings) == [done]  # compacted on shutdown: one record per job
+    journal = settings.checkpoint_dir / "jobs.jsonl"
+    crashed = [{**done, "job_id": f"crashed-{state}", "status": state, "finished_at": None, "checkpoint": None}
+               for state in ("queued", "running")]
+    with journal.open("a") as f:  # what kill -9 leaves: last records not final, a torn last line
+        f.writelines(json.dumps(record) + "\n" for record in crashed)
+        f.write('{"job_id": "torn", "sta')
     with start_client(settings) as client:
         assert client.get(f"/finetune/{done['job_id']}").json() == done
-        crashed = client.get("/finetune/crashed").json()
-        assert crashed["status"] == "failed" and "stopped" in crashed["error"]
-        assert_error(client.delete("/finetune/crashed"), 409, "job_id", "job_finished")
+        for record in crashed:
+            job = client.get(f"/finetune/{record['job_id']}").json()
+            assert job["status"] == "failed" and job["error"].startswith("interrupted"), job
+            assert job["model_version"] == 1 and job["finished_at"] is not None
+        assert_error(client.delete("/finetune/crashed-running"), 409, "job_id", "job_finished")
+        assert_error(client.get("/finetune/torn"), 404, "job_id")
+        assert len(journal_records(settings)) == 3  # compacted at start, the torn line dropped
+        for _ in range(2):
+            client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1})
+    records = journal_records(settings)  # bounded by SSD_JOB_HISTORY: the oldest job is forgotten
+    assert len(records) == 3 and done["job_id"] not in {r["job_id"] for r in records}
+
+
+def test_a_queued_job_is_on_disk_before_the_202(client, shapes):
+    settings = client.app.state.settings
+    running = client.post("/finetune", json={"images": labelled(shapes), "steps": 200}).json()
+    queued = client.post("/finetune", json={"images": labelled(shapes), "steps": 1})
+    assert queued.status_code == 202
+    last = {r["job_id"]: r for r in journal_records(settings)}
+    assert last[queued.json()["job_id"]]["status"] == "queued"
+    assert last[running["job_id"]]["status"] in {"queued", "running"}
+    cancelled = client.delete(f"/finetune/{queued.json()['job_id']}").json()
+    last = {r["job_id"]: r for r in journal_records(settings)}
+    assert last[cancelled["job_id"]] == cancelled  # a final state is recorded before the answer
+    client.delete(f"/finetune/{running['job_id']}")

@@ -18,6 +18,8 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.journal import JOURNAL_NAME
+
 CHECKPOINT_SIDECAR = re.compile(r"^ckpt-(\d{8})\.json$")
 
 
@@ -76,11 +78,16 @@ def _file_matches(path: Path, entry: dict) -> bool:
     return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 
+def _checkpoint_files(directory: Path) -> list[Path]:
+    """Every file in `directory` but the job journal (which records jobs, not weights)."""
+    return [path for path in sorted(directory.iterdir()) if path.name != JOURNAL_NAME]
+
+
 def checkpoint_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every file in `directory` by name (to show files were left exactly as they were)."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(directory.iterdir())}
+    """sha256 of every checkpoint file (temp files included) by name, to show they were left exactly as they were."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in _checkpoint_files(directory)}
 
 
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime in ns) of every file in `directory` by name: a cheap "nothing was written" check."""
-    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(directory.iterdir())}
+    """(size, mtime in ns) of every checkpoint file by name: a cheap "nothing was written" check."""
+    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in _checkpoint_files(directory)}

@@ -145,6 +145,39 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
         assert http.get(f"/finetune/{queued['job_id']}").json()["status"] == "cancelled"
 
 
+# ---- kill -9 with jobs queued and running: the journal keeps every acknowledged job id
+
+
+@pytest.mark.xdist_group("reliability-faults")
+def test_kill_9_loses_no_job_record(tmp_path):
+    """A job that succeeded, one running and one queued (both acknowledged with 202) at kill -9: after a
+    restart every id answers; the unfinished two read `failed` ("interrupted") with the restored version."""
+    items = labelled_images(2, seed=4, image_size=64)
+    with run_service(tmp_path, module=True) as service:
+        http = httpx.Client(base_url=service.url, timeout=60)
+        done = http.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
+        assert done["status"] == "succeeded" and done["checkpoint"]["saved"], done
+        running = http.post("/finetune", json={"images": items, "steps": 1000, "learning_rate": 1e-4})
+        queued = http.post("/finetune", json={"images": items, "steps": 1})
+        assert (running.status_code, queued.status_code) == (202, 202)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and http.get(f"/finetune/{running.json()['job_id']}").json()[
+                "steps_done"] < 2:
+            time.sleep(0.05)
+        service.process.send_signal(signal.SIGKILL)
+        service.process.wait(timeout=30)
+
+    with run_service(tmp_path, module=True) as service:
+        http = httpx.Client(base_url=service.url, timeout=30)
+        restored = http.get("/model").json()["version"]
+        assert restored == done["model_version"]  # the running job's steps were never checkpointed
+        assert http.get(f"/finetune/{done['job_id']}").json() == done
+        for job_id in (running.json()["job_id"], queued.json()["job_id"]):
+            job = http.get(f"/finetune/{job_id}").json()
+            assert job["status"] == "failed" and job["error"].startswith("interrupted"), job
+            assert job["model_version"] == restored, job
+
+
 # ---- kill -9 while checkpoints are being written
 
 KILL_ROUNDS = 4
@@ -313,7 +346,8 @@ def test_failing_disk_is_reported_and_counted_and_the_previous_checkpoint_surviv
     items = labelled(SHAPES)
     detect = {"images": [{"image": items[0]["image"]}]}
     with start_client(make_settings(tmp_path, checkpoint_dir=disk.directory)) as client:
-        assert client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()["model_version"] == 1
+        first = client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
+        assert first["model_version"] == 1 and first["checkpoint"] == {"saved": True, "version": 1, "error": None}
         assert complete_checkpoints(disk.directory) == [0, 1]
         before = checkpoint_digests(disk.directory)
 
@@ -321,6 +355,9 @@ def test_failing_disk_is_reported_and_counted_and_the_previous_checkpoint_surviv
         try:
             job = client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
             assert job["status"] == "succeeded" and job["model_version"] == 2  # training itself is unaffected
+            assert job["checkpoint"]["saved"] is False and job["checkpoint"]["version"] == 2  # served, not durable
+            assert os.strerror(code) in job["checkpoint"]["error"], job
+            assert client.get(f"/finetune/{job['job_id']}").json()["checkpoint"] == job["checkpoint"]
             assert client.sample("ssd_checkpoints_total", outcome="failed") == 1  # the save after the job
             response = client.post("/model/checkpoint")
             assert response.status_code == 503, response.text
