@@ -144,12 +144,14 @@ class MultiBoxLoss(nn.Module):
         matches = match(iou, valid, self.threshold, self.match_type)
         positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
 
-        log_probs = F.log_softmax(conf.detach(), dim=-1)  # [B, P, C], the only pass over conf
-        background = log_probs[..., self.background_label]  # [B, P], minus the loss as a negative
-        negative = self._mine(background, positive, eligible) if self.do_neg_mining else eligible
+        if self.do_neg_mining:
+            background = _background_log_prob(conf.detach(), self.background_label)  # [B, P], minus the loss
+            negative = self._mine(background, positive, eligible)
+        else:
+            negative = eligible
         image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
         target = self._conf_target(truths[..., 4], matches.truth_idx, positive)[image, prior]  # [K]
-        cross_entropy = _SelectedCrossEntropy.apply(conf, log_probs, image, prior, target)  # [K]
+        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target)  # [K]
         loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
         loss_l_sum = self._loc_loss(loc, priors, boxes, matches.truth_idx, positive)  # [B]
 
@@ -212,29 +214,51 @@ class MultiBoxLoss(nn.Module):
         return loc.new_zeros(loc.shape[0]).index_add(0, image, per_positive)
 
 
-class _SelectedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the selected priors, reusing the log-probabilities computed for mining.
+# rows of conf per log_softmax call on the CPU: a [rows, C] block stays in cache and no [B, P, C]
+# log-probability tensor is allocated (a fresh 20+ MB buffer costs more in page faults than the pass)
+_ROWS_PER_BLOCK = 16384
 
-    Forward: -log_probs[image, prior, target], Tensor[K]. Backward: softmax - one_hot on the selected
-    rows of d conf, zero elsewhere, so the dense [B, P, C] pass happens once, in `log_softmax`.
+
+def _background_log_prob(conf: Tensor, background_label: int) -> Tensor:
+    """log softmax(conf)[..., background_label] of every prior, block by block of rows on the CPU.
+
+    Args:
+        conf (Tensor[B, P, C]): logits.
+
+    Returns:
+        Tensor[B, P]: each prior's background log-probability (minus its conf loss as a negative).
+    """
+    rows = conf.reshape(-1, conf.shape[-1])  # [B * P, C]
+    block = _ROWS_PER_BLOCK if rows.device.type == "cpu" else max(1, len(rows))
+    out = rows.new_empty(len(rows))  # [B * P]
+    for start in range(0, len(rows), block):
+        out[start : start + block] = F.log_softmax(rows[start : start + block], dim=-1)[:, background_label]
+    return out.view(conf.shape[:2])
+
+
+class _SelectedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the selected priors only.
+
+    Forward: log_softmax on the K selected rows of conf, -log_probs[k, target[k]], Tensor[K]. Backward:
+    softmax - one_hot written into those rows of a zero d conf; nothing else touches [B, P, C].
     """
 
     @staticmethod
-    def forward(ctx, conf: Tensor, log_probs: Tensor, image: Tensor, prior: Tensor, target: Tensor) -> Tensor:
-        rows = log_probs[image, prior]  # [K, C]
-        ctx.save_for_backward(rows, image, prior, target)
+    def forward(ctx, conf: Tensor, row: Tensor, target: Tensor) -> Tensor:
+        log_probs = F.log_softmax(conf.reshape(-1, conf.shape[-1]).index_select(0, row), dim=-1)  # [K, C]
+        ctx.save_for_backward(log_probs, row, target)
         ctx.conf_shape = conf.shape
-        return -rows.gather(1, target[:, None]).squeeze(1)
+        return -log_probs.gather(1, target[:, None]).squeeze(1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        rows, image, prior, target = ctx.saved_tensors
-        grad_rows = rows.exp()  # softmax, [K, C]
+        log_probs, row, target = ctx.saved_tensors
+        grad_rows = log_probs.exp()  # softmax, [K, C]
         grad_rows[torch.arange(len(target), device=target.device), target] -= 1
         grad_conf = grad_rows.new_zeros(ctx.conf_shape)  # [B, P, C]
-        grad_conf[image, prior] = grad_rows * grad[:, None]
-        return grad_conf, None, None, None, None
+        grad_conf.view(-1, grad_rows.shape[1]).index_copy_(0, row, grad_rows.mul_(grad[:, None]))
+        return grad_conf, None, None
 
 
 def _check_options(
