@@ -202,7 +202,8 @@ class VersionInfo(BaseModel):
 
 class VersionsResponse(BaseModel):
     current: int
-    versions: list[VersionInfo] = Field(description="saved checkpoints, oldest first")
+    versions: list[VersionInfo] = Field(description="saved checkpoints whose files verify (size and sha256), "
+                                        "oldest first: the rollback targets")
 
 
 class CheckpointResponse(BaseModel):

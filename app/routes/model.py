@@ -12,6 +12,7 @@ from app.openapi import AUTH_RESPONSES
 from app.replica import TrainerRole
 from app.schemas import CheckpointResponse, ModelInfo, RollbackRequest, VersionInfo, VersionsResponse
 from app.settings import Settings
+from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -39,9 +40,24 @@ async def get_model(host: HostDep, settings: SettingsDep) -> ModelInfo:
     return model_info(host, settings)
 
 
+def intact_versions(store: CheckpointStore) -> list[CheckpointInfo]:
+    """The saved versions whose every file has the size and sha256 its sidecar records (what a
+    restart or a rollback can load), oldest first. Verifying reads every checkpoint in full."""
+    intact = []
+    for info in store.versions():
+        try:
+            store.load(info.version)
+        except CheckpointError:
+            continue  # torn or corrupt: listed nowhere, never loaded
+        intact.append(info)
+    return intact
+
+
 @router.get("/versions", response_model=VersionsResponse, summary="The current version and the saved ones")
 async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
-    saved = await run_in_threadpool(store.versions) if store is not None else []
+    """Only checkpoints that verify (size and sha256 of each file) are listed: each one is a valid
+    `POST /model/rollback` target. A torn or corrupt checkpoint is left out."""
+    saved = await run_in_threadpool(intact_versions, store) if store is not None else []
     return VersionsResponse(
         current=host.current.version,
         versions=[VersionInfo(version=i.version, step=i.step, created=i.created) for i in saved],

@@ -87,6 +87,23 @@ def test_restart_skips_a_corrupt_newest_checkpoint(tmp_path, shapes):
         assert client.version == 0
 
 
+def test_versions_lists_only_checkpoints_that_verify(client, shapes):
+    """A torn copy (complete sidecar, half the weights) or a flipped byte is not listed, nor a rollback target."""
+    train(client, shapes, steps=1)
+    directory = client.app.state.settings.checkpoint_dir
+    for version, damage in ((7, lambda data: data[: len(data) // 2]), (8, lambda data: data[:-1] + b"\x00")):
+        for suffix in (".safetensors", ".optim.safetensors", ".json"):
+            shutil.copyfile(directory / f"ckpt-00000001{suffix}", directory / f"ckpt-{version:08d}{suffix}")
+        sidecar = directory / f"ckpt-{version:08d}.json"
+        sidecar.write_text(sidecar.read_text().replace('"version": 1', f'"version": {version}').replace(
+            "ckpt-00000001", f"ckpt-{version:08d}"))
+        weights = directory / f"ckpt-{version:08d}.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+    assert [v["version"] for v in client.get("/model/versions").json()["versions"]] == [0, 1]
+    assert_error(client.post("/model/rollback", json={"version": 7}), 404, "version", "not_found")
+    assert client.version == 1
+
+
 def test_failed_checkpoint_write_is_reported_and_the_model_keeps_serving(tmp_path, shapes):
     settings = make_settings(tmp_path)
     with start_client(settings) as client:
