@@ -16,9 +16,23 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from ssd_core.datasets import Sample
 from ssd_core.images import to_model_input
+from ssd_core.models import ModelSpec
 from ssd_core.postprocess import Detections, detect
 
-__all__ = ["evaluate", "mean_average_precision", "predict"]
+__all__ = ["evaluate", "mean_average_precision", "model_inputs", "predict"]
+
+
+def model_inputs(images: Sequence[Tensor], spec: ModelSpec) -> Tensor:
+    """Images of any sizes as one model batch.
+
+    Args:
+        images: B uint8 RGB images, each Tensor[3, H_i, W_i].
+        spec: the model's `ModelSpec` (image_size S, pixel_mean, pixel_std).
+
+    Returns:
+        Tensor[B, 3, S, S] float: each image resized to S x S and normalised (`images.to_model_input`).
+    """
+    return torch.stack([to_model_input(im, spec.image_size, spec.pixel_mean, spec.pixel_std) for im in images])
 
 
 @torch.no_grad()
@@ -43,9 +57,7 @@ def predict(
         scores [K], labels [K] 0-based.
     """
     spec = model.spec
-    batch = torch.stack(
-        [to_model_input(im, spec.image_size, spec.pixel_mean, spec.pixel_std) for im in images]
-    )
+    batch = model_inputs(images, spec)  # [B, 3, S, S]
     model.eval()
     loc, conf, priors = model(batch.to(device))  # [B, P, 4], [B, P, C], [P, 4]
     return detect(

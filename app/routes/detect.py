@@ -23,7 +23,7 @@ from app.model_host import ModelHost
 from app.openapi import ERROR_RESPONSES, request_body
 from app.schemas import Detection, DetectOptions, DetectRequest, DetectResponse
 from app.settings import Settings
-from ssd_core.images import to_model_input
+from ssd_core.evaluation import model_inputs
 from ssd_core.postprocess import detect
 
 router = APIRouter(tags=["detect"])
@@ -46,7 +46,7 @@ def run_detection(
     """Decode (bytes, field name) pairs, run the current version, post-process to pixel boxes."""
     images = [decode_image(data, settings, field) for data, field in encoded]  # [3, H_k, W_k] each
     spec = host.spec
-    batch = torch.stack([to_model_input(image, spec.image_size, spec.pixel_mean, spec.pixel_std) for image in images])
+    batch = model_inputs(images, spec)  # [B, 3, S, S]
     served = host.current
     loc, conf, priors = host.predict(batch, served)  # [B, P, 4], [B, P, C], [P, 4]
     with torch.inference_mode():

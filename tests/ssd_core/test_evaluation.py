@@ -8,7 +8,8 @@ from torch import nn
 
 from ssd_core.boxes import center_size
 from ssd_core.datasets import Sample
-from ssd_core.evaluation import evaluate, mean_average_precision, predict
+from ssd_core.evaluation import evaluate, mean_average_precision, model_inputs, predict
+from ssd_core.images import to_model_input
 from ssd_core.models import ModelSpec, build_model
 from ssd_core.postprocess import Detections
 from ssd_core.priors import VOC_300
@@ -96,3 +97,13 @@ def test_predict_returns_pixel_boxes_for_a_real_model():
         assert (det.boxes[:, 2] <= width).all() and (det.boxes[:, 3] <= height).all()
         assert ((det.labels >= 0) & (det.labels < 3)).all()
     assert not model.training
+
+
+def test_model_inputs_stacks_each_image_resized_and_normalised():
+    spec = build_model("ssd-small", 4).spec
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in [(40, 60), (90, 30)]]
+    batch = model_inputs(images, spec)
+    assert batch.shape == (2, 3, spec.image_size, spec.image_size) and batch.dtype == torch.float32
+    for image, row in zip(images, batch, strict=True):
+        assert torch.equal(row, to_model_input(image, spec.image_size, spec.pixel_mean, spec.pixel_std))
