@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ssd_core import MultiBoxLoss
+from tests.app.conftest import labelled
 from tests.app.test_score_loss import NUM_CLASSES, good
 
 SEED_ARGS = dict(overlap_thresh=0.5, prior_for_matching=True, bkg_label=0, neg_mining=True, neg_pos=3,
@@ -67,3 +68,12 @@ def test_non_finite_option_is_named(client, name, token):
 @pytest.mark.parametrize("token", ["[1e400, 0.2]", "[0.1, NaN]", "[0.1]", "[0.1, 0.2, 0.3]"])
 def test_bad_variance_is_named(client, token):
     assert_option_error(post_raw_option(client, "variance", token), "variance")
+
+
+@pytest.mark.parametrize("bkg_label", [0, NUM_CLASSES - 1, NUM_CLASSES, 10**6])
+def test_bkg_label_bound_in_the_image_form(client, shapes, bkg_label):
+    response = client.post("/score-loss", json={"images": labelled(shapes, (0,)), "options": {"bkg_label": bkg_label}})
+    if loss_accepts("bkg_label", bkg_label):
+        assert response.status_code == 200, response.text
+    else:
+        assert_option_error(response, "bkg_label")
