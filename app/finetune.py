@@ -372,8 +372,8 @@ class FinetuneWorker:
             return JobCheckpoint(saved=self._saved_version == version, version=version, error=error)
 
     def save_if_unsaved(self) -> None:
-        """Checkpoint the current version unless it is on disk (at start, after a job, at shutdown);
-        a failure (full or read-only disk) is logged and counted, never raised."""
+        """Checkpoint the current version unless it is on disk (at start, at shutdown); a failure
+        (full or read-only disk) is logged and counted, never raised. After a job: `_save_for_job`."""
         with self._train_lock:
             self._save_unsaved()
 
