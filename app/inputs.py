@@ -8,14 +8,15 @@ annotations as a JSON field). They all end up as the same tensors / `Sample`s.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import safetensors.torch
 import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
 from torch import Tensor
 
 from app.errors import ApiError, from_validation_error, invalid
@@ -154,9 +155,15 @@ def check_batch(
         raise invalid("targets", f"has {targets.shape[0]} images, the predictions have B={batch}")
     if options.bkg_label >= settings.num_classes:
         raise invalid("options.bkg_label", f"must be < num_classes={settings.num_classes}")
-    for b in range(batch):
-        real = targets[b][targets[b, :, 4] >= 0]  # [n_b, 6]
-        _check_boxes(real[:, :4], (1, 1), f"targets[{b}]", settings)
+    real = targets[..., 4] >= 0  # [B, M]
+    try:  # one check of all real boxes; per image only to name the failing one
+        if int(real.sum(dim=1).max()) > settings.max_boxes_per_image:
+            raise ValueError("too many boxes")
+        check_pixel_boxes(targets[real][:, :4], (1, 1))
+    except ValueError as error:
+        for b in range(batch):
+            _check_boxes(targets[b][real[b]][:, :4], (1, 1), f"targets[{b}]", settings)  # [n_b, 4]
+        raise invalid("targets", str(error)) from None
     return LossBatch(loc, conf, priors, targets, options)
 
 
@@ -182,12 +189,30 @@ def _check_boxes(boxes: Tensor, image_hw: tuple[int, int], field: str, settings:
 # ---- safetensors form of /score-loss
 
 _TENSORS = {"loc", "conf", "targets", "priors"}
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def safetensors_batch(body: bytes, model_priors: Tensor, settings: Settings) -> LossBatch:
+async def read_body(request: Request) -> bytearray:
+    """The request body in one writable buffer: one copy of the received chunks (into a buffer sized by
+    Content-Length when given), so tensors can be views of it (`torch.frombuffer` wants it writable)."""
+    declared = request.headers.get("content-length")
+    body = bytearray(int(declared)) if declared and declared.isdigit() else bytearray()
+    size = 0
+    async for chunk in request.stream():
+        end = size + len(chunk)
+        if end <= len(body):
+            body[size:end] = chunk
+        else:
+            body[size:] = chunk
+        size = end
+    del body[size:]
+    return body
+
+
+def safetensors_batch(body: bytes | bytearray, model_priors: Tensor, settings: Settings) -> LossBatch:
     """A safetensors body (loc, conf, targets [B, M, 5|6] padded, optional priors; options as JSON
-    strings in `__metadata__`) -> LossBatch. The header is checked before any tensor is built."""
+    strings in `__metadata__`) -> LossBatch. The header is checked before any tensor is built; float32
+    tensors of a bytearray body are views of it, not copies."""
     header = _safetensors_header(body)
     for name, entry in header.items():
         if name == "__metadata__":
@@ -199,10 +224,7 @@ def safetensors_batch(body: bytes, model_priors: Tensor, settings: Settings) -> 
     for name in ("loc", "conf", "targets"):
         if name not in header:
             raise invalid(name, "missing tensor")
-    try:
-        tensors = safetensors.torch.load(body)
-    except Exception as error:  # safetensors' own error type: offsets or sizes that lie
-        raise ApiError(400, "invalid_safetensors", f"body is not valid safetensors: {error}", "body") from None
+    tensors = _safetensors_views(body, header)
     options = _metadata_options(header.get("__metadata__") or {})
     targets = tensors["targets"].float()
     if targets.dim() != 3 or targets.shape[-1] not in (5, 6):
@@ -212,8 +234,10 @@ def safetensors_batch(body: bytes, model_priors: Tensor, settings: Settings) -> 
     if not torch.isfinite(targets).all():
         raise invalid("targets", "holds a non-finite number")
     real = targets[..., 4] >= 0  # [B, M]
-    for b, i in real.nonzero().tolist():
-        check_label(float(targets[b, i, 4]), settings.num_classes, f"targets[{b}][{i}]")
+    labels = targets[..., 4][real]  # [N]
+    if ((labels != labels.round()) | (labels > settings.num_classes - 2)).any():  # name the first one
+        for b, i in real.nonzero().tolist():
+            check_label(float(targets[b, i, 4]), settings.num_classes, f"targets[{b}][{i}]")
     priors = tensors.get("priors")
     return check_batch(
         tensors["loc"].float(), tensors["conf"].float(), None if priors is None else priors.float(),
@@ -221,10 +245,49 @@ def safetensors_batch(body: bytes, model_priors: Tensor, settings: Settings) -> 
     )
 
 
-def _safetensors_header(body: bytes) -> dict:
-    def bad(message: str) -> ApiError:
-        return ApiError(400, "invalid_safetensors", f"body is not valid safetensors: {message}", "body")
+def _bad_safetensors(message: str) -> ApiError:
+    return ApiError(400, "invalid_safetensors", f"body is not valid safetensors: {message}", "body")
 
+
+def _safetensors_views(body: bytes | bytearray, header: dict) -> dict[str, Tensor]:
+    """The header's tensors (float dtypes, already checked) over the body's bytes, after the checks of
+    safetensors' own loader: every shape's byte size equals its offsets' span, and the spans tile the
+    data section in order, from 0 to its end. Views of a bytearray body, copies of a bytes one."""
+    data_start = 8 + int.from_bytes(body[:8], "little")
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    for name, entry in entries.items():
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise _bad_safetensors(f"{name}: shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise _bad_safetensors(f"{name}: data_offsets must be two integers, got {offsets!r}")
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = entry["data_offsets"]
+        if start != position or end < start:
+            raise _bad_safetensors(f"{name}: data_offsets {[start, end]} leave a gap or overlap at byte {position}")
+        size = math.prod(entry["shape"]) * _FLOAT_DTYPES[entry["dtype"]].itemsize
+        if size != end - start:
+            raise _bad_safetensors(f"{name}: shape {entry['shape']} needs {size} bytes, data_offsets give {end - start}")
+        position = end
+    if data_start + position != len(body):
+        raise _bad_safetensors(f"the tensors cover {position} bytes, the data section holds {len(body) - data_start}")
+    if isinstance(body, bytes):
+        body = bytearray(body)  # torch.frombuffer needs a writable buffer
+    buffer = torch.frombuffer(body, dtype=torch.uint8)  # [len(body)], not empty: the header was read
+    tensors = {}
+    for name, entry in entries.items():
+        dtype = _FLOAT_DTYPES[entry["dtype"]]
+        start, end = (data_start + offset for offset in entry["data_offsets"])
+        raw = buffer[start:end]
+        if start % dtype.itemsize:  # a header length that is not a multiple of 8: realign by copying
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors
+
+
+def _safetensors_header(body: bytes | bytearray) -> dict:
+    bad = _bad_safetensors
     if len(body) < 8:
         raise bad("shorter than its 8-byte header length")
     length = int.from_bytes(body[:8], "little")

@@ -17,6 +17,7 @@ from app.inputs import (
     media_type,
     parse_json,
     predictions_batch,
+    read_body,
     safetensors_batch,
 )
 from app.metrics import Metrics, record_match_stats
@@ -53,6 +54,11 @@ def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
                                                                      batch.targets)
         except ValueError as error:  # the loss's own checks (e.g. option combinations)
             raise invalid("body", str(error)) from None
+
+
+def score_safetensors(body: bytearray, model_priors: torch.Tensor, settings: Settings) -> LossOutput:
+    """The binary form in one worker-thread call: parse (tensors are views of `body`), check, score."""
+    return score_batch(safetensors_batch(body, model_priors, settings), settings.num_classes)
 
 
 def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings, metrics: Metrics) -> tuple[LossOutput, int]:
@@ -103,12 +109,12 @@ async def score_loss(request: Request, host: HostDep, settings: SettingsDep, met
     """Three forms: JSON predictions + targets (boxes normalised), the same as a safetensors body
     (`application/octet-stream`), or JSON `images` with pixel boxes, scored with the hosted model."""
     kind = media_type(request.headers.get("content-type"), (JSON, BINARY))
-    body = await request.body()
     if kind == BINARY:
-        batch = await run_in_threadpool(safetensors_batch, body, host.priors, settings)
+        body = await read_body(request)
         version = host.current.version
-        output = await run_in_threadpool(score_batch, batch, settings.num_classes)
+        output = await run_in_threadpool(score_safetensors, body, host.priors, settings)
     else:
+        body = await request.body()
         parsed = await run_in_threadpool(parse_json, ScoreLossRequest, body)
         check_form(parsed)
         if parsed.images is not None:

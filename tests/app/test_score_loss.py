@@ -274,6 +274,38 @@ def test_safetensors_header_lying_about_offsets(client, unchanged):
     assert_error(response, 400, "body", "invalid_safetensors")
 
 
+def test_binary_half_precision_and_unaligned_header(client):
+    """The zero-copy reader: float16 tensors, and a header whose length is not a multiple of 8 (data
+    not aligned for float32 views), give the same loss as the float32 tensors."""
+    loc, conf, targets = random_batch(seed=6)
+    body = as_safetensors(loc, conf, targets)
+    length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + length])
+    text = json.dumps(header).encode()
+    unaligned = text + b" " * ((3 - len(text)) % 8)  # data starts at 8 + 8k + 3 bytes
+    assert len(unaligned) % 8 == 3
+    response = post_binary(client, len(unaligned).to_bytes(8, "little") + unaligned + body[8 + length:])
+    assert response.status_code == 200, response.text
+    assert_matches(response.json(), seed_loss(loc, conf, targets))
+    half = as_safetensors(loc.half(), conf.half(), targets)
+    response = post_binary(client, half)
+    assert response.status_code == 200, response.text
+    assert_matches(response.json(), seed_loss(loc.half().float(), conf.half().float(), targets))
+
+
+def test_safetensors_gap_between_tensors_is_refused(client, unchanged):
+    loc, conf, targets = random_batch()
+    body = as_safetensors(loc, conf, targets)
+    length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + length])
+    for entry in header.values():
+        if "data_offsets" in entry:
+            entry["data_offsets"] = [offset + 4 for offset in entry["data_offsets"]]  # 4 unused bytes first
+    forged = json.dumps(header).encode()
+    response = post_binary(client, len(forged).to_bytes(8, "little") + forged + b"\0" * 4 + body[8 + length:])
+    assert_error(response, 400, "body", "invalid_safetensors")
+
+
 @pytest.mark.parametrize(("tensors", "metadata", "field"), [
     ({"extra": torch.zeros(1)}, None, "extra"),
     ({"priors": torch.zeros(3, 4)}, None, "priors"),
