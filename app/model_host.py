@@ -21,6 +21,7 @@ from torch import Tensor
 from app.metrics import Metrics
 from app.settings import Settings
 from ssd_core.checkpoint import CheckpointStore, LoadedCheckpoint
+from ssd_core.devices import resolve_device
 from ssd_core.models import SSD, build_model
 
 logger = logging.getLogger(__name__)
@@ -45,15 +46,6 @@ class ModelVersion:
     restored_from: int | None = None
 
 
-def resolve_device(setting: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("SSD_DEVICE=cuda but no CUDA device is available")
-    return torch.device(setting)
-
-
 def frozen_copy(model: SSD, device: torch.device) -> SSD:
     """An independent eval-mode copy without gradients, safe to share between inference threads."""
     snapshot = copy.deepcopy(model).to(device).eval()
@@ -76,7 +68,7 @@ class ModelHost:
     def __init__(self, settings: Settings, metrics: Metrics, model: SSD, version: int, step: int) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(settings.device, "SSD_DEVICE")
         self.spec = model.spec
         self.priors: Tensor = model.priors.to(self.device)  # [P, 4] cxcywh, the same for every version
         self._lock = threading.Lock()

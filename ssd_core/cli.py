@@ -32,6 +32,7 @@ from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointStore
 from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
 from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
+from ssd_core.devices import resolve_device
 from ssd_core.distributed import DistributedContext, DistributedTrainer, distributed_sampler, init_distributed
 from ssd_core.evaluation import evaluate, predict
 from ssd_core.images import decode_image_bytes, encode_png
@@ -44,14 +45,6 @@ from ssd_core.training import TrainConfig, Trainer
 __all__ = ["build_parser", "load_dataset", "main"]
 
 MAX_IMAGE_PIXELS = 40_000_000  # `detect` refuses larger images (decompression bombs)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    return torch.device(name)
 
 
 def load_dataset(spec: str, *, split: str, synthetic_images: int, synthetic_size: int = 256):
@@ -174,7 +167,7 @@ class _History:
 
 
 def _train(args: argparse.Namespace) -> int:
-    context = init_distributed(_device(args.device))  # single process unless run by torchrun
+    context = init_distributed(resolve_device(args.device, "--device"))  # single process unless run by torchrun
     try:
         status = _train_rank(args, context)
     except BaseException:
@@ -299,7 +292,7 @@ def _silent(message: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")
     model, meta = _load_model(args.checkpoint_dir, device)
     dataset = _dataset(args, args.data, args.split, args.synthetic_images)
     scores = evaluate(model, dataset, batch_size=args.batch_size, device=device)
@@ -323,7 +316,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")
     model, meta = _load_model(args.checkpoint_dir, device)
     image = decode_image_bytes(Path(args.image).read_bytes(), MAX_IMAGE_PIXELS)  # [3, H, W] uint8
     detections = predict(model, [image], device=device, score_threshold=args.score_threshold)[0]
