@@ -61,6 +61,16 @@ def client(settings) -> Iterator[ServiceClient]:
 
 
 @pytest.fixture
+def unchanged(client):
+    """After the test: still version 0, nothing queued or trained, still healthy."""
+    yield
+    assert client.version == 0
+    assert client.sample("ssd_finetune_queue_depth") == 0
+    assert client.sample("ssd_finetune_steps_total") == 0
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.fixture
 def shapes() -> ShapesDataset:
     return ShapesDataset(8, image_size=64, seed=3)
 

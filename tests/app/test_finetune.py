@@ -118,15 +118,6 @@ def test_skipped_non_finite_steps(client, shapes):
 # ---- bad input leaves the model, its version and the queue untouched
 
 
-@pytest.fixture
-def unchanged(client):
-    yield
-    assert client.version == 0
-    assert client.sample("ssd_finetune_queue_depth") == 0
-    assert client.sample("ssd_finetune_steps_total") == 0
-    assert client.get("/readyz").status_code == 200
-
-
 def test_bad_json_requests(client, unchanged, shapes):
     items = labelled(shapes)
     cases = [

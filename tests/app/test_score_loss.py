@@ -144,16 +144,6 @@ def test_image_form_runs_the_hosted_model(client, shapes):
 # ---- bad input: a 4xx naming the field, nothing changed
 
 
-@pytest.fixture
-def unchanged(client):
-    """After the test: still version 0, nothing queued or trained, still healthy."""
-    yield
-    assert client.version == 0
-    assert client.sample("ssd_finetune_queue_depth") == 0
-    assert client.sample("ssd_finetune_steps_total") == 0
-    assert client.get("/readyz").status_code == 200
-
-
 def good() -> dict:
     loc, conf, targets = random_batch(batch=2, seed=5)
     return as_json(loc, conf, targets)
