@@ -75,8 +75,8 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
     """
     if match_type not in MATCH_TYPES:
         raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
-    best_iou, truth_idx = _max_first(iou, dim=1)  # [B, P]
-    truth_best_iou, truth_best_prior = _max_first(iou, dim=2)  # [B, M]
+    best_iou, truth_idx = iou.max(dim=1)  # [B, P]
+    truth_best_iou, truth_best_prior = iou.max(dim=2)  # [B, M]
     if match_type == "per_prediction":
         forced_truth = _forced_later_wins(truth_best_prior, valid, iou.shape[2])
     else:
@@ -92,31 +92,6 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
         best_iou=best_iou.clamp(min=0),
         truth_best_iou=truth_best_iou.clamp(min=0),
     )
-
-
-def _max_first(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """`x.max(dim)`: the maxima and the index of the first maximum along `dim`.
-
-    On the CPU, `max` with indices along a short middle dimension (the truths of [B, M, P]) is several
-    times slower than `amax` plus a few element-wise passes: the first maximum is the largest
-    countdown (size - index) among the elements equal to the maximum (x - max is 0 exactly there).
-    A row holding NaN (possible only for decoded predictions) gives a NaN maximum at index 0.
-
-    Args:
-        x (Tensor[..., N, ...]): floating point.
-        dim: the dimension reduced.
-
-    Returns:
-        (Tensor, Tensor long): both shaped like `x` without `dim`.
-    """
-    values = x.amax(dim, keepdim=True)
-    size = x.shape[dim]
-    countdown = torch.arange(size, 0, -1, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)  # [N]
-    countdown = countdown.view([size if d == dim % x.dim() else 1 for d in range(x.dim())])
-    at_max = (x - values).sign_().add_(1).nan_to_num_(1.0)  # 1 at a maximum, 0 below it
-    at_max = at_max.to(torch.promote_types(x.dtype, torch.float32))  # countdowns exact up to 2 ** 24
-    index = size - at_max.mul_(countdown).amax(dim).long()
-    return values.squeeze(dim), index
 
 
 def _forced_later_wins(truth_best_prior: Tensor, valid: Tensor, num_priors: int) -> Tensor:

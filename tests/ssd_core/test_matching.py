@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssd_core.boxes import point_form
-from ssd_core.matching import _max_first, match, pairwise_iou
+from ssd_core.matching import match, pairwise_iou
 from ssd_core.targets import pad_targets
 from tests.ssd_core.random_data import random_boxes, small_priors
 
@@ -105,19 +105,3 @@ def test_padding_never_matches_and_empty_images_have_no_matches():
 def test_unknown_match_type_raises():
     with pytest.raises(ValueError, match="match_type"):
         match(torch.rand(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), 0.5, "greedy")
-
-
-@pytest.mark.parametrize("dim", [0, 1, 2, -1])
-def test_max_first_equals_torch_max_with_ties(dim):
-    generator = torch.Generator().manual_seed(dim + 5)
-    x = torch.randint(0, 4, (3, 5, 7), generator=generator).float() / 4  # many ties
-    x[1, 2] = -1.0
-    values, index = _max_first(x, dim)
-    expected_values, expected_index = x.max(dim)  # the first maximum, as documented
-    assert torch.equal(values, expected_values) and torch.equal(index, expected_index)
-
-
-def test_max_first_gives_a_valid_index_for_nan_rows():
-    x = torch.tensor([[0.2, float("nan"), 0.7], [0.1, 0.9, 0.9]])
-    values, index = _max_first(x, 1)
-    assert values[0].isnan() and index.tolist() == [0, 1]
