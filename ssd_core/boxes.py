@@ -70,12 +70,13 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     # contiguous coordinate planes: strided columns make every op below several times slower
     x1a, y1a, x2a, y2a = (c[..., :, None] for c in boxes1.movedim(-1, 0).contiguous())  # [B, N, 1] each
     x1b, y1b, x2b, y2b = (c[..., None, :] for c in boxes2.movedim(-1, 0).contiguous())  # [B, 1, M] each
-    width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)  # [B, N, M]
-    height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
+    # in place where possible: each fresh [B, N, M] buffer costs a pass of page faults
+    width = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)  # [B, N, M]
+    height = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
     inter = width.mul_(height)
     area_a = (x2a - x1a) * (y2a - y1a)  # [B, N, 1]
     area_b = (x2b - x1b) * (y2b - y1b)  # [B, 1, M]
-    return inter / (area_a + area_b - inter)
+    return inter.div_((area_a + area_b).sub_(inter))
 
 
 def invalid_box_mask(boxes: Tensor) -> Tensor:
