@@ -157,11 +157,14 @@ class MultiBoxLoss(nn.Module):
 
         num_positives = positive.sum(dim=1)  # [B]
         normalizer = num_positives.sum().clamp(min=1).to(loc.dtype)
+        num_ground_truth = valid.sum(dim=1)  # [B]
+        # positive and eligible are disjoint, and both empty in an image without truths
+        num_ignored = (num_ground_truth > 0) * positive.shape[1] - num_positives - eligible.sum(dim=1)
         stats = MatchStats(
-            num_ground_truth=valid.sum(dim=1),
+            num_ground_truth=num_ground_truth,
             num_positives=num_positives,
             num_negatives=negative.sum(dim=1),
-            num_ignored=(valid.any(dim=1, keepdim=True) & ~positive & ~eligible).sum(dim=1),
+            num_ignored=num_ignored,
             num_forced_matches=(valid & ~difficult & (matches.truth_best_iou < self.threshold)).sum(dim=1),
             matched_iou_sum=torch.where(positive, matches.matched_iou, 0.0).sum(dim=1),
             loss_l_sum=loss_l_sum,

@@ -88,9 +88,9 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
     return MatchResult(
         truth_idx=truth_idx,
         matched=matched,
-        matched_iou=matched_iou.clamp(min=0),
-        best_iou=best_iou.clamp(min=0),
-        truth_best_iou=truth_best_iou.clamp(min=0),
+        matched_iou=matched_iou.clamp_(min=0),  # in place: all three are fresh tensors
+        best_iou=best_iou.clamp_(min=0),
+        truth_best_iou=truth_best_iou.clamp_(min=0),
     )
 
 
