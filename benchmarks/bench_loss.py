@@ -1,6 +1,7 @@
 """Time MultiBoxLoss against the seed's per-image algorithm and torchvision's SSD loss.
 
-Forward + backward on the same random inputs (VOC300 priors, P = 8732), interleaved repeats, medians;
+Forward + backward on the same random inputs (VOC300 priors, P = 8732), interleaved repeats, medians
+and minima (the least disturbed run on a shared machine);
 then the no-grad scoring path (`criterion.compute` under `torch.no_grad()`, the service's /score-loss).
 Prints a markdown table with ratios. Usage: python benchmarks/bench_loss.py [--quick] [--repeats N] [--threads N]
 """
@@ -8,6 +9,7 @@ Prints a markdown table with ratios. Usage: python benchmarks/bench_loss.py [--q
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -82,31 +84,34 @@ def bench_case(batch: int, num_classes: int, repeats: int, priors) -> dict[str, 
     for _ in range(repeats):
         for name, (fn, backward) in methods.items():
             times[name].append(time_once(fn, loc, conf, backward))
-    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+    return {name: (statistics.median(values) * 1000, min(values) * 1000) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="only B=32, C=21 with 3 repeats")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="only B=32, C=21")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [(32, 21)] if args.quick else [(8, 21), (8, 81), (32, 21), (32, 81)]
-    repeats = 3 if args.quick else args.repeats
+    repeats = args.repeats
     priors = prior_boxes(VOC_300)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} repeats, median ms, fwd+bwd")
+          f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} interleaved repeats, fwd+bwd; "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
     print()
-    print("| B | C | ours (ms) | seed (ms) | torchvision (ms) | seed / ours | torchvision / ours "
+    print("| B | C | statistic | ours (ms) | seed (ms) | torchvision (ms) | seed / ours | torchvision / ours "
           "| ours no-grad (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch, num_classes in cases:
         ms = bench_case(batch, num_classes, repeats, priors)
-        print(f"| {batch} | {num_classes} | {ms['ours']:.1f} | {ms['seed']:.1f} | {ms['torchvision']:.1f} "
-              f"| {ms['seed'] / ms['ours']:.1f}x | {ms['torchvision'] / ms['ours']:.1f}x "
-              f"| {ms['ours_no_grad']:.1f} |", flush=True)
+        for i, stat in enumerate(("median", "min")):
+            ours, seed, tv, no_grad = (ms[name][i] for name in ("ours", "seed", "torchvision", "ours_no_grad"))
+            print(f"| {batch} | {num_classes} | {stat} | {ours:.1f} | {seed:.1f} | {tv:.1f} | {seed / ours:.1f}x "
+                  f"| {tv / ours:.1f}x | {no_grad:.1f} |", flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
