@@ -34,8 +34,9 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range":
 
 
 def require_tool(name: str) -> str:
-    """Absolute path of `name` on PATH, or skip the test saying how to install it."""
-    path = shutil.which(name)
+    """Absolute path of `name` on PATH (or the sbin folders Debian puts daemons in, often off a
+    non-root user's PATH), or skip the test saying how to install it."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
         pytest.skip(f"`{name}` is not installed and could not be installed here; {INSTALL_HINT}")
     return path
