@@ -7,6 +7,7 @@ annotations as a JSON field). They all end up as the same tensors / `Sample`s.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -365,6 +366,21 @@ def labelled_samples(
 
 
 _ANNOTATIONS = TypeAdapter(list[ImageAnnotation])
+
+
+async def multipart_request(
+    request: Request, options: type[BaseModel], settings: Settings, annotated: bool
+) -> tuple[BaseModel, list[tuple[bytes, ImageAnnotation | None]]]:
+    """A multipart image request: its option fields validated as `options` (errors name the field)
+    and its image files, with their annotations when `annotated`."""
+    form = await request.form()
+    fields = {name: form[name] for name in options.model_fields if name in form}
+    return validate_as(_adapter(options), fields, ""), await multipart_images(form, settings, annotated)
+
+
+@functools.cache
+def _adapter(model: type[BaseModel]) -> TypeAdapter:
+    return TypeAdapter(model)
 
 
 async def multipart_images(form: FormData, settings: Settings, annotated: bool) -> list[tuple[bytes, ImageAnnotation | None]]:

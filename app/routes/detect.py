@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from fastapi import APIRouter, Request
-from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import HostDep, MetricsDep, SettingsDep
@@ -14,9 +13,8 @@ from app.inputs import (
     check_image_count,
     decode_image,
     media_type,
-    multipart_images,
+    multipart_request,
     parse_json,
-    validate_as,
 )
 from app.metrics import Metrics
 from app.model_host import ModelHost
@@ -37,7 +35,6 @@ MULTIPART_SCHEMA = {
         "max_detections": {"type": "integer", "minimum": 1, "maximum": 10_000},
     },
 }
-_OPTIONS = TypeAdapter(DetectOptions)
 
 
 def run_detection(
@@ -81,10 +78,7 @@ async def detect_objects(request: Request, host: HostDep, settings: SettingsDep,
     model version that produced them."""
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
-        form = await request.form()
-        fields = {name: form[name] for name in DetectOptions.model_fields if name in form}
-        options = validate_as(_OPTIONS, fields, "")
-        files = await multipart_images(form, settings, annotated=False)
+        options, files = await multipart_request(request, DetectOptions, settings, annotated=False)
         encoded = [(data, f"images[{k}]") for k, (data, _) in enumerate(files)]
     else:
         parsed = await run_in_threadpool(parse_json, DetectRequest, await request.body())

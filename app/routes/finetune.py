@@ -6,7 +6,6 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Authorized, SettingsDep, WorkerDep
@@ -16,9 +15,8 @@ from app.inputs import (
     MULTIPART,
     labelled_samples,
     media_type,
-    multipart_images,
+    multipart_request,
     parse_json,
-    validate_as,
 )
 from app.openapi import AUTH_RESPONSES, ERROR_RESPONSES, request_body
 from app.replica import ROLE_RESPONSES, TrainerRole
@@ -42,7 +40,6 @@ MULTIPART_SCHEMA = {
         "augment": {"type": "boolean", "default": False},
     },
 }
-_OPTIONS = TypeAdapter(FinetuneOptions)
 _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune queue is full"}}
 
 
@@ -61,10 +58,7 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
     with `?wait=true` 200 with the job once it has finished."""
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
-        form = await request.form()
-        fields = {name: form[name] for name in FinetuneOptions.model_fields if name in form}
-        options = validate_as(_OPTIONS, fields, "")
-        items = await multipart_images(form, settings, annotated=True)
+        options, items = await multipart_request(request, FinetuneOptions, settings, annotated=True)
         samples = await run_in_threadpool(labelled_samples, items, settings, True)
     else:
         options = await run_in_threadpool(parse_json, FinetuneRequest, await request.body())
