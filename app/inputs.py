@@ -55,6 +55,12 @@ def parse_json(model: type[Model], body: bytes) -> Model:
         raise from_validation_error(error.errors()) from None
 
 
+def check_bkg_label(options: LossOptions, settings: Settings) -> None:
+    """The one option bound that depends on the hosted model: bkg_label < num_classes (422 naming it)."""
+    if options.bkg_label >= settings.num_classes:
+        raise invalid("options.bkg_label", f"must be < num_classes={settings.num_classes}")
+
+
 def validate_as(adapter: TypeAdapter, value: object, field: str):
     """Validate a Python value (e.g. a multipart field) with `adapter`, naming errors under `field`."""
     try:
@@ -154,8 +160,7 @@ def check_batch(
             raise invalid(name if name == "priors" else f"{prefix}{name}", f"holds a non-finite number at {index}")
     if targets.shape[0] != batch:
         raise invalid("targets", f"has {targets.shape[0]} images, the predictions have B={batch}")
-    if options.bkg_label >= settings.num_classes:
-        raise invalid("options.bkg_label", f"must be < num_classes={settings.num_classes}")
+    check_bkg_label(options, settings)
     real = targets[..., 4] >= 0  # [B, M]
     try:  # one check of all real boxes; per image only to name the failing one
         if int(real.sum(dim=1).max()) > settings.max_boxes_per_image:

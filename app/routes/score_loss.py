@@ -13,6 +13,7 @@ from app.inputs import (
     BINARY,
     JSON,
     LossBatch,
+    check_bkg_label,
     labelled_samples,
     media_type,
     parse_json,
@@ -64,8 +65,7 @@ def score_safetensors(body: bytearray, model_priors: torch.Tensor, settings: Set
 def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings, metrics: Metrics) -> tuple[LossOutput, int]:
     """The image form: decode, run the current model version, score its predictions."""
     assert request.images is not None
-    if request.options.bkg_label >= settings.num_classes:  # before any decoding; MultiBoxLoss would raise (500)
-        raise invalid("options.bkg_label", f"must be < num_classes={settings.num_classes}")
+    check_bkg_label(request.options, settings)  # before any decoding
     samples = labelled_samples([(item.image, item) for item in request.images], settings)
     served = host.current
     images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
