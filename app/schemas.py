@@ -210,7 +210,9 @@ class CheckpointResponse(BaseModel):
     version: int
     step: int
     created: str
-    saved: bool = Field(description="false when this version was already on disk")
+    saved: bool = Field(description="always true: the version is durable on disk (a failed write is a 503), the "
+                        "same meaning as a job's `checkpoint.saved`")
+    written: bool = Field(description="true: written by this request; false: this version was already on disk")
 
 
 class Health(BaseModel):

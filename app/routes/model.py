@@ -72,11 +72,14 @@ async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
     summary="Save the current version now",
 )
 async def save_checkpoint(worker: WorkerDep) -> CheckpointResponse:
+    """200 once the current version is on disk: `written` says whether this request wrote it or it was
+    already there; a failed write is a 503 (the served model is unaffected)."""
     try:
-        info, saved = await run_in_threadpool(worker.checkpoint)
+        info, written = await run_in_threadpool(worker.checkpoint)
     except OSError as error:  # read-only or full disk: counted, the served model is unaffected
         raise ApiError(503, "checkpoint_failed", f"checkpoint write failed: {error}") from None
-    return CheckpointResponse(version=info.version, step=info.step, created=info.created, saved=saved)
+    return CheckpointResponse(version=info.version, step=info.step, created=info.created, saved=True,
+                              written=written)
 
 
 @router.post(

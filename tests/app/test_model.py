@@ -29,10 +29,10 @@ def test_model_info(client):
 def test_checkpoint_and_versions(client, shapes):
     assert [v["version"] for v in client.get("/model/versions").json()["versions"]] == [0]  # initial weights
     saved = client.post("/model/checkpoint").json()
-    assert saved["version"] == 0 and not saved["saved"]  # already on disk
+    assert saved["version"] == 0 and saved["saved"] and not saved["written"]  # already on disk
     train(client, shapes, steps=3)  # the job's end writes version 3
     again = client.post("/model/checkpoint").json()
-    assert again["version"] == 3 and again["step"] == 3 and not again["saved"]
+    assert again["version"] == 3 and again["step"] == 3 and again["saved"] and not again["written"]
     versions = client.get("/model/versions").json()
     assert versions["current"] == 3
     assert [(v["version"], v["step"]) for v in versions["versions"]] == [(0, 0), (3, 3)]

@@ -373,6 +373,6 @@ def test_failing_disk_is_reported_and_counted_and_the_previous_checkpoint_surviv
         assert CheckpointStore(disk.directory).load_latest().meta["version"] == 1
 
         saved = client.post("/model/checkpoint")  # the disk is back: the version that failed is written
-        assert saved.status_code == 200 and saved.json() == {**saved.json(), "version": 2, "saved": True}
+        assert saved.status_code == 200 and saved.json() == {**saved.json(), "version": 2, "saved": True, "written": True}
         assert client.sample("ssd_checkpoints_total", outcome="saved") == 3
         assert complete_checkpoints(disk.directory) == [0, 1, 2]
