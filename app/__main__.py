@@ -12,6 +12,7 @@ running one after its current step) as soon as shutdown begins, not after that w
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
@@ -20,7 +21,9 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from app.metrics import prepare_multiprocess_dir
-from app.settings import load_settings
+from app.settings import Settings, load_settings
+
+logger = logging.getLogger("app")
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:
@@ -37,8 +40,20 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the service listens beyond loopback with no SSD_API_TOKEN: anyone who reaches
+    the port can then fine-tune, roll back or checkpoint the model."""
+    if settings.exposed_without_token():
+        logger.warning(
+            "listening on %s:%d without SSD_API_TOKEN: anyone who can reach this port can change the model "
+            "(POST /finetune, /model/*); set SSD_API_TOKEN or SSD_HOST=127.0.0.1", settings.host, settings.port,
+        )
+
+
 def main() -> None:
     settings = load_settings()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    warn_if_exposed(settings)
     prepare_multiprocess_dir(settings.workers)  # before any worker process writes metrics there
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
 
     # HTTP
     api_token: SecretStr | None = Field(None, description="Bearer token for mutating endpoints")
-    host: str = Field("0.0.0.0", description="interface `python -m app` listens on")
+    host: str = Field("127.0.0.1", description="interface `python -m app` listens on (the image sets 0.0.0.0)")
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     max_images_per_request: int = Field(32, ge=1)
@@ -88,9 +89,23 @@ class Settings(BaseSettings):
             raise ValueError("role=server needs checkpoint_dir: the trainer's shared checkpoint directory to follow")
         return self
 
+    def exposed_without_token(self) -> bool:
+        """True when `host` is reachable beyond loopback and no API token guards the mutating endpoints."""
+        return self.api_token is None and not is_loopback(self.host)
+
     def class_name(self, label: int) -> str:
         """Name of a 0-based object label (background excluded); `class_<label>` when unnamed."""
         return self.class_names[label] if self.class_names else f"class_{label}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` (an address or a name) stays on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve to any interface
+        return False
 
 
 @lru_cache

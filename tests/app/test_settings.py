@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
+from app.__main__ import warn_if_exposed
 from app.settings import Settings
 
 
 def test_defaults(monkeypatch):
-    for name in ("SSD_MODEL", "SSD_NUM_CLASSES", "SSD_PORT", "SSD_API_TOKEN", "SSD_ROLE", "SSD_DEVICE"):
+    for name in ("SSD_MODEL", "SSD_NUM_CLASSES", "SSD_PORT", "SSD_API_TOKEN", "SSD_ROLE", "SSD_DEVICE", "SSD_HOST"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings()
-    assert (settings.model, settings.num_classes, settings.port, settings.role, settings.device) == (
-        "ssd300", 21, 8000, "all", "auto")
+    assert (settings.model, settings.num_classes, settings.port, settings.role, settings.device, settings.host) == (
+        "ssd300", 21, 8000, "all", "auto", "127.0.0.1")
     assert settings.api_token is None
     assert settings.class_name(4) == "class_4"
 
@@ -42,3 +47,24 @@ def test_environment(monkeypatch, tmp_path):
 def test_invalid_values(values):
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+@pytest.mark.parametrize(("host", "token", "warned"), [
+    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.7", None, True), ("myhost.example", None, True),
+    ("0.0.0.0", "t0ken", False), ("127.0.0.1", None, False), ("127.3.2.1", None, False), ("::1", None, False),
+    ("localhost", None, False),
+])
+def test_start_warns_when_listening_beyond_loopback_without_a_token(caplog, host, token, warned):
+    settings = Settings(host=host, api_token=token)
+    with caplog.at_level(logging.WARNING, logger="app"):
+        warn_if_exposed(settings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == warned, warnings
+    if warned:
+        assert f"listening on {host}:8000 without SSD_API_TOKEN" in warnings[0]
+
+
+def test_make_serve_listens_on_loopback_by_default():
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert re.search(r"^SSD_HOST \?= 127\.0\.0\.1\b", makefile, re.MULTILINE)
+    assert "SSD_HOST=$(SSD_HOST)" in makefile
