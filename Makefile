@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SSD_PORT ?= 8000
-SSD_HOST ?= 127.0.0.1  # loopback only; `make serve SSD_HOST=0.0.0.0` (with SSD_API_TOKEN) to expose it
+# loopback only; `make serve SSD_HOST=0.0.0.0` (with SSD_API_TOKEN) to expose it
+SSD_HOST ?= 127.0.0.1
 
 .PHONY: install test test-unit test-integration tools lint serve bench clean
 
