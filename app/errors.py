@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
@@ -49,6 +50,23 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_value", f"{field}: {message}", field)
 
 
+_DIRECTORIES = re.compile(r"(?<![\w.])/(?:[^\s'\":/]+/)+")  # an absolute path up to its last /
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute path cut to its file name: errors of the checkpoint store and the
+    OS name files by absolute path, and a client must not learn the server's file system.
+
+    "/var/lib/ssd/ckpt-00000002.json: no such checkpoint" -> "ckpt-00000002.json: no such checkpoint".
+    """
+    return _DIRECTORIES.sub("", message)
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` of an exception, fit for a client (no absolute paths)."""
+    return without_paths(f"{type(error).__name__}: {error}")
+
+
 def field_path(loc: Sequence[str | int], prefix: str = "") -> str:
     """`("body", "images", 2, "boxes", 0)` -> `images[2].boxes[0]`; drops FastAPI's `body` root."""
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
@@ -62,13 +80,15 @@ def field_path(loc: Sequence[str | int], prefix: str = "") -> str:
 
 
 def from_validation_error(errors: Sequence[dict], prefix: str = "") -> ApiError:
-    """Map pydantic/FastAPI validation errors to one ApiError naming the first offending field."""
+    """Map pydantic/FastAPI validation errors to one ApiError: `field` names the first offending field,
+    the message lists every error (`a: msg; b[1]: msg`), so a client fixes them all in one round."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         return ApiError(400, "invalid_json", f"body is not valid JSON: {first.get('msg')}", "body")
-    field = field_path(first.get("loc", ()), prefix)
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return ApiError(422, "invalid_value", f"{field}: {first.get('msg')}{more}", field)
+    fields = [field_path(error.get("loc", ()), prefix) for error in errors]
+    listed = "; ".join(f"{field}: {error.get('msg')}" for field, error in zip(fields, errors, strict=True))
+    message = listed if len(errors) == 1 else f"{len(errors)} errors: {listed}"
+    return ApiError(422, "invalid_value", message, fields[0])
 
 
 def _response(error: ApiError) -> JSONResponse:
@@ -78,6 +98,7 @@ def _response(error: ApiError) -> JSONResponse:
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "body_too_large", 415: "unsupported_media_type"}
+_HTTP_FIELDS = {400: "body", 404: "path", 405: "method", 413: "body", 415: "Content-Type"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -92,9 +113,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def model_validation(_: Request, exc: ValidationError) -> JSONResponse:
         return _response(from_validation_error(exc.errors()))
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _response(ApiError(exc.status_code, code, str(exc.detail), None, exc.headers))
+        message, field = str(exc.detail), _HTTP_FIELDS.get(exc.status_code)
+        if exc.status_code == 404 and message == "Not Found":  # the router's own 404: no such path
+            message = f"no route {request.url.path}; the operations are listed at /docs and /openapi.json"
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        return _response(ApiError(exc.status_code, code, message, field, exc.headers))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

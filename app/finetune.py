@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from app.errors import ApiError
+from app.errors import ApiError, describe, without_paths
 from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
@@ -285,7 +285,7 @@ class FinetuneWorker:
                 self._record(job, step, result, served)
         except Exception as error:  # a failing job must not take the trainer thread down
             logger.exception("fine-tune job %s failed", job.job_id)
-            return JobState.failed, f"{type(error).__name__}: {error}"
+            return JobState.failed, describe(error)
         if job.skipped_steps == job.steps_total:
             return JobState.failed, "every step was skipped: non-finite loss or gradients"
         return JobState.succeeded, None
@@ -328,7 +328,8 @@ class FinetuneWorker:
             try:
                 state_dict, meta, optimizer_state = store.load(version)
             except CheckpointError as error:
-                raise ApiError(404, "not_found", f"no loadable saved version {version}: {error}", "version") from None
+                raise ApiError(404, "not_found", f"no loadable saved version {version}: {without_paths(str(error))}",
+                               "version") from None
             self.trainer.restore(state_dict, optimizer_state, int(meta.get("step", 0)))
             published = self.host.publish(self.trainer.model, self.trainer.steps, restored_from=version)
             self._checkpoint()
@@ -385,7 +386,7 @@ class FinetuneWorker:
             self._checkpoint()
         except Exception as error:
             logger.exception("checkpoint of version %d failed", self.host.current.version)
-            return f"{type(error).__name__}: {error}"
+            return describe(error)
         return None
 
 

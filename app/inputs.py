@@ -379,6 +379,10 @@ async def multipart_request(
     """A multipart image request: its option fields validated as `options` (errors name the field)
     and its image files, with their annotations when `annotated`."""
     form = await request.form()
+    expected = ["images", *(["annotations"] if annotated else []), *options.model_fields]
+    unknown = [name for name in dict.fromkeys(form.keys()) if name not in expected]
+    if unknown and "images" in form:  # a missing `images` is named below, with the fields that arrived
+        raise invalid(unknown[0], f"unknown multipart field; expected {', '.join(expected)}")
     fields = {name: form[name] for name in options.model_fields if name in form}
     return validate_as(_adapter(options), fields, ""), await multipart_images(form, settings, annotated)
 
@@ -391,6 +395,11 @@ def _adapter(model: type[BaseModel]) -> TypeAdapter:
 async def multipart_images(form: FormData, settings: Settings, annotated: bool) -> list[tuple[bytes, ImageAnnotation | None]]:
     """Files of the `images` field, with the `annotations` JSON field (one entry per file) when `annotated`."""
     files = form.getlist("images")
+    if not files:
+        arrived = ", ".join(f"{name} ({'file' if isinstance(form[name], UploadFile) else 'text'})"
+                            for name in dict.fromkeys(form.keys())) or "none"
+        raise invalid("images", f"no `images` part: send each image as a file field named images "
+                      f"(curl -F images=@photo.jpg); the fields that arrived: {arrived}")
     if any(not isinstance(f, UploadFile) for f in files):
         raise invalid("images", "every `images` part must be a file upload")
     check_image_count(len(files), settings)

@@ -3,13 +3,26 @@ classes not counting background. Non-finite numbers are rejected at parse time, 
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from annotated_types import Len
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
 
 Box = Annotated[list[float], Len(4, 4)]  # (x1, y1, x2, y2)
+_DATA_URL = re.compile(r"data:[^,]*;base64,", re.IGNORECASE)
+
+
+def _strip_data_url(value: object) -> object:
+    """`data:image/png;base64,iVBOR...` (what browsers and canvas.toDataURL produce) -> `iVBOR...`."""
+    if isinstance(value, str) and (match := _DATA_URL.match(value)):
+        return value[match.end():]
+    return value
+
+
+# base64 image bytes, with or without a data URL prefix (the decoder tells PNG from JPEG by content)
+ImageBase64 = Annotated[Base64Bytes, BeforeValidator(_strip_data_url)]
 
 
 class JobState(StrEnum):
@@ -78,7 +91,7 @@ class ImageAnnotation(Request):
 
 
 class LabelledImage(ImageAnnotation):
-    image: Base64Bytes = Field(description="base64 PNG or JPEG")
+    image: ImageBase64 = Field(description="base64 PNG or JPEG, optionally as a data URL (data:image/png;base64,...)")
 
 
 class FinetuneOptions(Request):
@@ -92,7 +105,7 @@ class FinetuneRequest(FinetuneOptions):
 
 
 class EncodedImage(Request):
-    image: Base64Bytes = Field(description="base64 PNG or JPEG")
+    image: ImageBase64 = Field(description="base64 PNG or JPEG, optionally as a data URL (data:image/png;base64,...)")
 
 
 class DetectOptions(Request):

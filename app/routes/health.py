@@ -31,7 +31,7 @@ async def readyz(request: Request, settings: SettingsDep) -> Health:
         raise ApiError(503, "not_ready", "the trainer thread is not running")
     watcher = getattr(state, "watcher", None)
     if watcher is not None and not watcher.synced:  # serving a local initialisation, not a published version
-        raise ApiError(503, "not_ready", f"waiting for the trainer's first checkpoint in {settings.checkpoint_dir}")
+        raise ApiError(503, "not_ready", "waiting for the trainer's first checkpoint in SSD_CHECKPOINT_DIR")
     return Health(status="ready", detail=f"model version {state.host.current.version}")
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Authorized, HostDep, SettingsDep, StoreDep, WorkerDep
-from app.errors import ApiError, ErrorResponse
+from app.errors import ApiError, ErrorResponse, describe
 from app.model_host import ModelHost
 from app.openapi import AUTH_RESPONSES
 from app.replica import TrainerRole
@@ -77,7 +77,7 @@ async def save_checkpoint(worker: WorkerDep) -> CheckpointResponse:
     try:
         info, written = await run_in_threadpool(worker.checkpoint)
     except OSError as error:  # read-only or full disk: counted, the served model is unaffected
-        raise ApiError(503, "checkpoint_failed", f"checkpoint write failed: {error}") from None
+        raise ApiError(503, "checkpoint_failed", f"checkpoint write failed: {describe(error)}") from None
     return CheckpointResponse(version=info.version, step=info.step, created=info.created, saved=True,
                               written=written)
 
@@ -95,5 +95,5 @@ async def rollback(body: RollbackRequest, worker: WorkerDep, host: HostDep, sett
     try:
         await run_in_threadpool(worker.rollback, body.version)
     except OSError as error:
-        raise ApiError(503, "checkpoint_failed", f"rolled back but the checkpoint write failed: {error}") from None
+        raise ApiError(503, "checkpoint_failed", f"rolled back but the checkpoint write failed: {describe(error)}") from None
     return model_info(host, settings)

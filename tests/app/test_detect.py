@@ -89,6 +89,24 @@ def test_detect_errors(client, shapes):
     for body, status, field in cases:
         assert_error(client.post("/detect", json=body), status, field)
     assert_error(client.post("/detect", files=[("images", ("x", b"nope", "image/png"))]), 422, "images[0]")
-    assert_error(client.post("/detect", files=[("other", ("x", b"nope", "image/png"))]), 422, "images")
+    misnamed = assert_error(client.post("/detect", files=[("file", ("x.png", b"nope", "image/png"))],
+                                        data={"score_threshold": "0.1"}), 422, "images")
+    assert "the fields that arrived: score_threshold (text), file (file)" in misnamed["message"]
+    typo = assert_error(client.post("/detect", files=[("images", ("x.png", png_bytes(shapes, 0), "image/png"))],
+                                    data={"score_treshold": "0.1"}), 422, "score_treshold")
+    assert "unknown multipart field" in typo["message"] and "score_threshold" in typo["message"]
     assert client.get("/readyz").status_code == 200
     assert client.sample("ssd_images_processed_total", route="/detect") == 0
+
+
+def test_a_data_url_prefix_is_accepted(client, shapes):
+    """What a browser's canvas.toDataURL() or FileReader.readAsDataURL() gives: the prefix is stripped."""
+    plain = encoded(png_bytes(shapes, 0))
+    body = {"images": [plain], "score_threshold": 0.0}
+    url = {"images": [{"image": "data:image/png;base64," + plain["image"]}], "score_threshold": 0.0}
+    expected = client.post("/detect", json=body)
+    answered = client.post("/detect", json=url)
+    assert answered.status_code == 200, answered.text
+    assert answered.json() == expected.json()
+    jpeg = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(torch.zeros(3, 40, 40, dtype=torch.uint8))).decode()
+    assert client.post("/detect", json={"images": [{"image": jpeg}]}).status_code == 200

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from app.errors import field_path
+from app.errors import field_path, without_paths
 from app.main import create_app
 from tests.app.conftest import assert_error, make_settings
 
@@ -17,8 +17,9 @@ def test_field_path():
 
 
 def test_framework_errors_use_the_shape(client):
-    assert_error(client.get("/nowhere"), 404, None, "not_found")
-    assert_error(client.put("/model"), 405, None, "method_not_allowed")
+    assert "/nowhere" in assert_error(client.get("/nowhere"), 404, "path", "not_found")["message"]
+    wrong = assert_error(client.put("/model"), 405, "method", "method_not_allowed")
+    assert wrong["message"] == "method PUT is not allowed on /model; allowed: GET"
     assert_error(client.post("/detect", content=b"x", headers={"Content-Type": "text/plain"}), 415, "Content-Type")
     assert_error(client.post("/model/rollback", json={"version": "latest"}), 422, "version", "invalid_value")
 
@@ -47,3 +48,19 @@ def test_unexpected_errors_are_500_with_the_shape(tmp_path):
     with TestClient(app, raise_server_exceptions=False) as client:
         error = assert_error(client.get("/boom"), 500, None, "internal_error")
         assert "kaput" not in error["message"]  # internals are logged, not returned
+
+
+def test_without_paths_keeps_file_names_only():
+    assert without_paths("/var/lib/ssd/ckpt-00000002.json: no such checkpoint") == "ckpt-00000002.json: no such checkpoint"
+    assert without_paths("[Errno 28] No space left on device: '/var/lib/ssd/checkpoints/.tmp-ckpt-x.json.1'") == (
+        "[Errno 28] No space left on device: '.tmp-ckpt-x.json.1'")
+    assert without_paths("loc must be [B][P][4], got 1/2") == "loc must be [B][P][4], got 1/2"
+
+
+def test_validation_errors_list_every_error(client):
+    response = client.post("/finetune", json={"images": [], "steps": 0, "learning_rate": -1, "bogus": 1})
+    error = assert_error(response, 422, "steps", "invalid_value")
+    assert error["message"].startswith("3 errors: steps: ")
+    for field in ("steps", "learning_rate", "bogus"):
+        assert f"{field}: " in error["message"], error
+    assert "more errors" not in error["message"]

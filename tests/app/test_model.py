@@ -109,9 +109,12 @@ def test_failed_checkpoint_write_is_reported_and_the_model_keeps_serving(tmp_pat
     with start_client(settings) as client:
         shutil.rmtree(settings.checkpoint_dir)
         settings.checkpoint_dir.write_text("not a directory")  # every write into it now fails
-        train(client, shapes, steps=1)  # the job succeeds; its checkpoint fails quietly
+        job = train(client, shapes, steps=1)  # the job succeeds; its checkpoint fails quietly
+        assert not job["checkpoint"]["saved"] and job["checkpoint"]["error"]
+        assert str(tmp_path) not in job["checkpoint"]["error"]
         assert client.sample("ssd_checkpoints_total", outcome="failed") == 1
-        assert_error(client.post("/model/checkpoint"), 503, None, "checkpoint_failed")
+        failed = assert_error(client.post("/model/checkpoint"), 503, None, "checkpoint_failed")
+        assert "Error" in failed["message"] and str(tmp_path) not in failed["message"]  # no server paths
         assert client.sample("ssd_checkpoints_total", outcome="failed") == 2
         assert client.post("/detect", json={"images": [{"image": labelled(shapes)[0]["image"]}]}).status_code == 200
         assert client.get("/readyz").status_code == 200
@@ -123,3 +126,13 @@ def test_without_checkpoint_dir(tmp_path, shapes):
         assert client.get("/model/versions").json() == {"current": 0, "versions": []}
         assert_error(client.post("/model/checkpoint"), 409, None, "no_checkpoint_dir")
         assert train(client, shapes, steps=1)["model_version"] == 1
+
+
+def test_rollback_to_a_pruned_version_names_no_server_path(tmp_path, shapes):
+    settings = make_settings(tmp_path, checkpoint_keep=1)
+    with start_client(settings) as client:
+        train(client, shapes, steps=1)  # version 1 written, version 0 pruned
+        assert [v["version"] for v in client.get("/model/versions").json()["versions"]] == [1]
+        error = assert_error(client.post("/model/rollback", json={"version": 0}), 404, "version", "not_found")
+        assert error["message"] == "no loadable saved version 0: ckpt-00000000.json: no such checkpoint"
+        assert str(settings.checkpoint_dir) not in error["message"]
