@@ -19,6 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from torch import Tensor
+from torchvision.ops import clip_boxes_to_image
 
 from app.errors import ApiError, from_validation_error, invalid
 from app.schemas import ImageAnnotation, LossOptions, ScoreLossRequest
@@ -165,10 +166,10 @@ def check_batch(
     try:  # one check of all real boxes; per image only to name the failing one
         if int(real.sum(dim=1).max()) > settings.max_boxes_per_image:
             raise ValueError("too many boxes")
-        check_pixel_boxes(targets[real][:, :4], (1, 1))
+        check_pixel_boxes(targets[real][:, :4], (1, 1), **_NORMALISED)
     except ValueError as error:
         for b in range(batch):
-            _check_boxes(targets[b][real[b]][:, :4], (1, 1), f"targets[{b}]", settings)  # [n_b, 4]
+            _check_boxes(targets[b][real[b]][:, :4], (1, 1), f"targets[{b}]", settings, **_NORMALISED)  # [n_b, 4]
         raise invalid("targets", str(error)) from None
     return LossBatch(loc, conf, priors, targets, options)
 
@@ -182,12 +183,18 @@ def _first_non_finite(tensor: Tensor) -> list[int] | None:
     return [int(i) for i in bad[0]] if len(bad) else None
 
 
-def _check_boxes(boxes: Tensor, image_hw: tuple[int, int], field: str, settings: Settings) -> None:
-    """422 for too many boxes, or one that is non-finite, inverted/empty or entirely outside the image."""
+_NORMALISED = {"min_size": 0.0, "tolerance": None}  # boxes in [0, 1]: no pixel size or overhang rule
+
+
+def _check_boxes(
+    boxes: Tensor, image_hw: tuple[int, int], field: str, settings: Settings, **rules: float | None
+) -> None:
+    """422 for too many boxes, or one that is non-finite, inverted/empty, entirely outside the image, or
+    (pixel boxes) under 1 px or more than 1 px beyond the image (`rules`: `check_pixel_boxes`'s)."""
     if len(boxes) > settings.max_boxes_per_image:
         raise invalid(field, f"{len(boxes)} boxes exceed the limit of {settings.max_boxes_per_image}")
     try:
-        check_pixel_boxes(boxes, image_hw, name=field)
+        check_pixel_boxes(boxes, image_hw, name=field, **rules)
     except ValueError as error:
         raise invalid(field, str(error)) from None
 
@@ -345,8 +352,12 @@ def check_image_count(count: int, settings: Settings, field: str = "images") -> 
 def labelled_samples(
     items: Sequence[tuple[bytes, ImageAnnotation]], settings: Settings, multipart: bool = False
 ) -> list[Sample]:
-    """Images with pixel boxes -> `Sample`s (boxes (x1, y1, x2, y2) in pixels, labels 0-based).
+    """Images with pixel boxes -> `Sample`s (boxes (x1, y1, x2, y2) in pixels, clipped to the image,
+    labels 0-based). The one path every labelled-image input takes (/score-loss, /finetune, ...).
 
+    Refused (422 naming the image and box, with a hint): boxes under 1 px wide or high (normalised
+    coordinates sent as pixels), boxes more than 1 px beyond their image (within 1 px they are clipped),
+    and a batch in which no image holds a box (background-only images beside annotated ones are fine).
     Errors name `images[k].image` / `images[k].boxes` for JSON bodies and `images[k]` /
     `annotations[k].boxes` for multipart uploads.
     """
@@ -364,9 +375,13 @@ def labelled_samples(
         image = decode_image(data, settings, image_field)  # [3, H, W]
         boxes = torch.tensor(note.boxes, dtype=torch.float32).reshape(-1, 4)  # [N, 4] pixel xyxy
         _check_boxes(boxes, (image.shape[1], image.shape[2]), f"{note_field}.boxes", settings)
+        boxes = clip_boxes_to_image(boxes, (image.shape[1], image.shape[2]))  # the <= 1 px overhang
         difficult = note.difficult or [False] * len(note.boxes)
         labels = torch.tensor(note.labels, dtype=torch.long).reshape(-1)  # [N]
         samples.append(Sample(image, boxes, labels, torch.tensor(difficult, dtype=torch.bool).reshape(-1)))
+    if not any(len(sample.boxes) for sample in samples):
+        raise invalid("images", f"none of the {len(samples)} images holds a box: there is nothing to learn or "
+                      "score; background-only images are welcome beside annotated ones")
     return samples
 
 

@@ -74,17 +74,30 @@ def to_normalised_xyxy(
     return xyxy, keep
 
 
-def check_pixel_boxes(boxes: Tensor, image_hw: tuple[int, int], name: str = "boxes") -> None:
+def check_pixel_boxes(
+    boxes: Tensor,
+    image_hw: tuple[int, int],
+    name: str = "boxes",
+    *,
+    min_size: float = 1.0,
+    tolerance: float | None = 1.0,
+) -> None:
     """Strict validation of user-supplied pixel boxes (service input); nothing is silently dropped.
 
     Args:
         boxes (Tensor[N, 4]): boxes in (x1, y1, x2, y2) pixels.
         image_hw: (height, width) of the image in pixels.
         name: how the caller refers to the boxes, used in messages.
+        min_size: least width and height in pixels; 1 px catches normalised coordinates sent as pixels
+            (0 for boxes that are themselves normalised).
+        tolerance: how far (pixels) a box may reach beyond the image: within it a box is an annotation's
+            rounding and the caller clips it (`clip_boxes_to_image`), beyond it the box was drawn for
+            another image size; None allows any overhang of a box that overlaps the image.
 
     Raises:
-        ValueError: naming the first offending box: wrong shape, NaN/inf, x2 <= x1 or y2 <= y1, or a
-        box entirely outside the image.
+        ValueError: naming the first offending box, with a hint: wrong shape, NaN/inf, x2 <= x1 or
+        y2 <= y1, narrower or lower than `min_size`, beyond the image by more than `tolerance`, or
+        entirely outside it.
     """
     _check_shape_and_values(boxes, name)
     height, width = image_hw
@@ -92,9 +105,29 @@ def check_pixel_boxes(boxes: Tensor, image_hw: tuple[int, int], name: str = "box
     if empty.any():
         index = int(empty.nonzero()[0])
         raise ValueError(f"{name}[{index}] = {boxes[index].tolist()} must have x2 > x1 and y2 > y1")
+    sizes = boxes[:, 2:] - boxes[:, :2]  # [N, 2] (w, h)
+    small = (sizes < min_size).any(dim=1)  # [N]
+    if small.any():
+        index = int(small.nonzero()[0])
+        w, h = sizes[index].tolist()
+        raise ValueError(
+            f"{name}[{index}] = {boxes[index].tolist()} is {w:.3g}x{h:.3g} px, under {min_size:g} px wide or "
+            f"high; boxes are (x1, y1, x2, y2) in pixels of the {width}x{height} image (normalised coordinates? "
+            f"multiply x by {width} and y by {height})"
+        )
     outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
     if outside.any():
         index = int(outside.nonzero()[0])
         raise ValueError(
             f"{name}[{index}] = {boxes[index].tolist()} lies entirely outside the {width}x{height} image"
         )
+    if tolerance is not None:
+        overhang = torch.cat((-boxes[:, :2], boxes[:, 2:] - boxes.new_tensor([width, height])), dim=1)  # [N, 4]
+        beyond = (overhang > tolerance).any(dim=1)  # [N]
+        if beyond.any():
+            index = int(beyond.nonzero()[0])
+            raise ValueError(
+                f"{name}[{index}] = {boxes[index].tolist()} reaches {float(overhang[index].max()):.3g} px beyond "
+                f"the {width}x{height} image (more than the {tolerance:g} px clipped); were the boxes drawn on "
+                "another size of this image?"
+            )

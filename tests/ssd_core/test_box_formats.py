@@ -72,8 +72,37 @@ def test_non_positive_image_size_raises():
         to_normalised_xyxy(torch.zeros(1, 4), "xyxy", (0, 10))
 
 
-def test_strict_check_accepts_valid_boxes_partly_outside():
-    check_pixel_boxes(torch.tensor([[0.0, 0.0, 5.0, 5.0], [-3.0, 8.0, 4.0, 12.0]]), (10, 10))
+def test_strict_check_accepts_boxes_within_the_tolerance():
+    check_pixel_boxes(torch.tensor([[0.0, 0.0, 5.0, 5.0], [-1.0, 8.0, 4.0, 11.0], [3.0, 3.0, 4.0, 4.0]]), (10, 10))
+    check_pixel_boxes(torch.tensor([[-3.0, 8.0, 4.0, 12.0]]), (10, 10), tolerance=None)  # any overhang allowed
+    check_pixel_boxes(torch.tensor([[0.1, 0.1, 0.5, 0.5]]), (1, 1), min_size=0.0)  # normalised boxes
+
+
+def _slow_problem(box, height, width, min_size=1.0, tolerance=1.0):
+    """The rules one box at a time, written out: the first that fails, or None."""
+    x1, y1, x2, y2 = box
+    if not (x2 > x1 and y2 > y1):
+        return "x2 > x1"
+    if x2 - x1 < min_size or y2 - y1 < min_size:
+        return "px wide or high"
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        return "entirely outside"
+    if max(-x1, -y1, x2 - width, y2 - height) > tolerance:
+        return "beyond"
+    return None
+
+
+def test_strict_check_matches_a_per_box_reference():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        box = (torch.rand(4, generator=generator) * 16 - 3).tolist()
+        box = [round(v * 2) / 2 for v in box]  # half pixels: hit the exact 1 px edges
+        expected = _slow_problem(box, 10, 12)
+        if expected is None:
+            check_pixel_boxes(torch.tensor([box]), (10, 12))
+        else:
+            with pytest.raises(ValueError, match=expected):
+                check_pixel_boxes(torch.tensor([box]), (10, 12))
 
 
 @pytest.mark.parametrize(
@@ -82,6 +111,10 @@ def test_strict_check_accepts_valid_boxes_partly_outside():
         ([5.0, 1.0, 5.0, 4.0], "x2 > x1"),
         ([1.0, 6.0, 4.0, 2.0], "y2 > y1"),
         ([10.0, 1.0, 14.0, 4.0], "entirely outside the 10x10 image"),
+        ([0.1, 0.1, 0.5, 0.5], r"0.4x0.4 px, under 1 px .*normalised coordinates\? multiply x by 10"),
+        ([2.0, 2.0, 2.5, 6.0], "0.5x4 px"),
+        ([-2.0, 1.0, 4.0, 4.0], r"reaches 2 px beyond the 10x10 image \(more than the 1 px clipped\)"),
+        ([1.0, 1.0, 4.0, 11.5], "reaches 1.5 px beyond"),
         ([1.0, -9.0, 4.0, 0.0], "entirely outside"),
         ([1.0, math.nan, 4.0, 2.0], "NaN"),
     ],
