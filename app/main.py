@@ -13,9 +13,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from app.errors import install_error_handlers
 from app.finetune import start_worker
@@ -76,7 +77,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         registry: Prometheus registry for this app's metrics; a fresh one by default.
     """
     settings = settings or load_settings()
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with Swagger UI and ReDoc served from the package: no CDN
         title="ssd-service",
         version=_package_version(),
         description="SSD MultiBoxLoss scoring, online fine-tuning and detection.",
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.state.settings = settings
     app.state.metrics = metrics
     routers = (score_loss.router, finetune.router, detect.router, model.router, health.router)
-    routes = [route for route in app.routes if isinstance(route, Route)]  # /docs, /openapi.json, ...
+    routes = [route for route in app.routes if isinstance(route, Route | Mount)]  # /docs, its assets, ...
     for router in routers:
         app.include_router(router)
         routes.extend(router.routes)

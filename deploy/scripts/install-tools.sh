@@ -3,6 +3,7 @@
 #   prometheus      -> `prometheus` and `promtool` (real scrape + query API, `promtool check metrics`)
 #   docker-compose  -> `docker-compose config -q` validates docker-compose*.yml without a Docker engine
 #   nginx           -> deploy/nginx/nginx.conf run in front of live replicas (tests/integration/test_replicas.py)
+#   chromium        -> headless browser rendering /docs and /redoc offline (tests/integration/test_docs_browser.py)
 # Never fails hard: when a tool cannot be installed it says why and exits 0; the tests that need it
 # then skip with a clear message.
 set -u
@@ -11,9 +12,10 @@ missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-tools: prometheus, promtool, docker-compose and nginx already present"
+    echo "install-tools: prometheus, promtool, docker-compose, nginx and chromium already present"
     exit 0
 fi
 
@@ -44,7 +46,7 @@ fi
 
 # The Debian packages start prometheus/nginx daemons where an init system runs; the tests start their
 # own on free loopback ports.
-for tool in prometheus promtool docker-compose /usr/sbin/nginx; do
+for tool in prometheus promtool docker-compose /usr/sbin/nginx chromium; do
     if command -v "$tool" >/dev/null 2>&1; then
         echo "install-tools: $tool -> $(command -v "$tool")"
     else

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -53,3 +55,17 @@ def test_openapi_documents_every_endpoint_and_body(client):
     for model in ("ScoreLossRequest", "FinetuneRequest", "DetectRequest", "LossOptions", "ErrorResponse"):
         assert model in components
     assert client.get("/docs").status_code == 200
+
+
+def test_docs_pages_load_their_assets_from_the_service(client):
+    """/docs and /redoc reference only the service's own URLs (no CDN), and each of those answers."""
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        urls = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert any(url.endswith(asset) for url in urls), urls
+        for url in urls:
+            assert url.startswith("/"), f"{page} loads {url} from outside the service"
+            fetched = client.get(url)
+            assert fetched.status_code == 200 and len(fetched.content) > 1000, url
+        assert "'/openapi.json'" in html.text or '"/openapi.json"' in html.text

@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "ssd-service.json"
-INSTALL_HINT = "run deploy/scripts/install-tools.sh (installs Debian's prometheus, docker-compose and nginx)"
+INSTALL_HINT = "run deploy/scripts/install-tools.sh (installs Debian's prometheus, docker-compose, nginx and chromium)"
 START_TIMEOUT_S = 120.0  # torch import + model build on a shared 2-core CPU
 # Grafana's built-in interval variables, replaced the way Grafana would before a query reaches Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
