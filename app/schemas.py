@@ -111,6 +111,8 @@ class EncodedImage(Request):
 class DetectOptions(Request):
     score_threshold: float | None = Field(None, ge=0, lt=1, description="default: SSD_SCORE_THRESHOLD")
     max_detections: int | None = Field(None, ge=1, le=10_000, description="default: SSD_MAX_DETECTIONS")
+    render: bool = Field(False, description="answer the image (one per request) as a PNG with its boxes, class "
+                         "names and scores drawn, instead of JSON")
 
 
 class DetectRequest(DetectOptions):

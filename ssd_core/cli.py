@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from ssd_core.augment import ssd_augmentation
@@ -34,8 +33,9 @@ from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_st
 from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
 from ssd_core.devices import resolve_device
 from ssd_core.distributed import DistributedContext, DistributedTrainer, distributed_sampler, init_distributed
+from ssd_core.drawing import captions, draw_detections
 from ssd_core.evaluation import evaluate, predict
-from ssd_core.images import decode_image_bytes, encode_png
+from ssd_core.images import decode_image_bytes
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import MODEL_NAMES, SSD, build_model
 from ssd_core.plotting import save_curves
@@ -321,10 +321,9 @@ def _detect(args: argparse.Namespace) -> int:
     image = decode_image_bytes(Path(args.image).read_bytes(), MAX_IMAGE_PIXELS)  # [3, H, W] uint8
     detections = predict(model, [image], device=device, score_threshold=args.score_threshold)[0]
     names = [meta["class_names"][int(label)] for label in detections.labels]
-    captions = [f"{name} {score:.2f}" for name, score in zip(names, detections.scores.tolist(), strict=True)]
-    drawn = draw_bounding_boxes(image, detections.boxes.cpu(), labels=captions, colors="red", width=2)
+    png = draw_detections(image, detections.boxes, captions(names, detections.scores.tolist()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_bytes(encode_png(drawn))
+    Path(args.out).write_bytes(png)
     for name, score, box in zip(names, detections.scores.tolist(), detections.boxes.tolist(), strict=True):
         print(json.dumps({"label": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}))
     return 0

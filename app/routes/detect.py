@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import HostDep, MetricsDep, SettingsDep
+from app.errors import invalid
 from app.inputs import (
     JSON,
     MULTIPART,
@@ -21,6 +22,7 @@ from app.model_host import ModelHost
 from app.openapi import ERROR_RESPONSES, request_body
 from app.schemas import Detection, DetectOptions, DetectRequest, DetectResponse
 from app.settings import Settings
+from ssd_core.drawing import captions, draw_detections
 from ssd_core.evaluation import model_inputs
 from ssd_core.postprocess import detect
 
@@ -33,8 +35,11 @@ MULTIPART_SCHEMA = {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG/JPEG files"},
         "score_threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
         "max_detections": {"type": "integer", "minimum": 1, "maximum": 10_000},
+        "render": {"type": "boolean", "default": False, "description": "answer a PNG with the detections drawn"},
     },
 }
+_PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "JSON detections, or with render=true "
+                       "the image as PNG with its detections drawn (header X-Model-Version)"}}
 
 
 def run_detection(
@@ -69,13 +74,15 @@ def run_detection(
 @router.post(
     "/detect",
     response_model=DetectResponse,
-    responses=ERROR_RESPONSES,
+    responses={**ERROR_RESPONSES, **_PNG_RESPONSE},
     openapi_extra=request_body({JSON: DetectRequest, MULTIPART: MULTIPART_SCHEMA}),
     summary="Detect objects in images with the hosted model",
 )
-async def detect_objects(request: Request, host: HostDep, settings: SettingsDep, metrics: MetricsDep) -> DetectResponse:
+async def detect_objects(
+    request: Request, host: HostDep, settings: SettingsDep, metrics: MetricsDep
+) -> DetectResponse | Response:
     """Per image, boxes (x1, y1, x2, y2) in its pixels with label, class name and score, and the
-    model version that produced them."""
+    model version that produced them; with `render=true` the one image as PNG with them drawn."""
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
         options, files = await multipart_request(request, DetectOptions, settings, annotated=False)
@@ -85,4 +92,17 @@ async def detect_objects(request: Request, host: HostDep, settings: SettingsDep,
         check_image_count(len(parsed.images), settings)
         options = parsed
         encoded = [(item.image, f"images[{k}].image") for k, item in enumerate(parsed.images)]
-    return await run_in_threadpool(run_detection, encoded, options, host, settings, metrics)
+    if options.render and len(encoded) != 1:
+        raise invalid("images", f"render=true draws one image per request, got {len(encoded)}")
+    found = await run_in_threadpool(run_detection, encoded, options, host, settings, metrics)
+    if options.render:
+        png = await run_in_threadpool(render_png, encoded[0][0], found.detections[0], settings)
+        return Response(png, media_type="image/png", headers={"X-Model-Version": str(found.model_version)})
+    return found
+
+
+def render_png(data: bytes, detections: list[Detection], settings: Settings) -> bytes:
+    """The image of `data` (decoded again: detection keeps no decoded images) with `detections` drawn."""
+    image = decode_image(data, settings, "images[0]")  # [3, H, W]
+    boxes = torch.tensor([d.box for d in detections], dtype=torch.float32).reshape(-1, 4)  # [N, 4] pixels
+    return draw_detections(image, boxes, captions([d.class_name for d in detections], [d.score for d in detections]))

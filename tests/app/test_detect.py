@@ -6,6 +6,7 @@ import base64
 
 import torch
 from safetensors.torch import load_file
+from torchvision.utils import draw_bounding_boxes
 
 from ssd_core.images import decode_image_bytes, encode_jpeg, encode_png, to_model_input
 from ssd_core.models import build_model
@@ -110,3 +111,33 @@ def test_a_data_url_prefix_is_accepted(client, shapes):
     assert answered.json() == expected.json()
     jpeg = "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(torch.zeros(3, 40, 40, dtype=torch.uint8))).decode()
     assert client.post("/detect", json={"images": [{"image": jpeg}]}).status_code == 200
+
+
+def test_render_answers_the_image_with_its_detections_drawn(client, shapes):
+    """The PNG equals torchvision's drawing of the JSON answer's boxes and captions on the decoded image."""
+    data = png_bytes(shapes, 0)
+    body = {"images": [encoded(data)], "score_threshold": 0.0, "max_detections": 5}
+    found = client.post("/detect", json=body).json()["detections"][0]
+    assert len(found) == 5
+    rendered = client.post("/detect", json={**body, "render": True})
+    assert rendered.status_code == 200, rendered.text
+    assert rendered.headers["content-type"] == "image/png" and rendered.headers["x-model-version"] == "0"
+    image = decode_image_bytes(data, 64 * 64)
+    expected = draw_bounding_boxes(image, torch.tensor([d["box"] for d in found]), colors="red", width=2,
+                                   labels=[f"{d['class_name']} {d['score']:.2f}" for d in found])
+    drawn = decode_image_bytes(rendered.content, 64 * 64)
+    assert torch.equal(drawn, expected)
+    assert not torch.equal(drawn, image)
+    files = [("images", ("a.png", data, "image/png"))]
+    multipart = client.post("/detect", files=files, data={"render": "true", "score_threshold": "0.0",
+                                                           "max_detections": "5"})
+    assert multipart.status_code == 200 and multipart.content == rendered.content
+    nothing = client.post("/detect", json={**body, "score_threshold": 0.999, "render": True})
+    assert torch.equal(decode_image_bytes(nothing.content, 64 * 64), image)  # no detection: the image itself
+
+
+def test_render_takes_one_image(client, shapes):
+    two = [encoded(png_bytes(shapes, 0)), encoded(png_bytes(shapes, 1))]
+    error = assert_error(client.post("/detect", json={"images": two, "render": True}), 422, "images")
+    assert "one image per request, got 2" in error["message"]
+    assert client.sample("ssd_images_processed_total", route="/detect") == 0
