@@ -351,7 +351,8 @@ class FinetuneWorker:
         state_dict, optimizer_state = self.trainer.state()
         meta = {
             "version": current.version, "step": current.step, "model": self.settings.model,
-            "num_classes": self.settings.num_classes, "class_names": self.settings.class_names,
+            "num_classes": self.settings.num_classes, "priors": self.host.spec.prior_set,
+            "class_names": self.settings.class_names,
             "restored_from": current.restored_from,
         }
         try:

@@ -22,7 +22,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from ssd_core.checkpoint import CheckpointStore, LoadedCheckpoint
 from ssd_core.devices import resolve_device
-from ssd_core.models import SSD, build_model
+from ssd_core.models import LEGACY_PRIOR_SETS, SSD, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SS
     Returns:
         (model on CPU, the checkpoint it came from or None).
     """
-    model = build_model(settings.model, settings.num_classes)
+    model = build_model(settings.model, settings.num_classes, settings.prior_set)
     checkpoint = store.load_latest() if store is not None else None
     if checkpoint is not None:
         check_compatible(checkpoint.meta, settings)
@@ -136,10 +136,18 @@ def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SS
 
 
 def check_compatible(meta: dict, settings: Settings) -> None:
-    """Refuse a checkpoint written for another architecture or class count."""
+    """Refuse a checkpoint written for another architecture, class count or prior set (a checkpoint that
+    records no prior set predates the setting: its VGG model had VOC priors)."""
     for key in ("model", "num_classes"):
         if key in meta and meta[key] != getattr(settings, key):
             raise RuntimeError(
                 f"checkpoint in {settings.checkpoint_dir} has {key}={meta[key]!r}, settings say "
                 f"{getattr(settings, key)!r}"
             )
+    recorded = meta.get("priors", LEGACY_PRIOR_SETS.get(meta.get("model", settings.model)))
+    if recorded != settings.prior_set:
+        raise RuntimeError(
+            f"checkpoint in {settings.checkpoint_dir} was trained with priors={recorded!r}, settings give "
+            f"{settings.prior_set!r} (SSD_PRIORS={settings.priors or 'unset'}, num_classes={settings.num_classes}); "
+            f"set SSD_PRIORS={recorded}"
+        )

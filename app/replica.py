@@ -115,7 +115,7 @@ class CheckpointWatcher:
     def _publish(self, info: CheckpointInfo) -> ModelVersion:
         checkpoint = self.store.load(info.version)  # verifies every file against the sidecar
         check_compatible(checkpoint.meta, self.settings)
-        model = build_model(self.settings.model, self.settings.num_classes)
+        model = build_model(self.settings.model, self.settings.num_classes, self.settings.prior_set)
         model.load_state_dict(checkpoint.state_dict)
         published = self.host.publish(
             model, int(checkpoint.meta.get("step", 0)), checkpoint.meta.get("restored_from"), version=info.version

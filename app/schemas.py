@@ -199,6 +199,7 @@ class JobView(BaseModel):
 class ModelInfo(BaseModel):
     architecture: str
     num_classes: int
+    priors: str = Field(description="prior set: voc or coco (ssd300/ssd512, SSD_PRIORS), scaled (ssd-small)")
     class_names: list[str]
     input_size: int
     num_priors: int

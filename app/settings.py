@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ssd_core.priors import resolve_prior_set
+
 ModelName = Literal["ssd300", "ssd512", "ssd-small"]
 
 
@@ -24,6 +26,9 @@ class Settings(BaseSettings):
     num_classes: int = Field(21, ge=2, description="classes counting background, as the seed's num_classes")
     class_names: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="object class names (background excluded); JSON list or comma list"
+    )
+    priors: Literal["voc", "coco"] | None = Field(
+        None, description="prior set of ssd300/ssd512; None: ssd.pytorch's rule (voc for 21 classes, else coco)"
     )
     weights: Path | None = Field(None, description="safetensors weights used when no checkpoint exists")
     checkpoint_dir: Path | None = Field(Path("checkpoints"), description="None: no checkpoints")
@@ -77,6 +82,16 @@ class Settings(BaseSettings):
                 f"needs {self.num_classes - 1} (background excluded)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _priors_fit_the_model(self) -> Settings:
+        resolve_prior_set(self.model, self.num_classes, self.priors)  # ValueError: voc/coco asked of ssd-small
+        return self
+
+    @property
+    def prior_set(self) -> str:
+        """The prior set the hosted model uses: `priors`, else ssd.pytorch's rule ("scaled" for ssd-small)."""
+        return resolve_prior_set(self.model, self.num_classes, self.priors)
 
     @model_validator(mode="after")
     def _one_trainer_process(self) -> Settings:

@@ -37,13 +37,15 @@ from ssd_core.drawing import captions, draw_detections
 from ssd_core.evaluation import evaluate, predict
 from ssd_core.images import decode_image_bytes
 from ssd_core.loss import MultiBoxLoss
-from ssd_core.models import MODEL_NAMES, SSD, build_model
+from ssd_core.models import LEGACY_PRIOR_SETS, MODEL_NAMES, SSD, build_model
 from ssd_core.plotting import save_curves
+from ssd_core.priors import PRIOR_SETS
 from ssd_core.synthetic import ShapesDataset
 from ssd_core.training import TrainConfig, Trainer
 
 __all__ = ["build_parser", "load_dataset", "main"]
 
+PRIORS_HELP = "prior set of ssd300/ssd512 (default: ssd.pytorch's rule, voc for 21 classes, else coco)"
 MAX_IMAGE_PIXELS = 40_000_000  # `detect` refuses larger images (decompression bombs)
 
 
@@ -118,16 +120,22 @@ def _meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra
         "step": step,
         "model": model.spec.name,
         "num_classes": model.spec.num_classes,
+        "priors": model.spec.prior_set,
         "class_names": list(class_names),
         **(extra or {}),
     }
+
+
+def recorded_priors(meta: dict[str, Any]) -> str:
+    """The prior set a checkpoint was trained with (VOC for VGG checkpoints written before it was recorded)."""
+    return meta.get("priors", LEGACY_PRIOR_SETS[meta["model"]])
 
 
 def _load_model(checkpoint_dir: str, device: torch.device) -> tuple[SSD, dict[str, Any]]:
     loaded = CheckpointStore(checkpoint_dir).load_latest()
     if loaded is None:
         raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no loadable checkpoint")
-    model = build_model(loaded.meta["model"], loaded.meta["num_classes"])
+    model = build_model(loaded.meta["model"], loaded.meta["num_classes"], recorded_priors(loaded.meta))
     model.load_state_dict(loaded.state_dict)
     return model.to(device).eval(), loaded.meta
 
@@ -185,7 +193,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     num_classes = args.num_classes or len(dataset.class_names) + 1
     if num_classes < len(dataset.class_names) + 1:
         raise ValueError(f"--num-classes {num_classes} < {len(dataset.class_names)} classes + background")
-    model = build_model(args.model, num_classes)
+    model = build_model(args.model, num_classes, args.priors)
     criterion = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=device.type == "cuda")
     config = TrainConfig(
         lr=args.lr, warmup_steps=args.warmup, clip_grad_norm=args.clip_grad_norm, amp=args.amp
@@ -200,6 +208,9 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     if args.resume:
         loaded = store.load_latest()
         context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
+        if loaded is not None and recorded_priors(loaded.meta) != model.spec.prior_set:
+            raise ValueError(f"--resume: the checkpoint has priors {recorded_priors(loaded.meta)!r}, this run "
+                             f"{model.spec.prior_set!r}; pass --priors {recorded_priors(loaded.meta)}")
         if loaded is not None:
             trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
     val_set = None
@@ -306,12 +317,13 @@ def _import(args: argparse.Namespace) -> int:
     if len(class_names) != args.num_classes - 1:
         raise ValueError(f"--class-names: {len(class_names)} names for {args.num_classes - 1} object classes")
     source = load_ssd_pytorch(args.source)
-    model = build_model(args.model, args.num_classes)
+    model = build_model(args.model, args.num_classes, args.priors)
     model.load_state_dict(ssd_pytorch_state_dict(source, args.model, args.num_classes))
     store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
     extra = {"imported_from": Path(args.source).name, "imported_tensors": len(source)}
     info = store.save(model.state_dict(), _meta(model, class_names, _next_version(store), 0, extra))
-    print(f"imported {len(source)} of {len(model.state_dict())} tensors into {info.weights}")
+    print(f"imported {len(source)} of {len(model.state_dict())} tensors into {info.weights} "
+          f"({model.spec.prior_set} priors)")
     return 0
 
 
@@ -347,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(train, split="train")
     train.add_argument("--model", choices=MODEL_NAMES, default="ssd-small")
     train.add_argument("--num-classes", type=int, help="conf columns incl. background (default: data set's)")
+    train.add_argument("--priors", choices=PRIOR_SETS, help=PRIORS_HELP)
     train.add_argument("--steps", type=int, default=1000)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
@@ -379,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("source", type=Path, help="ssd.pytorch state dict (.pth)")
     import_.add_argument("--model", choices=IMPORTABLE_MODELS, default="ssd300")
     import_.add_argument("--num-classes", type=int, default=21)
+    import_.add_argument("--priors", choices=PRIOR_SETS, help=PRIORS_HELP)
     import_.add_argument("--class-names", nargs="+", help="object class names in label order")
     import_.add_argument("--checkpoint-dir", required=True)
     import_.add_argument("--keep", type=int, default=5)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ssd_core.models import build_model
+from ssd_core.priors import resolve_prior_set
 
 __all__ = ["IMPORTABLE_MODELS", "import_checkpoint", "load_ssd_pytorch", "ssd_pytorch_state_dict"]
 
@@ -101,11 +102,13 @@ def ssd_pytorch_state_dict(
 
 
 def import_checkpoint(
-    src: str | os.PathLike, model_name: str, num_classes: int, out_path: str | os.PathLike
+    src: str | os.PathLike, model_name: str, num_classes: int, out_path: str | os.PathLike,
+    prior_set: str | None = None,
 ) -> Path:
     """Convert an ssd.pytorch .pth (full SSD or VGG16 base) into this project's safetensors file.
 
-    The file's metadata holds 'model' (name), 'num_classes' and 'source'. Written to a
+    The file's metadata holds 'model' (name), 'num_classes', 'priors' (`prior_set`, default ssd.pytorch's
+    rule: voc for 21 classes, else coco) and 'source'. Written to a
     temporary file and renamed, so `out_path` is never half-written.
 
     Returns:
@@ -117,6 +120,7 @@ def import_checkpoint(
     metadata = {
         "model": model_name,
         "num_classes": str(num_classes),
+        "priors": resolve_prior_set(model_name, num_classes, prior_set),
         "source": f"ssd.pytorch:{Path(src).name}",
     }
     save_file(state, tmp, metadata=metadata)

@@ -18,11 +18,14 @@ __all__ = [
     "COCO_300",
     "COCO_512",
     "PRESETS",
+    "PRIOR_SETS",
     "VOC_300",
     "VOC_512",
     "PriorConfig",
     "prior_boxes",
+    "resolve_prior_set",
     "scaled_prior_config",
+    "vgg_prior_config",
 ]
 
 
@@ -168,3 +171,36 @@ PRESETS: dict[str, PriorConfig] = {
     "voc512": VOC_512,
     "coco512": COCO_512,
 }
+
+# The prior sets of the VGG models (ssd300, ssd512); ssd-small's own priors are "scaled" (`scaled_prior_config`).
+PRIOR_SETS: tuple[str, ...] = ("voc", "coco")
+SCALED = "scaled"
+VOC_CLASS_COUNT = 21
+
+
+def resolve_prior_set(model_name: str, num_classes: int, prior_set: str | None = None) -> str:
+    """The prior set a model uses: `prior_set` when given, else ssd.pytorch's rule.
+
+    ssd.pytorch's `SSD` takes `(coco, voc)[num_classes == 21]`: VOC priors for 21 classes, COCO priors for
+    every other class count. ssd-small always has its own ("scaled") priors.
+
+    Raises:
+        ValueError: an unknown set, or voc/coco asked of ssd-small.
+    """
+    if model_name == "ssd-small":
+        if prior_set not in (None, SCALED):
+            raise ValueError(f"priors {prior_set!r}: ssd-small has its own scaled priors; voc/coco are for ssd300/ssd512")
+        return SCALED
+    if prior_set is None:
+        return "voc" if num_classes == VOC_CLASS_COUNT else "coco"
+    if prior_set not in PRIOR_SETS:
+        raise ValueError(f"unknown priors {prior_set!r}; expected one of {', '.join(PRIOR_SETS)}")
+    return prior_set
+
+
+def vgg_prior_config(prior_set: str, image_size: int) -> PriorConfig:
+    """The `PRESETS` entry of a VGG model: `vgg_prior_config("coco", 300)` is COCO_300."""
+    key = f"{prior_set}{image_size}"
+    if key not in PRESETS:
+        raise ValueError(f"no {prior_set!r} priors for a {image_size} px input; presets: {', '.join(PRESETS)}")
+    return PRESETS[key]

@@ -24,6 +24,8 @@ class ModelSpec:
         prior_config: geometry of the priors the model predicts offsets for.
         pixel_mean, pixel_std: per input channel, in RGB order and 0-255 units: the model's
             input is (rgb_pixels - pixel_mean) / pixel_std.
+        prior_set: which priors: "voc" or "coco" (ssd300/ssd512, see `priors.resolve_prior_set`) or
+            "scaled" (ssd-small's own); recorded in checkpoints and checked on load.
     """
 
     name: str
@@ -32,6 +34,7 @@ class ModelSpec:
     prior_config: PriorConfig
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
+    prior_set: str
 
 
 def multibox_heads(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd_core.models.base import SSD, ModelSpec, multibox_heads, xavier_init
-from ssd_core.priors import scaled_prior_config
+from ssd_core.priors import SCALED, scaled_prior_config
 
 __all__ = ["SSDSmall", "SmallConfig"]
 
@@ -88,7 +88,7 @@ class SSDSmall(SSD):
         )
         self.loc, self.conf = multibox_heads(channels, prior_config.boxes_per_location, num_classes)
         mean, std = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)
-        self._set_spec(ModelSpec("ssd-small", num_classes, config.image_size, prior_config, mean, std))
+        self._set_spec(ModelSpec("ssd-small", num_classes, config.image_size, prior_config, mean, std, SCALED))
         xavier_init([self.loc, self.conf])
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssd_core.models.base import SSD, ModelSpec, multibox_heads, xavier_init
-from ssd_core.priors import VOC_300, VOC_512, PriorConfig
+from ssd_core.priors import PriorConfig, resolve_prior_set, vgg_prior_config
 
 __all__ = ["SSD300", "SSD512", "VGGSSD", "VGG_BASE", "ExtraBlock", "L2Norm", "extra_layers", "vgg_layers"]
 
@@ -108,7 +108,7 @@ class VGGSSD(SSD):
     """SSD on the VGG16 base with ssd.pytorch's layer layout and state_dict keys."""
 
     def __init__(
-        self, name: str, num_classes: int, prior_config: PriorConfig, extras: Sequence[ExtraBlock]
+        self, name: str, num_classes: int, prior_config: PriorConfig, extras: Sequence[ExtraBlock], prior_set: str
     ) -> None:
         super().__init__()
         self.vgg = nn.ModuleList(vgg_layers())
@@ -116,7 +116,8 @@ class VGGSSD(SSD):
         self.extras = nn.ModuleList(extra_layers(extras))
         channels = [512, 1024, *(block.out for block in extras)]
         self.loc, self.conf = multibox_heads(channels, prior_config.boxes_per_location, num_classes)
-        self._set_spec(ModelSpec(name, num_classes, prior_config.image_size, prior_config, RGB_MEAN, RGB_STD))
+        self._set_spec(ModelSpec(name, num_classes, prior_config.image_size, prior_config, RGB_MEAN, RGB_STD,
+                                 prior_set))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -143,14 +144,19 @@ class VGGSSD(SSD):
 
 
 class SSD300(VGGSSD):
-    """SSD300 (ssd.pytorch `build_ssd('train', 300, num_classes)`), VOC_300 priors: P = 8732."""
+    """SSD300 (ssd.pytorch `build_ssd('train', 300, num_classes)`): P = 8732.
 
-    def __init__(self, num_classes: int) -> None:
-        super().__init__("ssd300", num_classes, VOC_300, EXTRAS_300)
+    `prior_set` "voc" (VOC_300) or "coco" (COCO_300); default ssd.pytorch's rule (VOC for 21 classes).
+    """
+
+    def __init__(self, num_classes: int, prior_set: str | None = None) -> None:
+        prior_set = resolve_prior_set("ssd300", num_classes, prior_set)
+        super().__init__("ssd300", num_classes, vgg_prior_config(prior_set, 300), EXTRAS_300, prior_set)
 
 
 class SSD512(VGGSSD):
-    """SSD512 (Caffe SSD512 layout), VOC_512 priors: P = 24564."""
+    """SSD512 (Caffe SSD512 layout): P = 24564; `prior_set` as SSD300's (VOC_512 or COCO_512)."""
 
-    def __init__(self, num_classes: int) -> None:
-        super().__init__("ssd512", num_classes, VOC_512, EXTRAS_512)
+    def __init__(self, num_classes: int, prior_set: str | None = None) -> None:
+        prior_set = resolve_prior_set("ssd512", num_classes, prior_set)
+        super().__init__("ssd512", num_classes, vgg_prior_config(prior_set, 512), EXTRAS_512, prior_set)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from ssd_core.checkpoint import CheckpointStore
 from tests.app.conftest import assert_error, labelled, make_settings, start_client
 
 
@@ -18,7 +19,7 @@ def train(client, shapes, steps: int = 2) -> dict:
 def test_model_info(client):
     info = client.get("/model").json()
     assert info == {
-        "architecture": "ssd-small", "num_classes": 4, "class_names": ["rectangle", "ellipse", "triangle"],
+        "architecture": "ssd-small", "num_classes": 4, "priors": "scaled", "class_names": ["rectangle", "ellipse", "triangle"],
         "input_size": 256, "num_priors": client.app.state.host.priors.shape[0], "version": 0, "training_steps": 0,
         "device": "cpu", "role": "all", "restored_from": None,
     }
@@ -36,6 +37,7 @@ def test_checkpoint_and_versions(client, shapes):
     versions = client.get("/model/versions").json()
     assert versions["current"] == 3
     assert [(v["version"], v["step"]) for v in versions["versions"]] == [(0, 0), (3, 3)]
+    assert CheckpointStore(client.app.state.settings.checkpoint_dir).load(3).meta["priors"] == "scaled"
 
 
 def test_rollback_publishes_old_weights_as_a_new_version(client, shapes):

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.__main__ import warn_if_exposed
+from app.model_host import check_compatible
 from app.settings import Settings
 
 
@@ -68,3 +69,30 @@ def test_make_serve_listens_on_loopback_by_default():
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert re.search(r"^SSD_HOST \?= 127\.0\.0\.1\b", makefile, re.MULTILINE)
     assert "SSD_HOST=$(SSD_HOST)" in makefile
+
+
+def test_priors_setting_and_its_default():
+    assert Settings(model="ssd300", num_classes=21).prior_set == "voc"
+    assert Settings(model="ssd300", num_classes=81).prior_set == "coco"  # ssd.pytorch's (coco, voc)[n == 21]
+    assert Settings(model="ssd300", num_classes=81, priors="voc").prior_set == "voc"
+    assert Settings(model="ssd-small", num_classes=4).prior_set == "scaled"
+    with pytest.raises(ValidationError, match="ssd-small has its own scaled priors"):
+        Settings(model="ssd-small", num_classes=4, priors="coco")
+    with pytest.raises(ValidationError, match="priors"):
+        Settings(model="ssd300", priors="kitti")
+
+
+@pytest.mark.parametrize(("meta", "settings", "refused"), [
+    ({"model": "ssd300", "num_classes": 81, "priors": "coco"}, {"num_classes": 81}, False),
+    ({"model": "ssd300", "num_classes": 81, "priors": "voc"}, {"num_classes": 81}, True),
+    ({"model": "ssd300", "num_classes": 81, "priors": "voc"}, {"num_classes": 81, "priors": "voc"}, False),
+    ({"model": "ssd300", "num_classes": 81}, {"num_classes": 81}, True),  # before priors were recorded: voc
+    ({"model": "ssd300", "num_classes": 21}, {"num_classes": 21}, False),
+])
+def test_a_checkpoint_with_other_priors_is_refused(meta, settings, refused):
+    current = Settings(model="ssd300", checkpoint_dir=None, **settings)
+    if refused:
+        with pytest.raises(RuntimeError, match=r"trained with priors='voc', settings give 'coco'.*SSD_PRIORS=voc"):
+            check_compatible(meta, current)
+    else:
+        check_compatible(meta, current)

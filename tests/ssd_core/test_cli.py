@@ -106,9 +106,14 @@ def test_import_writes_a_checkpoint_from_an_ssd_pytorch_base(tmp_path, capsys):
         str(directory),
     ]
     assert main([*argv, "--class-names", "cat", "dog", "bird"]) == 0
-    assert f"imported {len(base)} of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"imported {len(base)} of" in out and "(coco priors)" in out
     state_dict, meta, optimizer_state = CheckpointStore(directory).load_latest()
     assert (meta["model"], meta["num_classes"], meta["class_names"]) == ("ssd300", 4, ["cat", "dog", "bird"])
+    assert meta["priors"] == "coco"  # ssd.pytorch's rule: COCO priors for every class count but 21
+    assert main([*argv, "--class-names", "cat", "dog", "bird", "--priors", "voc"]) == 0
+    assert "(voc priors)" in capsys.readouterr().out
+    assert CheckpointStore(directory).load_latest().meta["priors"] == "voc"
     assert optimizer_state is None
     assert all(torch.equal(state_dict[f"vgg.{key}"], value) for key, value in base.items())
     assert "conf.0.weight" in state_dict  # the heads are freshly initialised, not missing

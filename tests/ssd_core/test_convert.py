@@ -30,6 +30,7 @@ def test_full_ssd300_checkpoint_round_trip(source_model, tmp_path):
         assert f.metadata() == {
             "model": "ssd300",
             "num_classes": "21",
+            "priors": "voc",
             "source": "ssd.pytorch:ssd300_VOC.pth",
         }
     torch.manual_seed(2)

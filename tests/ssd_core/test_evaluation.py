@@ -41,7 +41,7 @@ class OracleSSD(nn.Module):
         logits = torch.full((len(sample.labels), num_classes), -10.0)
         logits[torch.arange(len(sample.labels)), sample.labels + 1] = 10.0  # column 0 is background
         self.register_buffer("logits", logits)  # [P, C]
-        self.spec = ModelSpec("oracle", num_classes, 32, VOC_300, (0.0,) * 3, (1.0,) * 3)
+        self.spec = ModelSpec("oracle", num_classes, 32, VOC_300, (0.0,) * 3, (1.0,) * 3, "voc")
 
     def forward(self, x):
         batch = x.shape[0]

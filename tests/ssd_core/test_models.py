@@ -7,7 +7,7 @@ import torch
 
 from ssd_core.models import MODEL_NAMES, SSD300, SSD512, SmallConfig, SSDSmall, build_model
 from ssd_core.models.vgg import L2Norm
-from ssd_core.priors import VOC_300, VOC_512, prior_boxes
+from ssd_core.priors import COCO_512, VOC_300, VOC_512, prior_boxes
 
 # conv layer indices of ssd.pytorch's `vgg(base['300'], 3)`: 13 VGG16 convs, conv6 (31), conv7 (33)
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33)
@@ -101,7 +101,8 @@ def test_ssd512_forward_shapes(ssd512):
     (loc, conf, priors), feats = forward_with_sources(ssd512, torch.randn(1, 3, 512, 512))
     assert loc.shape == (1, 24564, 4) and conf.shape == (1, 24564, 81) and priors.shape == (24564, 4)
     assert tuple(f.shape[-1] for f in feats) == VOC_512.feature_maps
-    assert torch.equal(priors, prior_boxes(VOC_512))
+    assert ssd512.spec.prior_set == "coco"  # 81 classes: ssd.pytorch's rule picks the COCO sizes
+    assert torch.equal(priors, prior_boxes(COCO_512))
 
 
 def test_vgg_initialisation(ssd300):
