@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ssd_core.class_names import expand_class_names
 from ssd_core.priors import resolve_prior_set
 
 ModelName = Literal["ssd300", "ssd512", "ssd-small"]
@@ -25,7 +26,8 @@ class Settings(BaseSettings):
     model: ModelName = "ssd300"
     num_classes: int = Field(21, ge=2, description="classes counting background, as the seed's num_classes")
     class_names: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="object class names (background excluded); JSON list or comma list"
+        default_factory=list, description="object class names (background excluded); JSON list or comma list, "
+        "or a preset: shapes (the synthetic data set's), voc"
     )
     priors: Literal["voc", "coco"] | None = Field(
         None, description="prior set of ssd300/ssd512; None: ssd.pytorch's rule (voc for 21 classes, else coco)"
@@ -70,8 +72,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):
-                return json.loads(value)
-            return [name.strip() for name in value.split(",") if name.strip()]
+                value = json.loads(value)
+            else:
+                value = [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(name, str) for name in value):
+            return expand_class_names(value)  # a preset name: shapes, voc
         return value
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointStore
+from ssd_core.class_names import CLASS_NAME_PRESETS, expand_class_names
 from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
 from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
 from ssd_core.devices import resolve_device
@@ -45,7 +47,8 @@ from ssd_core.training import TrainConfig, Trainer
 
 __all__ = ["build_parser", "load_dataset", "main"]
 
-PRIORS_HELP = "prior set of ssd300/ssd512 (default: ssd.pytorch's rule, voc for 21 classes, else coco)"
+PRIORS_HELP = "prior set of ssd300/ssd512 (default: ssd.pytorch's rule: voc for 21 classes, else coco)"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head` leaves for `yes`
 MAX_IMAGE_PIXELS = 40_000_000  # `detect` refuses larger images (decompression bombs)
 
 
@@ -132,7 +135,9 @@ def recorded_priors(meta: dict[str, Any]) -> str:
 
 
 def _load_model(checkpoint_dir: str, device: torch.device) -> tuple[SSD, dict[str, Any]]:
-    loaded = CheckpointStore(checkpoint_dir).load_latest()
+    if not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no such directory")
+    loaded = CheckpointStore(checkpoint_dir, read_only=True).load_latest()  # reads only: creates nothing
     if loaded is None:
         raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no loadable checkpoint")
     model = build_model(loaded.meta["model"], loaded.meta["num_classes"], recorded_priors(loaded.meta))
@@ -175,7 +180,10 @@ class _History:
 
 
 def _train(args: argparse.Namespace) -> int:
-    context = init_distributed(resolve_device(args.device, "--device"))  # single process unless run by torchrun
+    device = resolve_device(args.device, "--device")
+    if args.amp and device.type != "cuda":
+        raise ValueError(f"--amp (bfloat16 autocast) needs CUDA; --device {args.device} runs on {device.type}")
+    context = init_distributed(device)  # single process unless run by torchrun
     try:
         status = _train_rank(args, context)
     except BaseException:
@@ -306,14 +314,15 @@ def _eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     model, meta = _load_model(args.checkpoint_dir, device)
     dataset = _dataset(args, args.data, args.split, args.synthetic_images)
-    scores = evaluate(model, dataset, batch_size=args.batch_size, device=device)
+    scores = evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.quiet)
     print(json.dumps({"version": meta["version"], "step": meta["step"], "images": len(dataset), **scores}))
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
     default_names = VOC_CLASSES if args.num_classes == len(VOC_CLASSES) + 1 else None
-    class_names = args.class_names or default_names or [f"class_{i}" for i in range(args.num_classes - 1)]
+    class_names = expand_class_names(args.class_names or default_names or
+                                     [f"class_{i}" for i in range(args.num_classes - 1)])
     if len(class_names) != args.num_classes - 1:
         raise ValueError(f"--class-names: {len(class_names)} names for {args.num_classes - 1} object classes")
     source = load_ssd_pytorch(args.source)
@@ -341,69 +350,88 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICES = ("auto", "cpu", "cuda")
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows each option's default; required options, flags and options whose default is
+    None (their help says what None means) get no `(default: ...)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--data", required=True, help="synthetic | voc:ROOT | coco:IMAGES_DIR:ANN.json")
     parser.add_argument("--split", default=split, help="synthetic split or VOC image set")
     parser.add_argument("--synthetic-images", type=int, default=512, help="images in the synthetic set")
     parser.add_argument("--synthetic-size", type=int, default=256, help="side of the synthetic images")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step or forward pass")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ssd` and its four subcommands."""
-    parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0], formatter_class=_DefaultsHelp)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model, writing checkpoints and a loss curve")
+    train = commands.add_parser("train", help="train a model, writing checkpoints and a loss curve",
+                                formatter_class=_DefaultsHelp)
     _add_data_arguments(train, split="train")
-    train.add_argument("--model", choices=MODEL_NAMES, default="ssd-small")
-    train.add_argument("--num-classes", type=int, help="conf columns incl. background (default: data set's)")
+    train.add_argument("--model", choices=MODEL_NAMES, default="ssd-small", help="architecture")
+    train.add_argument("--num-classes", type=int,
+                       help="conf columns incl. background (default: the data set's classes + 1)")
     train.add_argument("--priors", choices=PRIOR_SETS, help=PRIORS_HELP)
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (with --resume: up to)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    train.add_argument("--clip-grad-norm", type=float)
-    train.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    train.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this (default: no clipping)")
+    train.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only; refused on CPU)")
     train.add_argument(
         "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
     )
-    train.add_argument("--checkpoint-dir", required=True)
+    train.add_argument("--checkpoint-dir", required=True, help="checkpoints, history and curves go here")
     train.add_argument("--keep", type=int, default=5, help="checkpoints kept")
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.add_argument("--eval-every", type=int, default=0, help="held-out mAP every N steps (0: never)")
     train.add_argument("--val-data", help="held-out data (default: --data)")
-    train.add_argument("--val-split", default="val")
+    train.add_argument("--val-split", default="val", help="held-out split (synthetic) or VOC image set")
     train.add_argument("--eval-images", type=int, default=64, help="size of the synthetic held-out set")
-    train.add_argument("--time-limit", type=float, default=0, help="stop after this many training seconds")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    train.add_argument("--time-limit", type=float, default=0, help="stop after this many training seconds (0: none)")
+    train.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and augmentation")
+    train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="SSD photometric and geometric augmentation")
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
-    evaluate_ = commands.add_parser("eval", help="mAP of the newest checkpoint on a data set")
+    evaluate_ = commands.add_parser("eval", help="mAP of the newest checkpoint on a data set", formatter_class=_DefaultsHelp)
     _add_data_arguments(evaluate_, split="val")
-    evaluate_.add_argument("--checkpoint-dir", required=True)
+    evaluate_.add_argument("--checkpoint-dir", required=True, help="read only: nothing is created or written")
+    evaluate_.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate_.set_defaults(handler=_eval)
 
-    import_ = commands.add_parser("import", help="convert an ssd.pytorch .pth into a checkpoint")
+    import_ = commands.add_parser("import", help="convert an ssd.pytorch .pth into a checkpoint",
+                                  formatter_class=_DefaultsHelp)
     import_.add_argument("source", type=Path, help="ssd.pytorch state dict (.pth)")
-    import_.add_argument("--model", choices=IMPORTABLE_MODELS, default="ssd300")
-    import_.add_argument("--num-classes", type=int, default=21)
+    import_.add_argument("--model", choices=IMPORTABLE_MODELS, default="ssd300", help="architecture of the .pth")
+    import_.add_argument("--num-classes", type=int, default=21, help="conf columns incl. background")
     import_.add_argument("--priors", choices=PRIOR_SETS, help=PRIORS_HELP)
-    import_.add_argument("--class-names", nargs="+", help="object class names in label order")
-    import_.add_argument("--checkpoint-dir", required=True)
-    import_.add_argument("--keep", type=int, default=5)
+    import_.add_argument("--class-names", nargs="+",
+                         help=f"object class names in label order, or a preset ({', '.join(CLASS_NAME_PRESETS)}); "
+                              "(default: voc for 21 classes, else class_<label>)")
+    import_.add_argument("--checkpoint-dir", required=True, help="where the checkpoint is written")
+    import_.add_argument("--keep", type=int, default=5, help="checkpoints kept")
     import_.set_defaults(handler=_import)
 
-    detect = commands.add_parser("detect", help="draw the newest checkpoint's detections on an image")
-    detect.add_argument("image", type=Path)
-    detect.add_argument("--checkpoint-dir", required=True)
+    detect = commands.add_parser("detect", help="draw the newest checkpoint's detections on an image",
+                                 formatter_class=_DefaultsHelp)
+    detect.add_argument("image", type=Path, help="PNG or JPEG")
+    detect.add_argument("--checkpoint-dir", required=True, help="read only: nothing is created or written")
     detect.add_argument("--out", required=True, type=Path, help="PNG to write")
-    detect.add_argument("--score-threshold", type=float, default=0.3)
-    detect.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    detect.add_argument("--score-threshold", type=float, default=0.3, help="least score of a detection")
+    detect.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     detect.set_defaults(handler=_detect)
     return parser
 
@@ -413,10 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) is then handled below
+        return status
     except (ValueError, FileNotFoundError) as error:
         print(f"ssd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ssd detect ... | head`: the reader left; stop quietly as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

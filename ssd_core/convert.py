@@ -26,6 +26,7 @@ IMPORTABLE_MODELS = ("ssd300", "ssd512")
 _BASE_KEY = re.compile(r"\d+\.(weight|bias)")  # VGG16 reducedfc: keys of the bare `vgg` ModuleList
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts that save {'state_dict': ..., 'epoch': ...}
 _LISTED = 10  # offending keys named per category in error messages
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: a zip archive; legacy (< 1.6): a pickle, protocol >= 2
 
 
 def load_ssd_pytorch(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -41,17 +42,26 @@ def load_ssd_pytorch(path: str | os.PathLike) -> dict[str, Tensor]:
     Raises:
         ValueError: the file is corrupt, holds pickled objects other than tensors, or holds no state_dict.
     """
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        raise ValueError(
+            f"{path}: not a PyTorch checkpoint: torch.save writes a zip archive (or, before torch 1.6, a "
+            f"pickle), this file starts with {head!r}"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = re.search(r"GLOBAL (\S+)", str(exc))
+        if culprit is None:  # not a refused class: the pickle itself is damaged or not torch's
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint (its pickle does not load)") from exc
         raise ValueError(
-            f"{path}: refused: the file holds pickled objects other than tensors"
-            f"{f' ({culprit.group(1)})' if culprit else ''} and is only read with "
-            "torch.load(weights_only=True), which never runs a file's code"
+            f"{path}: refused: the file holds pickled objects other than tensors ({culprit.group(1)}) and is "
+            "only read with torch.load(weights_only=True), which never runs a file's code"
         ) from exc
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from exc
     for key in _WRAPPER_KEYS:
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]

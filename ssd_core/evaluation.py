@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
+from tqdm import tqdm
 
 from ssd_core.datasets import Sample
 from ssd_core.images import to_model_input
@@ -130,6 +131,7 @@ def evaluate(
     score_threshold: float = 0.01,
     max_detections: int = 100,
     nms_iou: float = 0.45,
+    progress: bool = False,
 ) -> dict[str, float]:
     """mAP of `model` on every sample of `dataset` (no augmentation), batch by batch.
 
@@ -137,6 +139,7 @@ def evaluate(
         model: an SSD with `spec`, on `device`.
         dataset: indexable samples (e.g. `ShapesDataset`, `VOCDataset`, `CocoDataset`).
         batch_size: images per forward pass.
+        progress: a tqdm bar of the images done (on stderr).
 
     Returns:
         {"map_50": mAP@0.5 (VOC criterion), "map": COCO mAP@[0.5:0.95]}.
@@ -147,6 +150,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     metric = _metric(max_detections)
+    bar = tqdm(total=len(dataset), desc="eval", unit="image", disable=not progress)
     for start in range(0, len(dataset), batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         detections = predict(
@@ -158,4 +162,6 @@ def evaluate(
             max_detections=max_detections,
         )
         _update(metric, detections, samples)
+        bar.update(len(samples))
+    bar.close()
     return _result(metric)

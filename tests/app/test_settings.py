@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from app.__main__ import warn_if_exposed
 from app.model_host import check_compatible
 from app.settings import Settings
+from ssd_core.synthetic import ShapesDataset
 
 
 def test_defaults(monkeypatch):
@@ -96,3 +97,12 @@ def test_a_checkpoint_with_other_priors_is_refused(meta, settings, refused):
             check_compatible(meta, current)
     else:
         check_compatible(meta, current)
+
+
+def test_class_name_presets(monkeypatch):
+    monkeypatch.setenv("SSD_CLASS_NAMES", "shapes")
+    assert Settings(model="ssd-small", num_classes=4).class_names == list(ShapesDataset.class_names)
+    monkeypatch.setenv("SSD_CLASS_NAMES", "voc")
+    assert Settings(num_classes=21).class_names[:2] == ["aeroplane", "bicycle"]
+    with pytest.raises(ValidationError, match="class_names has 20 names"):
+        Settings(num_classes=4)

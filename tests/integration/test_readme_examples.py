@@ -4,7 +4,7 @@ documentation cannot drift from the service.
 The rule for README examples (the format this test can run): in the `## Endpoints` section every ```bash
 block is run, in order, by one bash process (variables such as IMG and JOB carry over from block to
 block) in an empty working directory, against the small demo model (`SSD_MODEL=ssd-small
-SSD_NUM_CLASSES=4`, no token). Commands address the service as `localhost:8000` and run Python as
+SSD_NUM_CLASSES=4 SSD_CLASS_NAMES=shapes`, no token). Commands address the service as `localhost:8000` and run Python as
 `.venv/bin/python`; both are rewritten to the live server and this interpreter. Every command must
 succeed: bash runs with `set -e -o pipefail` and `curl` with `--fail-with-body`, so any HTTP status of
 400 or more fails the test, naming the command. Every `curl` written in the section must actually run.
@@ -63,7 +63,7 @@ def test_every_readme_endpoint_example_runs(tmp_path):
     workdir = tmp_path / "examples"
     workdir.mkdir()
     curl_log = tmp_path / "curl.log"
-    with run_service(tmp_path / "service") as service:
+    with run_service(tmp_path / "service", SSD_CLASS_NAMES="shapes") as service:
         address = service.url.removeprefix("http://")
         script = PRELUDE + "\n".join(
             block.replace("localhost:8000", address).replace(".venv/bin/python", sys.executable) for block in blocks)

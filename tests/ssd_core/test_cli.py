@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from ssd_core.checkpoint import CheckpointStore
-from ssd_core.cli import main
+from ssd_core.class_names import expand_class_names
+from ssd_core.cli import build_parser, main
+from ssd_core.datasets import VOC_CLASSES
 from ssd_core.images import decode_image_bytes, encode_png
 from ssd_core.models import SSD300
 from ssd_core.synthetic import ShapesDataset
 
 TINY_DATA = ["--data", "synthetic", "--synthetic-images", "6", "--synthetic-size", "64", "--batch-size", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +134,9 @@ def test_import_writes_a_checkpoint_from_an_ssd_pytorch_base(tmp_path, capsys):
         (["eval", "--data", "synthetic", "--checkpoint-dir", "{tmp}"], "no loadable checkpoint"),
         (["train", *TINY_DATA, "--num-classes", "3", "--checkpoint-dir", "{tmp}"], "--num-classes"),
         (["import", "{tmp}/missing.pth", "--checkpoint-dir", "{tmp}"], "missing.pth"),
+        (["train", *TINY_DATA, "--device", "cpu", "--amp", "--checkpoint-dir", "{tmp}"], "--amp (bfloat16 autocast) needs CUDA"),
+        (["train", *TINY_DATA, "--model", "ssd-small", "--priors", "coco", "--checkpoint-dir", "{tmp}"],
+         "ssd-small has its own scaled priors"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message):
@@ -137,3 +148,57 @@ def test_unknown_model_is_rejected_by_the_parser(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", "synthetic", "--model", "yolo", "--checkpoint-dir", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_every_help_shows_the_defaults():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subparsers) == {"train", "eval", "import", "detect"}
+    for name, sub in subparsers.items():
+        text = " ".join(sub.format_help().split())  # argparse wraps lines
+        defaults = [a for a in sub._actions if a.default not in (None, False, argparse.SUPPRESS) and not a.required]
+        assert defaults, name
+        for action in defaults:
+            shown = action.default.__name__ if callable(action.default) else action.default
+            assert f"(default: {shown})" in text, (name, action.dest, text)
+
+
+def test_eval_shows_progress(trained, capsys):
+    assert main(["eval", *TINY_DATA, "--checkpoint-dir", str(trained)]) == 0
+    err = capsys.readouterr().err
+    assert "eval" in err and "6/6" in err  # tqdm: images done / all
+
+
+def test_eval_of_a_missing_directory_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["eval", *TINY_DATA, "--checkpoint-dir", str(missing)]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_import_of_a_file_that_is_not_a_pytorch_checkpoint(tmp_path, capsys):
+    source = tmp_path / "weights.pth"
+    source.write_text("these are not weights\n")
+    assert main(["import", str(source), "--checkpoint-dir", str(tmp_path / "out")]) == 2
+    assert "not a PyTorch checkpoint: torch.save writes a zip archive" in capsys.readouterr().err
+
+
+def test_class_name_presets_are_the_library_names(tmp_path, capsys):
+    assert expand_class_names(["shapes"]) == list(ShapesDataset.class_names)
+    assert expand_class_names(["voc"]) == list(VOC_CLASSES)
+    assert expand_class_names(["cat", "dog"]) == ["cat", "dog"]
+
+
+def test_detect_into_a_closed_pipe_exits_quietly(trained, tmp_path):
+    """`ssd detect ... | head`: the reader is gone before anything is printed; no traceback, status 141."""
+    source = tmp_path / "in.png"
+    source.write_bytes(encode_png(ShapesDataset(1, image_size=64, split="demo")[0].image))
+    argv = [sys.executable, "-m", "ssd_core.cli", "detect", str(source), "--checkpoint-dir", str(trained),
+            "--out", str(tmp_path / "out.png"), "--score-threshold", "0.0", "--device", "cpu"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    process.stdout.close()  # as `head` does once it has its lines
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+    assert (tmp_path / "out.png").read_bytes()[:8] == PNG_MAGIC
