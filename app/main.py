@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from app.errors import install_error_handlers
 from app.finetune import start_worker
+from app.inference import InferenceWorker, batch_policy
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.model_host import ModelHost, initial_model
@@ -53,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     meta = checkpoint.meta if checkpoint is not None else {"version": 0, "step": 0}
     host = await run_in_threadpool(ModelHost, settings, metrics, model, int(meta["version"]), int(meta.get("step", 0)))
     app.state.host = host
+    app.state.inference = InferenceWorker(host, batch_policy(settings), metrics)
     if settings.role != "server":  # the trainer takes over `model`; the host serves its own copy
         app.state.worker = await run_in_threadpool(start_worker, host, model, store, checkpoint, settings, metrics)
     else:  # follows the trainer's checkpoints (settings guarantee a checkpoint directory)
@@ -60,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await run_in_threadpool(app.state.inference.stop, settings.shutdown_timeout_s)
         watcher = getattr(app.state, "watcher", None)
         if watcher is not None:
             await run_in_threadpool(watcher.stop, settings.shutdown_timeout_s)
