@@ -154,10 +154,12 @@ async def forward(
         await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler is cancelled: nothing stays queued for nobody
         gone.cancel()
-        if not results.done():
+        abandoned = not results.done()
+        if abandoned:
             worker.cancel(parts)
             results.cancel()
-    if results.cancelled():
+            results.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+    if abandoned:
         raise ApiError(499, "client_closed_request", "the client closed the connection before the result")
     outputs = results.result()
     if len(outputs) == 1:
