@@ -4,6 +4,7 @@
     ssd eval   --checkpoint-dir DIR --data ...
     ssd import SRC.pth --model ssd300 --num-classes 21 --checkpoint-dir DIR
     ssd detect --checkpoint-dir DIR IMAGE --out OUT.png
+    ssd export --checkpoint-dir DIR [--version V] --format onnx|torchscript OUT
 
 Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
 and (when it evaluates) `map_curve.png` there. `ssd train` also runs under torchrun (DDP, one data
@@ -35,6 +36,7 @@ from ssd_core.datasets import VOC_CLASSES, CocoDataset, VOCDataset, collate
 from ssd_core.devices import resolve_device
 from ssd_core.distributed import DistributedContext, DistributedTrainer, distributed_sampler, init_distributed
 from ssd_core.evaluation import evaluate, predict
+from ssd_core.export import FORMATS, export_model, metadata
 from ssd_core.images import decode_image_bytes, encode_png
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import MODEL_NAMES, SSD, build_model
@@ -123,8 +125,10 @@ def _meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra
     }
 
 
-def _load_model(checkpoint_dir: str, device: torch.device) -> tuple[SSD, dict[str, Any]]:
-    loaded = CheckpointStore(checkpoint_dir).load_latest()
+def _load_model(checkpoint_dir: str, device: torch.device, version: int | None = None) -> tuple[SSD, dict[str, Any]]:
+    """The newest loadable checkpoint, or `version`."""
+    store = CheckpointStore(checkpoint_dir, read_only=True)
+    loaded = store.load_latest() if version is None else store.load(version)
     if loaded is None:
         raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no loadable checkpoint")
     model = build_model(loaded.meta["model"], loaded.meta["num_classes"])
@@ -330,6 +334,13 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    model, meta = _load_model(args.checkpoint_dir, torch.device("cpu"), args.version)
+    path = export_model(model, args.out, args.format, metadata(model, meta["version"], meta.get("class_names")))
+    print(f"exported version {meta['version']} ({meta['model']}) as {args.format} to {path}")
+    return 0
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--data", required=True, help="synthetic | voc:ROOT | coco:IMAGES_DIR:ANN.json")
     parser.add_argument("--split", default=split, help="synthetic split or VOC image set")
@@ -340,7 +351,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `ssd` and its four subcommands."""
+    """The argument parser of `ssd` and its five subcommands."""
     parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -392,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--score-threshold", type=float, default=0.3)
     detect.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     detect.set_defaults(handler=_detect)
+
+    export = commands.add_parser("export", help="write a checkpoint as ONNX or TorchScript (loc, conf, priors)")
+    export.add_argument("out", type=Path, help="file to write")
+    export.add_argument("--checkpoint-dir", required=True)
+    export.add_argument("--version", type=int, help="checkpoint version (default: the newest loadable)")
+    export.add_argument("--format", choices=FORMATS, required=True)
+    export.set_defaults(handler=_export)
     return parser
 
 
