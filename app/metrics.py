@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # annotations only: `python -m app`'s supervising parent impo
     import torch
 
 Source = Literal["score", "finetune"]
+# the routes whose forward passes the inference worker batches (the `route` label of ssd_inference_*)
+INFERENCE_ROUTES = ("/detect", "/score-loss", "/v2/models/ssd/infer")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -149,6 +151,8 @@ class Metrics:
             self.checkpoints.labels(outcome=outcome)
         for outcome in ("loaded", "failed"):
             self.model_reloads.labels(outcome=outcome)
+        for route in INFERENCE_ROUTES:
+            self.inference_cancelled.labels(route=route)
 
 
 class _InfoOnly:

@@ -29,7 +29,7 @@ from app.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.errors import ApiError, from_validation_error
 from app.inference import InferenceWorker
 from app.inputs import check_image_count, decode_image, tensor_batch, validate_as
-from app.metrics import Metrics, record_match_stats
+from app.metrics import INFERENCE_ROUTES, Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
 from app.routes.detect import detect_images
 from app.routes.score_loss import response as loss_response
@@ -40,7 +40,7 @@ from app.v2_codec import HEADER_LENGTH, CodecError, InferRequest, encode_infer_r
 from ssd_core.postprocess import Detections
 
 DETECTOR, LOSS = "ssd", "ssd-loss"
-ROUTE = "/v2/models/ssd/infer"  # the `route` label of the detector's inference metrics
+ROUTE = INFERENCE_ROUTES[2]  # the `route` label of the detector's inference metrics
 # request parameters the protocol reserves (Triton's client may send them); accepted and ignored here
 _RESERVED = {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
 
