@@ -15,9 +15,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import numpy as np
 import torch
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from ssd_core.evaluation import model_inputs
 from ssd_core.images import encode_png
@@ -50,54 +52,75 @@ def _triton_sender(host_port: str, png: bytes) -> Callable:
     return sender
 
 
-def bare_rates(batches: tuple[int, ...], seconds: float) -> dict[int, dict[str, float]]:
-    """In-process images/s and per-batch latency of forward + post-processing on decoded images."""
-    model = build_model("ssd-small", 4).eval()
-    image = ShapesDataset(1, image_size=256, seed=1)[0].image
-    rates = {}
-    for batch in batches:
-        images = [image] * batch
-        times = []
-        stop_at = time.monotonic() + seconds
-        with torch.inference_mode():
-            while time.monotonic() < stop_at or len(times) < 3:
-                start = time.perf_counter()
-                loc, conf, priors = model(model_inputs(images, model.spec))
-                detect(loc, conf, priors, score_threshold=0.3, max_detections=100, image_sizes=[(256, 256)] * batch)
-                times.append(time.perf_counter() - start)
-        ordered = sorted(times[1:] or times)  # the first call warms up
-        rates[batch] = {"ips": batch * len(ordered) / sum(ordered), "p50_ms": 1000 * ordered[len(ordered) // 2],
-                        "min_ms": 1000 * ordered[0]}
-    return rates
+def bare_rate(model, image: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
+    """In-process images/s and per-batch latency of forward + post-processing of `batch` decoded images."""
+    images = [image] * batch
+    times = []
+    stop_at = time.monotonic() + seconds
+    with torch.inference_mode():
+        while time.monotonic() < stop_at or len(times) < 3:
+            start = time.perf_counter()
+            loc, conf, priors = model(model_inputs(images, model.spec))
+            detect(loc, conf, priors, score_threshold=0.3, max_detections=100, image_sizes=[(256, 256)] * batch)
+            times.append(time.perf_counter() - start)
+    ordered = sorted(times[1:])  # the first call warms up
+    return {"ips": batch * len(ordered) / sum(ordered), "p50_ms": 1000 * ordered[len(ordered) // 2],
+            "min_ms": 1000 * ordered[0]}
+
+
+def forwards(url: str) -> tuple[float, float]:
+    """(images, forward passes) the server has run so far, from its batch size histogram (all routes)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for suffix in totals:
+                if sample.name == f"ssd_inference_batch_size_{suffix}":
+                    totals[suffix] += sample.value
+    return totals["sum"], totals["count"]
 
 
 def run(live_server, drive, run_clients, threads: int, seconds: float) -> None:
-    """Measure and print the table (servers: ssd-small, torch threads `threads`)."""
+    """Measure and print the table. Both servers (ssd-small, torch threads `threads`) run side by side and
+    the rows interleave (on, off, bare for each N), so that load drift on the shared machine hits all alike."""
     load_before = os.getloadavg()
     png = _png()
     body = json.dumps({"images": [{"image": base64.b64encode(png).decode()}]}).encode()
     rows: dict[tuple[str, str, int], dict[str, float]] = {}
-    for mode, delay in (("on", str(DELAY_MS)), ("off", "0")):
-        with live_server("ssd-small", 4, threads, SSD_MAX_BATCH_DELAY_MS=delay,
-                         SSD_MAX_BATCH_IMAGES=str(LIMIT)) as url:
-            host_port = url.removeprefix("http://")
-            drive(url, "/detect", body, "application/json", 2, 0, min_requests=3)  # warm-up
-            for clients in CLIENTS:
-                rows["/detect", mode, clients] = drive(url, "/detect", body, "application/json", clients, seconds)
-                rows["v2", mode, clients] = run_clients(_triton_sender(host_port, png), clients, seconds)
+    bare: dict[int, dict[str, float]] = {}
     torch.set_num_threads(threads)
-    bare = bare_rates((*CLIENTS, LIMIT), seconds)
+    model = build_model("ssd-small", 4).eval()
+    image = ShapesDataset(1, image_size=256, seed=1)[0].image
+    limits = {"SSD_MAX_BATCH_IMAGES": str(LIMIT)}
+    with live_server("ssd-small", 4, threads, SSD_MAX_BATCH_DELAY_MS=str(DELAY_MS), **limits) as on, \
+            live_server("ssd-small", 4, threads, SSD_MAX_BATCH_DELAY_MS="0", **limits) as off:
+        urls = {"on": on, "off": off}
+        for url in urls.values():
+            drive(url, "/detect", body, "application/json", 2, 0, min_requests=3)  # warm-up
+        for clients in CLIENTS:
+            for route in ("/detect", "v2"):
+                for mode, url in urls.items():
+                    images_before, forwards_before = forwards(url)
+                    if route == "/detect":
+                        result = drive(url, "/detect", body, "application/json", clients, seconds)
+                    else:
+                        result = run_clients(_triton_sender(url.removeprefix("http://"), png), clients, seconds)
+                    images_after, forwards_after = forwards(url)
+                    result["mean_batch"] = (images_after - images_before) / max(1.0, forwards_after - forwards_before)
+                    rows[route, mode, clients] = result
+            bare[clients] = bare_rate(model, image, clients, seconds)
+        bare[LIMIT] = bare_rate(model, image, LIMIT, seconds)
     load_after = os.getloadavg()
     print(f"\n## Dynamic batching: ssd-small, 1 PNG 256x256 per request, {seconds:.0f} s per row, torch threads "
           f"{threads}, {os.cpu_count()} CPUs; load average before {load_before[0]:.1f}, after {load_after[0]:.1f}\n")
-    print("| clients N | route | batching | requests | images/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients N | route | batching | requests | images/s | p50 ms | p99 ms | mean batch |")
+    print("|---|---|---|---|---|---|---|---|")
     for clients in CLIENTS:
         for route, name in (("/detect", "/detect JSON"), ("v2", "v2 infer, tritonclient binary")):
             for mode in ("on", "off"):
                 r = rows[route, mode, clients]
                 print(f"| {clients} | {name} | {mode} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-                      f"{r['p99_ms']:.1f} |")
+                      f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
     print("\n| bare batch | images/s | p50 ms per batch | min ms per batch |")
     print("|---|---|---|---|")
     for batch, r in bare.items():
