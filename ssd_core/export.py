@@ -10,7 +10,7 @@ minus `pixel_mean`, divided by `pixel_std`, resized to S x S) and returns three 
 
 The file also carries the metadata a runtime needs to prepare inputs and decode outputs (`metadata`):
 ONNX as `metadata_props`, TorchScript as the extra file `metadata.json`. Post-processing (decoding,
-NMS) is not part of the graph, as in torchvision's exported detectors' backbones.
+NMS) is not part of the graph: runtimes bring their own, and the score threshold stays a caller's choice.
 """
 
 from __future__ import annotations
