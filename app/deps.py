@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
 from app.finetune import FinetuneWorker
+from app.inference import InferenceWorker
 from app.metrics import Metrics
 from app.model_host import ModelHost
 from app.settings import Settings
@@ -31,6 +32,14 @@ def get_host(request: Request) -> ModelHost:
     if host is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet")
     return host
+
+
+def get_inference(request: Request) -> InferenceWorker:
+    """The inference worker that batches forward passes; 503 until the lifespan has started it."""
+    inference = getattr(request.app.state, "inference", None)
+    if inference is None:
+        raise ApiError(503, "not_ready", "the model is not loaded yet")
+    return inference
 
 
 def get_worker(request: Request) -> FinetuneWorker:
@@ -68,6 +77,7 @@ def require_token(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 HostDep = Annotated[ModelHost, Depends(get_host)]
+InferenceDep = Annotated[InferenceWorker, Depends(get_inference)]
 WorkerDep = Annotated[FinetuneWorker, Depends(get_worker)]
 StoreDep = Annotated[CheckpointStore | None, Depends(get_store)]
 Authorized = Depends(require_token)

@@ -238,7 +238,16 @@ def safetensors_batch(body: bytes | bytearray, model_priors: Tensor, settings: S
         if name not in header:
             raise invalid(name, "missing tensor")
     tensors = _safetensors_views(body, header)
-    options = _metadata_options(header.get("__metadata__") or {})
+    return tensor_batch(tensors, _metadata_options(header.get("__metadata__") or {}), model_priors, settings)
+
+
+def tensor_batch(tensors: dict[str, Tensor], options: LossOptions, model_priors: Tensor, settings: Settings) -> LossBatch:
+    """Named tensors (the safetensors body, the protocol's `ssd-loss` inputs) -> LossBatch.
+
+    Args:
+        tensors: `loc` [B, P, 4], `conf` [B, P, C], `targets` [B, M, 5|6] padded (normalised x1, y1, x2, y2,
+            label, optional difficult; label < 0 pads), optional `priors` [P, 4] (cx, cy, w, h).
+    """
     targets = tensors["targets"].float()
     if targets.dim() != 3 or targets.shape[-1] not in (5, 6):
         raise invalid("targets", f"must be padded [B, M, 5|6], got shape {list(targets.shape)}")

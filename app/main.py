@@ -20,12 +20,13 @@ from starlette.routing import Mount, Route
 
 from app.errors import install_error_handlers
 from app.finetune import start_worker
+from app.inference import InferenceWorker, batch_policy
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.model_host import ModelHost, initial_model
 from app.openapi import install_openapi
 from app.replica import start_watcher
-from app.routes import detect, finetune, health, model, score_loss
+from app.routes import detect, finetune, health, model, score_loss, v2
 from app.settings import Settings, load_settings
 from ssd_core.checkpoint import CheckpointStore
 
@@ -54,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     meta = checkpoint.meta if checkpoint is not None else {"version": 0, "step": 0}
     host = await run_in_threadpool(ModelHost, settings, metrics, model, int(meta["version"]), int(meta.get("step", 0)))
     app.state.host = host
+    app.state.inference = InferenceWorker(host, batch_policy(settings), metrics)
     if settings.role != "server":  # the trainer takes over `model`; the host serves its own copy
         app.state.worker = await run_in_threadpool(start_worker, host, model, store, checkpoint, settings, metrics)
     else:  # follows the trainer's checkpoints (settings guarantee a checkpoint directory)
@@ -61,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await run_in_threadpool(app.state.inference.stop, settings.shutdown_timeout_s)
         watcher = getattr(app.state, "watcher", None)
         if watcher is not None:
             await run_in_threadpool(watcher.stop, settings.shutdown_timeout_s)
@@ -87,7 +90,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     metrics.build.info({"version": app.version, "torch": torch.__version__})
     app.state.settings = settings
     app.state.metrics = metrics
-    routers = (score_loss.router, finetune.router, detect.router, model.router, health.router)
+    routers = (score_loss.router, finetune.router, detect.router, model.router, health.router, v2.router)
     routes = [route for route in app.routes if isinstance(route, Route | Mount)]  # /docs, its assets, ...
     for router in routers:
         app.include_router(router)

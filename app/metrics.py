@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # annotations only: `python -m app`'s supervising parent impo
     import torch
 
 Source = Literal["score", "finetune"]
+# the routes whose forward passes the inference worker batches (the `route` label of ssd_inference_*)
+INFERENCE_ROUTES = ("/detect", "/score-loss", "/v2/models/ssd/infer")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -32,6 +34,9 @@ LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
 IOU_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0, linear
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # images per forward pass
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _MatchStats(Protocol):
@@ -117,6 +122,26 @@ class Metrics:
         self.images_processed = Counter(
             "ssd_images_processed", "Images decoded and run through the model.", ("route",), registry=registry
         )
+        route = ("route",)  # batch size and compute: one observation per forward under each route in it
+        self.inference_batch_size = _histogram(
+            registry, "ssd_inference_batch_size", "Images per forward pass of the hosted model.", route, BATCH_BUCKETS
+        )
+        self.inference_queue_wait = _histogram(
+            registry, "ssd_inference_queue_wait_seconds", "Wait of a request's images for their forward pass.", route,
+            WAIT_BUCKETS,
+        )
+        self.inference_compute = _histogram(
+            registry, "ssd_inference_compute_seconds", "Duration of a forward pass of the hosted model.", route,
+            COMPUTE_BUCKETS,
+        )
+        self.inference_queued_images = Gauge(
+            "ssd_inference_queued_images", "Images waiting for a forward pass.", registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.inference_cancelled = Counter(
+            "ssd_inference_cancelled_images", "Queued images dropped because their client disconnected.", route,
+            registry=registry,
+        )
         self.build = Info("ssd_build", "Build information.", registry=registry)
         self.model = Info("ssd_model", "Hosted model.", registry=registry)
         # label sets known up front appear at zero before their first event
@@ -126,6 +151,8 @@ class Metrics:
             self.checkpoints.labels(outcome=outcome)
         for outcome in ("loaded", "failed"):
             self.model_reloads.labels(outcome=outcome)
+        for route in INFERENCE_ROUTES:
+            self.inference_cancelled.labels(route=route)
 
 
 class _InfoOnly:

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_boxes_per_image: int = Field(1000, ge=1)
 
+    # dynamic batching of forward passes
+    max_batch_images: int = Field(32, ge=1, description="images in one forward pass of the hosted model")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="longest wait of a request for others to batch with; 0: no batching"
+    )
+    inference_queue_size: int = Field(128, ge=1, description="images waiting for a forward pass; beyond: 503")
+
     # fine-tuning
     finetune_queue_size: int = Field(8, ge=1)
     finetune_max_steps: int = Field(1000, ge=1, description="most steps one job may ask for")
@@ -97,6 +104,14 @@ class Settings(BaseSettings):
     def prior_set(self) -> str:
         """The prior set the hosted model uses: `priors`, else ssd.pytorch's rule ("scaled" for ssd-small)."""
         return resolve_prior_set(self.model, self.num_classes, self.priors)
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> Settings:
+        needed = max(self.max_batch_images, self.max_images_per_request)
+        if self.inference_queue_size < needed:
+            raise ValueError(f"inference_queue_size={self.inference_queue_size} must be >= max_batch_images and "
+                             f"max_images_per_request ({needed}): a request that fits no queue is always refused")
+        return self
 
     @model_validator(mode="after")
     def _one_trainer_process(self) -> Settings:

@@ -7,8 +7,15 @@
   same tensors) pairs; 1 - loss time / request time, with the request timed at the client and inside the
   server (its own latency histogram, read around each request), from medians and from minima.
 
+* Dynamic batching (issue 12): `/detect` with N concurrent clients x 1 image per request, N in {1, 4, 8,
+  16}, batching on (`SSD_MAX_BATCH_DELAY_MS=5`, up to 32 images) and off (`0`), the same images through
+  the Open Inference Protocol with `tritonclient` (BYTES PNG, binary), and the in-process bare forward
+  + post-processing (`model_inputs`, the model, `detect`) at batch sizes N and 32 (the limit).
+
 Goals (issue 4): binary >= 5x the JSON throughput; B = 8 binary overhead < 25% of the request time.
-Run: `python benchmarks/bench_service.py [--clients 4] [--seconds 8] [--threads 1]`.
+Goals (issue 12, 2 CPU cores): 8 clients >= 0.8x the bare batch-8 throughput and >= 1.5x batching off;
+1 client: p99 with batching no worse than off by more than the delay.
+Run: `python benchmarks/bench_service.py [--clients 4] [--seconds 8] [--threads 1] [--part all|loss|batching]`.
 """
 
 from __future__ import annotations
@@ -41,11 +48,14 @@ from ssd_core import VOC_300, MultiBoxLoss, prior_boxes  # noqa: E402
 from ssd_core.images import encode_png  # noqa: E402
 from ssd_core.synthetic import ShapesDataset  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import service_batching  # noqa: E402
+
 NUM_CLASSES = 21
 
 
 @contextlib.contextmanager
-def live_server(model: str, num_classes: int, threads: int) -> Iterator[str]:
+def live_server(model: str, num_classes: int, threads: int, **env: str) -> Iterator[str]:
     """`python -m app` on a free loopback port (role all: a server-only replica waits for a trainer's checkpoint; temporary checkpoint dir); SIGTERM at exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +63,7 @@ def live_server(model: str, num_classes: int, threads: int) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as checkpoints:
         env = {**os.environ, "SSD_MODEL": model, "SSD_NUM_CLASSES": str(num_classes), "SSD_ROLE": "all",
                "SSD_CHECKPOINT_DIR": checkpoints, "SSD_HOST": "127.0.0.1", "SSD_PORT": str(port),
-               "SSD_TORCH_THREADS": str(threads), "SSD_MAX_IMAGES_PER_REQUEST": "64"}
+               "SSD_TORCH_THREADS": str(threads), "SSD_MAX_IMAGES_PER_REQUEST": "64", **env}
         process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
@@ -97,22 +107,23 @@ def bodies(batch: int) -> dict[str, tuple[bytes, str]]:
     }
 
 
-def drive(url: str, path: str, body: bytes, content_type: str, clients: int, seconds: float,
-          min_requests: int = 3) -> dict[str, float]:
-    """`clients` threads post `body` back to back for about `seconds`; requests/s and latency percentiles."""
+def run_clients(make_sender, clients: int, seconds: float, min_requests: int = 3) -> dict[str, float]:
+    """`clients` threads send requests back to back for about `seconds`; requests/s and latency percentiles.
+
+    Args:
+        make_sender: called once per thread; a context manager yielding a function that sends one request.
+    """
     latencies: list[float] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=600, headers={"Content-Type": content_type}) as http:
+        with make_sender() as send:
             done = 0
             while time.monotonic() < stop_at or done < min_requests:
                 start = time.perf_counter()
-                response = http.post(path, content=body)
+                send()
                 elapsed = time.perf_counter() - start
-                if response.status_code != 200:
-                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
                 done += 1
                 with lock:
                     latencies.append(elapsed)
@@ -131,6 +142,22 @@ def drive(url: str, path: str, body: bytes, content_type: str, clients: int, sec
         "p50_ms": 1000 * statistics.median(ordered),
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
     }
+
+
+def drive(url: str, path: str, body: bytes, content_type: str, clients: int, seconds: float,
+          min_requests: int = 3) -> dict[str, float]:
+    """`clients` threads post `body` to `path` back to back for about `seconds`."""
+
+    @contextlib.contextmanager
+    def sender() -> Iterator:
+        with httpx.Client(base_url=url, timeout=600, headers={"Content-Type": content_type}) as http:
+            def send() -> None:
+                response = http.post(path, content=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path}: {response.status_code} {response.text[:300]}")
+            yield send
+
+    return run_clients(sender, clients, seconds, min_requests)
 
 
 def overhead_run(url: str, batch: int, repeats: int) -> dict[str, list[float]]:
@@ -195,8 +222,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process")
     parser.add_argument("--repeats", type=int, default=40, help="interleaved request/loss pairs for the overhead")
     parser.add_argument("--detect-batch", type=int, default=4, help="images per /detect request")
+    parser.add_argument("--part", choices=["all", "loss", "batching"], default="all",
+                        help="loss: the /score-loss and /detect tables; batching: the dynamic batching table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part != "loss":
+        service_batching.run(live_server, drive, run_clients, args.threads, args.seconds)
+    if args.part == "batching":
+        return
     load_before = os.getloadavg()[0]
 
     rows = []

@@ -4,6 +4,7 @@
     ssd eval   --checkpoint-dir DIR --data ...
     ssd import SRC.pth --model ssd300 --num-classes 21 --checkpoint-dir DIR
     ssd detect --checkpoint-dir DIR IMAGE --out OUT.png
+    ssd export --checkpoint-dir DIR [--version V] --format onnx|torchscript OUT
 
 Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
 and (when it evaluates) `map_curve.png` there. `ssd train` also runs under torchrun (DDP, one data
@@ -37,6 +38,7 @@ from ssd_core.devices import resolve_device
 from ssd_core.distributed import DistributedContext, DistributedTrainer, distributed_sampler, init_distributed
 from ssd_core.drawing import captions, draw_detections
 from ssd_core.evaluation import evaluate, predict
+from ssd_core.export import FORMATS, export_model, metadata
 from ssd_core.images import decode_image_bytes
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import LEGACY_PRIOR_SETS, MODEL_NAMES, SSD, build_model
@@ -134,10 +136,12 @@ def recorded_priors(meta: dict[str, Any]) -> str:
     return meta.get("priors", LEGACY_PRIOR_SETS[meta["model"]])
 
 
-def _load_model(checkpoint_dir: str, device: torch.device) -> tuple[SSD, dict[str, Any]]:
+def _load_model(checkpoint_dir: str, device: torch.device, version: int | None = None) -> tuple[SSD, dict[str, Any]]:
+    """The newest loadable checkpoint, or `version`."""
     if not Path(checkpoint_dir).is_dir():
         raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no such directory")
-    loaded = CheckpointStore(checkpoint_dir, read_only=True).load_latest()  # reads only: creates nothing
+    store = CheckpointStore(checkpoint_dir, read_only=True)  # reads only: creates nothing
+    loaded = store.load_latest() if version is None else store.load(version)
     if loaded is None:
         raise ValueError(f"--checkpoint-dir {checkpoint_dir}: no loadable checkpoint")
     model = build_model(loaded.meta["model"], loaded.meta["num_classes"], recorded_priors(loaded.meta))
@@ -350,7 +354,16 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    model, meta = _load_model(args.checkpoint_dir, torch.device("cpu"), args.version)
+    path = export_model(model, args.out, args.format, metadata(model, meta["version"], meta.get("class_names")))
+    print(f"exported version {meta['version']} ({meta['model']}) as {args.format} to {path}")
+    return 0
+
+
 DEVICES = ("auto", "cpu", "cuda")
+
+
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Every --help shows each option's default; required options, flags and options whose default is
     None (their help says what None means) get no `(default: ...)`."""
@@ -371,7 +384,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `ssd` and its four subcommands."""
+    """The argument parser of `ssd` and its five subcommands."""
     parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0], formatter_class=_DefaultsHelp)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -433,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--score-threshold", type=float, default=0.3, help="least score of a detection")
     detect.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     detect.set_defaults(handler=_detect)
+
+    export = commands.add_parser("export", help="write a checkpoint as ONNX or TorchScript (loc, conf, priors)",
+                                 formatter_class=_DefaultsHelp)
+    export.add_argument("out", type=Path, help="file to write")
+    export.add_argument("--checkpoint-dir", required=True)
+    export.add_argument("--version", type=int, help="checkpoint version (default: the newest loadable)")
+    export.add_argument("--format", choices=FORMATS, required=True)
+    export.set_defaults(handler=_export)
     return parser
 
 

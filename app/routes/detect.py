@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
-from app.deps import HostDep, MetricsDep, SettingsDep
+from app.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.errors import invalid
+from app.inference import InferenceWorker, forward
 from app.inputs import (
     JSON,
     MULTIPART,
@@ -17,14 +19,13 @@ from app.inputs import (
     multipart_request,
     parse_json,
 )
-from app.metrics import Metrics
-from app.model_host import ModelHost
+from app.model_host import ModelHost, ModelVersion
 from app.openapi import ERROR_RESPONSES, request_body
 from app.schemas import Detection, DetectOptions, DetectRequest, DetectResponse
 from app.settings import Settings
 from ssd_core.drawing import captions, draw_detections
 from ssd_core.evaluation import model_inputs
-from ssd_core.postprocess import detect
+from ssd_core.postprocess import Detections, detect
 
 router = APIRouter(tags=["detect"])
 
@@ -42,33 +43,37 @@ _PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "JSON detect
                        "the image as PNG with its detections drawn (header X-Model-Version)"}}
 
 
-def run_detection(
-    encoded: list[tuple[bytes, str]], options: DetectOptions, host: ModelHost, settings: Settings, metrics: Metrics
-) -> DetectResponse:
-    """Decode (bytes, field name) pairs, run the current version, post-process to pixel boxes."""
-    images = [decode_image(data, settings, field) for data, field in encoded]  # [3, H_k, W_k] each
-    spec = host.spec
-    batch = model_inputs(images, spec)  # [B, 3, S, S]
-    served = host.current
-    loc, conf, priors = host.predict(batch, served)  # [B, P, 4], [B, P, C], [P, 4]
-    with torch.inference_mode():
-        found = detect(
-            loc, conf, priors,
-            variances=spec.prior_config.variance,
-            score_threshold=settings.score_threshold if options.score_threshold is None else options.score_threshold,
-            nms_iou=settings.nms_iou,
-            max_detections=options.max_detections or settings.max_detections,
-            image_sizes=[(image.shape[1], image.shape[2]) for image in images],
-        )
-    metrics.images_processed.labels(route="/detect").inc(len(images))
-    per_image = [
-        [
-            Detection(box=box, label=label, class_name=settings.class_name(label), score=score)
-            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist(), strict=True)
-        ]
-        for d in found
-    ]
-    return DetectResponse(detections=per_image, model_version=served.version)
+def detection_options(options: DetectOptions, settings: Settings) -> tuple[float, int]:
+    """(score_threshold, max_detections) of a request, the settings' defaults where unset."""
+    threshold = settings.score_threshold if options.score_threshold is None else options.score_threshold
+    return threshold, options.max_detections or settings.max_detections
+
+
+async def detect_images(
+    request: Request, images: list[Tensor], options: DetectOptions, route: str, served: ModelVersion,
+    host: ModelHost, inference: InferenceWorker, settings: Settings,
+) -> list[Detections]:
+    """Detections of version `served` on decoded images, the forward pass batched with other requests.
+
+    Args:
+        images: B uint8 RGB images, each Tensor[3, H_k, W_k].
+
+    Returns:
+        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K].
+    """
+    batch = await run_in_threadpool(model_inputs, images, host.spec)  # [B, 3, S, S]
+    loc, conf = await forward(request, inference, batch, served, route)  # [B, P, 4], [B, P, C]
+    score_threshold, max_detections = detection_options(options, settings)
+
+    def postprocess() -> list[Detections]:
+        with torch.inference_mode():
+            return detect(
+                loc, conf, host.priors, variances=host.spec.prior_config.variance, score_threshold=score_threshold,
+                nms_iou=settings.nms_iou, max_detections=max_detections,
+                image_sizes=[(image.shape[1], image.shape[2]) for image in images],
+            )
+
+    return await run_in_threadpool(postprocess)
 
 
 @router.post(
@@ -79,7 +84,7 @@ def run_detection(
     summary="Detect objects in images with the hosted model",
 )
 async def detect_objects(
-    request: Request, host: HostDep, settings: SettingsDep, metrics: MetricsDep
+    request: Request, host: HostDep, inference: InferenceDep, settings: SettingsDep, metrics: MetricsDep
 ) -> DetectResponse | Response:
     """Per image, boxes (x1, y1, x2, y2) in its pixels with label, class name and score, and the
     model version that produced them; with `render=true` the one image as PNG with them drawn."""
@@ -94,15 +99,24 @@ async def detect_objects(
         encoded = [(item.image, f"images[{k}].image") for k, item in enumerate(parsed.images)]
     if options.render and len(encoded) != 1:
         raise invalid("images", f"render=true draws one image per request, got {len(encoded)}")
-    found = await run_in_threadpool(run_detection, encoded, options, host, settings, metrics)
+    images = await run_in_threadpool(lambda: [decode_image(data, settings, field) for data, field in encoded])
+    served = host.current
+    found = await detect_images(request, images, options, "/detect", served, host, inference, settings)
+    metrics.images_processed.labels(route="/detect").inc(len(images))
     if options.render:
-        png = await run_in_threadpool(render_png, encoded[0][0], found.detections[0], settings)
-        return Response(png, media_type="image/png", headers={"X-Model-Version": str(found.model_version)})
-    return found
+        png = await run_in_threadpool(render_png, images[0], found[0], settings)
+        return Response(png, media_type="image/png", headers={"X-Model-Version": str(served.version)})
+    per_image = [
+        [
+            Detection(box=box, label=label, class_name=settings.class_name(label), score=score)
+            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist(), strict=True)
+        ]
+        for d in found
+    ]
+    return DetectResponse(detections=per_image, model_version=served.version)
 
 
-def render_png(data: bytes, detections: list[Detection], settings: Settings) -> bytes:
-    """The image of `data` (decoded again: detection keeps no decoded images) with `detections` drawn."""
-    image = decode_image(data, settings, "images[0]")  # [3, H, W]
-    boxes = torch.tensor([d.box for d in detections], dtype=torch.float32).reshape(-1, 4)  # [N, 4] pixels
-    return draw_detections(image, boxes, captions([d.class_name for d in detections], [d.score for d in detections]))
+def render_png(image: Tensor, found: Detections, settings: Settings) -> bytes:
+    """`image` (Tensor[3, H, W] uint8) with `found` (pixel boxes) drawn, as PNG bytes."""
+    names = [settings.class_name(label) for label in found.labels.tolist()]
+    return draw_detections(image, found.boxes, captions(names, found.scores.tolist()))

@@ -1,8 +1,17 @@
-"""The hosted model: `GET /model`, `GET /model/versions`, `POST /model/checkpoint`, `POST /model/rollback`."""
+"""The hosted model: `GET /model`, `GET /model/versions`, `GET /model/export`, `POST /model/checkpoint`,
+`POST /model/rollback`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Authorized, HostDep, SettingsDep, StoreDep, WorkerDep
@@ -13,6 +22,7 @@ from app.replica import TrainerRole
 from app.schemas import CheckpointResponse, ModelInfo, RollbackRequest, VersionInfo, VersionsResponse
 from app.settings import Settings
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
+from ssd_core.export import SUFFIXES, export_model, metadata
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -62,6 +72,45 @@ async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
     return VersionsResponse(
         current=host.current.version,
         versions=[VersionInfo(version=i.version, step=i.step, created=i.created) for i in saved],
+    )
+
+
+_EXPORTING = threading.Lock()  # one export at a time: each one holds a copy of the weights and both cores
+
+
+def export_served(host: ModelHost, settings: Settings, fmt: str) -> tuple[Path, int]:
+    """Export the served version to a file in a fresh temporary directory; returns (file, version)."""
+    served = host.current
+    directory = Path(tempfile.mkdtemp(prefix="ssd-export-"))
+    names = [settings.class_name(label) for label in range(settings.num_classes - 1)]
+    try:
+        with _EXPORTING:
+            path = export_model(served.model, directory / f"{settings.model}-v{served.version}{SUFFIXES[fmt]}", fmt,
+                                metadata(served.model, served.version, names))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return path, served.version
+
+
+@router.get(
+    "/export",
+    response_class=FileResponse,
+    dependencies=[Authorized],
+    responses={**AUTH_RESPONSES, 200: {"content": {"application/octet-stream": {}},
+                                       "description": "The exported file (`X-Model-Version` names the version)"}},
+    summary="Download the served version as ONNX or TorchScript",
+)
+async def export(
+    host: HostDep, settings: SettingsDep,
+    fmt: Annotated[Literal["onnx", "torchscript"], Query(alias="format")] = "onnx",
+) -> FileResponse:
+    """The network on normalised images [B, 3, S, S] (dynamic B) -> `loc`, `conf` and the constant `priors`,
+    with the preprocessing and decoding metadata inside the file (see README, "Export")."""
+    path, version = await run_in_threadpool(export_served, host, settings, fmt)
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=path.name, headers={"X-Model-Version": str(version)},
+        background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
     )
 
 

@@ -7,8 +7,9 @@ import torch
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import HostDep, MetricsDep, SettingsDep
+from app.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.errors import ApiError, invalid
+from app.inference import InferenceWorker, forward
 from app.inputs import (
     BINARY,
     JSON,
@@ -62,17 +63,28 @@ def score_safetensors(body: bytearray, model_priors: torch.Tensor, settings: Set
     return score_batch(safetensors_batch(body, model_priors, settings), settings.num_classes)
 
 
-def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings, metrics: Metrics) -> tuple[LossOutput, int]:
-    """The image form: decode, run the current model version, score its predictions."""
-    assert request.images is not None
-    check_bkg_label(request.options, settings)  # before any decoding
-    samples = labelled_samples([(item.image, item) for item in request.images], settings)
+async def score_images(
+    request: Request, parsed: ScoreLossRequest, host: ModelHost, inference: InferenceWorker, settings: Settings,
+    metrics: Metrics,
+) -> tuple[LossOutput, int]:
+    """The image form: decode, run the current model version (batched with other requests), score its predictions."""
+    assert parsed.images is not None
+    check_bkg_label(parsed.options, settings)  # before any decoding
+
+    def prepare() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        samples = labelled_samples([(item.image, item) for item in parsed.images], settings)
+        return collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+
+    images, targets = await run_in_threadpool(prepare)
     served = host.current
-    images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
-    loc, conf, priors = host.predict(images, served)
-    metrics.images_processed.labels(route="/score-loss").inc(len(samples))
-    with torch.inference_mode():
-        return criterion_for(request.options, settings.num_classes).compute((loc, conf, priors), targets), served.version
+    loc, conf = await forward(request, inference, images, served, "/score-loss")  # [B, P, 4], [B, P, C]
+    metrics.images_processed.labels(route="/score-loss").inc(len(images))
+
+    def score() -> LossOutput:
+        with torch.inference_mode():
+            return criterion_for(parsed.options, settings.num_classes).compute((loc, conf, host.priors), targets)
+
+    return await run_in_threadpool(score), served.version
 
 
 def check_form(request: ScoreLossRequest) -> None:
@@ -105,7 +117,9 @@ def response(output: LossOutput, version: int) -> ScoreLossResponse:
     openapi_extra=request_body({JSON: ScoreLossRequest, BINARY: BINARY_DOC}),
     summary="SSD loss of predictions or of the hosted model on labelled images",
 )
-async def score_loss(request: Request, host: HostDep, settings: SettingsDep, metrics: MetricsDep) -> ScoreLossResponse:
+async def score_loss(
+    request: Request, host: HostDep, inference: InferenceDep, settings: SettingsDep, metrics: MetricsDep
+) -> ScoreLossResponse:
     """Three forms: JSON predictions + targets (boxes normalised), the same as a safetensors body
     (`application/octet-stream`), or JSON `images` with pixel boxes, scored with the hosted model."""
     kind = media_type(request.headers.get("content-type"), (JSON, BINARY))
@@ -118,7 +132,7 @@ async def score_loss(request: Request, host: HostDep, settings: SettingsDep, met
         parsed = await run_in_threadpool(parse_json, ScoreLossRequest, body)
         check_form(parsed)
         if parsed.images is not None:
-            output, version = await run_in_threadpool(score_images, parsed, host, settings, metrics)
+            output, version = await score_images(request, parsed, host, inference, settings, metrics)
         else:
             batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
             version = host.current.version

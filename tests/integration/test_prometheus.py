@@ -42,6 +42,7 @@ class Traffic:
         self.finetune_jobs: list[dict] = []
         self.finetune_boxes_per_step: list[int] = []
         self.detect_images = 0
+        self.protocol_images = 0
         self.rejected = 0
 
     def score(self, images: list[dict]) -> None:
@@ -65,6 +66,14 @@ class Traffic:
         assert response.status_code == 200, response.text
         self.detect_images += len(images)
 
+    def protocol_infer(self, images: list[dict]) -> None:
+        """The same images through the Open Inference Protocol (encoded PNGs as BYTES, base64 in JSON)."""
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(images)],
+                            "data": [image["image"] for image in images]}]}
+        response = self.client.post("/v2/models/ssd/infer", json=body)
+        assert response.status_code == 200, response.text
+        self.protocol_images += len(images)
+
     def reject(self) -> None:
         """One bad request (an empty batch): a 4xx for the error panels."""
         response = self.client.post("/score-loss", json={"images": []})
@@ -76,6 +85,7 @@ class Traffic:
         self.score(labelled_images(1, seed=seed) + labelled_images(1, seed=seed + 50, min_size=0.04, max_size=0.06))
         self.finetune(labelled_images(2, seed=seed + 1), finetune_steps)
         self.detect(labelled_images(2, seed=seed + 2))
+        self.protocol_infer(labelled_images(1, seed=seed + 3))
         self.reject()
 
 
@@ -168,6 +178,25 @@ def test_prometheus_holds_request_series(scraped):
     assert value(prometheus, 'ssd_images_processed_total{route="/score-loss"}') == traffic.score_images
     assert prometheus.query('ssd_http_requests_total{status=~"5.."}') == []
     assert value(prometheus, 'sum(ssd_http_requests_in_progress{route="/detect"})') == 0
+
+
+def test_prometheus_holds_inference_batching_series(scraped):
+    """The traffic is sequential: every request is one forward pass of its own images."""
+    prometheus, traffic = scraped
+    per_route = {"/detect": (2, traffic.detect_images), "/score-loss": (2, traffic.score_images),
+                 "/v2/models/ssd/infer": (2, traffic.protocol_images)}
+    for route, (forwards, images) in per_route.items():
+        labels = f'{{route="{route}"}}'
+        assert value(prometheus, f"ssd_inference_batch_size_count{labels}") == forwards, route
+        assert value(prometheus, f"ssd_inference_batch_size_sum{labels}") == images, route
+        assert value(prometheus, f"ssd_inference_queue_wait_seconds_count{labels}") == forwards, route
+        assert value(prometheus, f"ssd_inference_compute_seconds_count{labels}") == forwards, route
+        assert value(prometheus, f"ssd_inference_compute_seconds_sum{labels}") > 0, route
+        assert value(prometheus, f"ssd_inference_cancelled_images_total{labels}") == 0, route
+    assert value(prometheus, 'ssd_images_processed_total{route="/v2/models/ssd/infer"}') == traffic.protocol_images
+    assert value(prometheus, "ssd_inference_queued_images") == 0
+    # a request alone waits about the default delay (5 ms), far below 0.25 s even on a loaded machine
+    assert value(prometheus, 'sum(ssd_inference_queue_wait_seconds_bucket{le="0.25"})') == 6
 
 
 def test_every_dashboard_expression_is_accepted_and_returns_finite_data(scraped):
