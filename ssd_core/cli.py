@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path, help="file to write")
     export.add_argument("--checkpoint-dir", required=True)
     export.add_argument("--version", type=int, help="checkpoint version (default: the newest loadable)")
-    export.add_argument("--format", choices=FORMATS, required=True)
+    export.add_argument("--format", choices=FORMATS, default="onnx", help="file format")
     export.set_defaults(handler=_export)
     return parser
 

@@ -153,7 +153,7 @@ def test_unknown_model_is_rejected_by_the_parser(tmp_path):
 def test_every_help_shows_the_defaults():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subparsers) == {"train", "eval", "import", "detect"}
+    assert set(subparsers) == {"train", "eval", "import", "detect", "export"}
     for name, sub in subparsers.items():
         text = " ".join(sub.format_help().split())  # argparse wraps lines
         defaults = [a for a in sub._actions if a.default not in (None, False, argparse.SUPPRESS) and not a.required]
