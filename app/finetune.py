@@ -39,6 +39,7 @@ from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from ssd_core.datasets import Sample, collate
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
+from ssd_core.partial_labels import labelled_class_mask
 from ssd_core.training import StepResult, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,9 @@ class FinetuneWorker:
         assert job.samples is not None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        criterion = self.trainer.criterion
+        class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
+            [s.labelled_classes for s in job.samples], criterion.num_classes, criterion.background_label)
         try:
             fixed = None if augment else collate(job.samples, spec)  # the same batch every step
             for step in range(1, job.steps_total + 1):
@@ -279,7 +283,7 @@ class FinetuneWorker:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
                 images, targets = fixed or collate(job.samples, spec, augment)  # [B, 3, S, S], list[[n, 6]]
                 with self._train_lock:
-                    result = self.trainer.step(images, targets, lr=job.learning_rate)
+                    result = self.trainer.step(images, targets, lr=job.learning_rate, class_mask=class_mask)
                     served = self.host.current if result.skipped else self.host.publish(
                         self.trainer.model, self.trainer.steps)
                 self._record(job, step, result, served)

@@ -29,6 +29,12 @@ class Request(BaseModel):
 
 
 PositiveFinite = Annotated[float, Field(gt=0)]  # finite: Request forbids inf and NaN
+LABELLED_CLASSES_DOC = (
+    "partial labels: the 0-based object classes this image's boxes are complete for (every box's label "
+    "among them); its confidence loss uses the softmax over background and these classes only, so an "
+    "unboxed object of another class is not taught as background. null: labelled for every class"
+)
+LabelledClasses = list[int] | None
 
 
 class LossOptions(Request):
@@ -66,6 +72,9 @@ class ScoreLossRequest(Request):
 
     predictions: Predictions | None = None
     targets: list[list[TargetBox]] | None = Field(None, description="one list of boxes per image")
+    labelled_classes: list[LabelledClasses] | None = Field(
+        None, description="with `predictions`: one entry per image (null = every class); "
+        f"{LABELLED_CLASSES_DOC}. In the image form give it per image")
     priors: list[Box] | None = Field(None, description="[P][4] (cx, cy, w, h); default: the model's priors")
     images: list[LabelledImage] | None = Field(None, description="the image form: the model predicts")
     options: LossOptions = LossOptions()
@@ -75,6 +84,8 @@ class ImageAnnotation(Request):
     boxes: list[Box] = Field(description="(x1, y1, x2, y2) in pixels of the image")
     labels: list[int]
     difficult: list[bool] | None = None
+    labelled_classes: LabelledClasses = Field(None, description=f"{LABELLED_CLASSES_DOC} (for /finetune: "
+                                              "or the job's `labelled_classes`)")
 
 
 class LabelledImage(ImageAnnotation):
@@ -85,6 +96,9 @@ class FinetuneOptions(Request):
     steps: int = Field(1, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE")
     augment: bool = False
+    labelled_classes: LabelledClasses = Field(
+        None, description="the default of every image that gives none itself (an image's own overrides it); "
+        f"{LABELLED_CLASSES_DOC}")
 
 
 class FinetuneRequest(FinetuneOptions):

@@ -254,9 +254,12 @@ class GlobalLoss:
         self.criterion = criterion
         self.world_size = world_size
 
-    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any) -> LossOutput:
-        """Same arguments as `MultiBoxLoss.compute`: loc [B, P, 4], conf [B, P, C], priors [P, 4]."""
-        return global_loss(self.criterion.compute(predictions, targets), self.world_size)
+    def compute(
+        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any, class_mask: Tensor | None = None
+    ) -> LossOutput:
+        """Same arguments as `MultiBoxLoss.compute`: loc [B, P, 4], conf [B, P, C], priors [P, 4],
+        optional class mask [B, C] of this rank's images."""
+        return global_loss(self.criterion.compute(predictions, targets, class_mask), self.world_size)
 
 
 class DistributedTrainer(Trainer):

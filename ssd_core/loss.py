@@ -10,6 +10,10 @@ Rules beyond the seed, following Caffe's MultiBoxLossParameter:
   * difficult truths (6th target column != 0) take part in matching, but priors matched to them are
     not positives, and priors whose IoU with a difficult truth is >= `neg_overlap` are not negatives;
   * an image without truths contributes nothing (no positives, hence no negatives, in every mode).
+
+With a class mask (`compute(..., class_mask=)`, see `ssd_core.partial_labels`) an image's confidence
+loss, positives, negatives and hard-negative ranking alike, uses the softmax over the background and
+its declared classes only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from ssd_core.boxes import point_form
 from ssd_core.coder import decode, encode
 from ssd_core.matching import MATCH_TYPES, MatchResult, match, pairwise_iou
+from ssd_core.partial_labels import check_declared, class_mask_bias
 from ssd_core.stats import MatchStats
 from ssd_core.targets import pad_targets
 
@@ -92,12 +97,18 @@ class MultiBoxLoss(nn.Module):
         self.loc_weight = float(loc_weight)
         self.match_type = match_type
 
-    def forward(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor]):
+    def forward(
+        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor],
+        class_mask: Tensor | None = None,
+    ):
         """The seed's interface: `(loss_l, loss_c)`; see `compute`."""
-        output = self.compute(predictions, targets)
+        output = self.compute(predictions, targets, class_mask)
         return output.loss_l, output.loss_c
 
-    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor]) -> LossOutput:
+    def compute(
+        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor],
+        class_mask: Tensor | None = None,
+    ) -> LossOutput:
         """Both losses and the match statistics.
 
         Args:
@@ -105,6 +116,9 @@ class MultiBoxLoss(nn.Module):
                 (Tensor[P, 4]) in normalised (cx, cy, w, h).
             targets: list of B Tensor[n_i, 5|6] or padded Tensor[B, M, 5|6]: (x1, y1, x2, y2)
                 normalised, 0-based label without background (< 0 = padding), optional difficult flag.
+            class_mask (Tensor[B, C] bool, optional): partial labels: the conf columns each image's
+                softmax uses (the background column always); `partial_labels.labelled_class_mask` builds
+                it from 0-based labels. Every real truth's class must be used. None: every column.
 
         Returns:
             LossOutput(loss_l, loss_c, stats); the losses are computed in float32 (float64 inputs stay
@@ -117,7 +131,8 @@ class MultiBoxLoss(nn.Module):
             truths = pad_targets(targets, self.num_classes, device=loc.device, dtype=dtype)  # [B, M, 6]
             if truths.shape[0] != loc.shape[0]:
                 raise ValueError(f"targets hold {truths.shape[0]} images, loc has batch size {loc.shape[0]}")
-            return self._loss(loc.to(dtype), conf.to(dtype), priors.to(loc.device, dtype), truths)
+            bias = None if class_mask is None else self._mask_bias(class_mask, conf, dtype)  # [B, C]
+            return self._loss(loc.to(dtype), conf.to(dtype), priors.to(loc.device, dtype), truths, bias)
 
     def _check_shapes(self, loc: Tensor, conf: Tensor, priors: Tensor) -> None:
         if loc.dim() != 3 or loc.shape[2] != 4:
@@ -129,14 +144,25 @@ class MultiBoxLoss(nn.Module):
         if priors.dim() != 2 or priors.shape != (loc.shape[1], 4):
             raise ValueError(f"priors must be [P={loc.shape[1]}, 4] like loc, got {tuple(priors.shape)}")
 
+    def _mask_bias(self, class_mask: Tensor, conf: Tensor, dtype: torch.dtype) -> Tensor:
+        """Logit bias [B, C] of a class mask: 0 where used, -inf elsewhere."""
+        if class_mask.dtype != torch.bool or class_mask.shape != (conf.shape[0], conf.shape[2]):
+            raise ValueError(f"class_mask must be bool [B={conf.shape[0]}, C={conf.shape[2]}], "
+                             f"got {class_mask.dtype} {tuple(class_mask.shape)}")
+        return class_mask_bias(class_mask.to(conf.device), self.background_label, dtype)
+
     @property
     def _loc_variance(self) -> tuple[float, float]:
         """Variance the predictions and the targets are encoded with."""
         return (1.0, 1.0) if self.encode_target else self.variance
 
-    def _loss(self, loc: Tensor, conf: Tensor, priors: Tensor, truths: Tensor) -> LossOutput:
+    def _loss(self, loc: Tensor, conf: Tensor, priors: Tensor, truths: Tensor, bias: Tensor | None) -> LossOutput:
+        """`compute` on padded truths [B, M, 6]; `bias` [B, C] is the class mask's logit bias or None."""
         boxes, valid = truths[..., :4], truths[..., 4] >= 0  # [B, M, 4], [B, M]
         difficult = valid & (truths[..., 5] != 0)  # [B, M]
+        truth_columns = self._truth_columns(truths[..., 4])  # [B, M]
+        if bias is not None:
+            check_declared(truths[..., 4], truth_columns, valid, bias)
         if self.use_prior_for_matching:
             iou = pairwise_iou(boxes, valid, point_form(priors))  # [B, M, P]
         else:
@@ -145,13 +171,15 @@ class MultiBoxLoss(nn.Module):
         positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
 
         if self.do_neg_mining:
-            background = _background_log_prob(conf.detach(), self.background_label)  # [B, P], minus the loss
+            background = _background_log_prob(conf.detach(), self.background_label, bias)  # [B, P], minus the loss
             negative = self._mine(background, positive, eligible)
         else:
             negative = eligible
         image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
-        target = self._conf_target(truths[..., 4], matches.truth_idx, positive)[image, prior]  # [K]
-        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target)  # [K]
+        target = torch.where(positive, truth_columns.gather(1, matches.truth_idx), self.background_label)  # [B, P]
+        row_bias = None if bias is None else bias[image]  # [K, C]
+        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target[image, prior],
+                                                    row_bias)  # [K]
         loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
         loss_l_sum = self._loc_loss(loc, priors, boxes, matches.truth_idx, positive)  # [B]
 
@@ -184,11 +212,10 @@ class MultiBoxLoss(nn.Module):
             eligible &= ~near_difficult
         return positive, eligible
 
-    def _conf_target(self, labels: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
-        """Class index in conf of every prior: its truth's class if positive, else background; Tensor[B, P]."""
-        object_class = labels.long().clamp(min=0)  # [B, M]
-        object_class = object_class + (object_class >= self.background_label)  # skip the background column
-        return torch.where(positive, object_class.gather(1, truth_idx), self.background_label)
+    def _truth_columns(self, labels: Tensor) -> Tensor:
+        """Column in conf of each truth's class (skipping the background column), Tensor[B, M] long."""
+        object_class = labels.long().clamp(min=0)  # [B, M], padding -> 0
+        return object_class + (object_class >= self.background_label)
 
     def _mine(self, background_log_prob: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
         """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
@@ -223,11 +250,12 @@ class MultiBoxLoss(nn.Module):
 _ELEMENTS_PER_BLOCK = 2**20
 
 
-def _background_log_prob(conf: Tensor, background_label: int) -> Tensor:
-    """log softmax(conf)[..., background_label] of every prior, block by block of rows on the CPU.
+def _background_log_prob(conf: Tensor, background_label: int, bias: Tensor | None = None) -> Tensor:
+    """log softmax(conf + bias)[..., background_label] of every prior, block by block of rows on the CPU.
 
     Args:
         conf (Tensor[B, P, C]): logits.
+        bias (Tensor[B, C], optional): per-image logit bias (a class mask's 0 / -inf).
 
     Returns:
         Tensor[B, P]: each prior's background log-probability (minus its conf loss as a negative).
@@ -236,20 +264,28 @@ def _background_log_prob(conf: Tensor, background_label: int) -> Tensor:
     block = max(1, _ELEMENTS_PER_BLOCK // rows.shape[1] if rows.device.type == "cpu" else len(rows))
     out = rows.new_empty(len(rows))  # [B * P]
     for start in range(0, len(rows), block):
-        out[start : start + block] = F.log_softmax(rows[start : start + block], dim=-1)[:, background_label]
+        logits = rows[start : start + block]  # [n, C]
+        if bias is not None:
+            image = torch.arange(start, start + len(logits), device=rows.device) // conf.shape[1]  # [n]
+            logits = logits + bias[image]
+        out[start : start + block] = F.log_softmax(logits, dim=-1)[:, background_label]
     return out.view(conf.shape[:2])
 
 
 class _SelectedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of the selected priors only.
 
-    Forward: log_softmax on the K selected rows of conf, -log_probs[k, target[k]], Tensor[K]. Backward:
-    softmax - one_hot written into those rows of a zero d conf; nothing else touches [B, P, C].
+    Forward: log_softmax on the K selected rows of conf (plus a row bias [K, C] of 0 / -inf for a class
+    mask), -log_probs[k, target[k]], Tensor[K]. Backward: softmax - one_hot written into those rows of a
+    zero d conf (masked columns get 0); nothing else touches [B, P, C].
     """
 
     @staticmethod
-    def forward(ctx, conf: Tensor, row: Tensor, target: Tensor) -> Tensor:
-        log_probs = F.log_softmax(conf.reshape(-1, conf.shape[-1]).index_select(0, row), dim=-1)  # [K, C]
+    def forward(ctx, conf: Tensor, row: Tensor, target: Tensor, row_bias: Tensor | None) -> Tensor:
+        logits = conf.reshape(-1, conf.shape[-1]).index_select(0, row)  # [K, C]
+        if row_bias is not None:
+            logits += row_bias
+        log_probs = F.log_softmax(logits, dim=-1)  # [K, C]
         ctx.save_for_backward(log_probs, row, target)
         ctx.conf_shape = conf.shape
         return -log_probs.gather(1, target[:, None]).squeeze(1)
@@ -262,7 +298,7 @@ class _SelectedCrossEntropy(torch.autograd.Function):
         grad_rows[torch.arange(len(target), device=target.device), target] -= 1
         grad_conf = grad_rows.new_zeros(ctx.conf_shape)  # [B, P, C]
         grad_conf.view(-1, grad_rows.shape[1]).index_copy_(0, row, grad_rows.mul_(grad[:, None]))
-        return grad_conf, None, None
+        return grad_conf, None, None, None
 
 
 def _check_options(

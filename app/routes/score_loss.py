@@ -28,6 +28,7 @@ from app.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
 from app.settings import Settings
 from ssd_core.datasets import collate
 from ssd_core.loss import LossOutput, MultiBoxLoss
+from ssd_core.partial_labels import labelled_class_mask
 
 router = APIRouter(tags=["loss"])
 
@@ -51,8 +52,8 @@ def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
     """The loss of a validated batch (no gradients)."""
     with torch.inference_mode():
         try:
-            return criterion_for(batch.options, num_classes).compute((batch.loc, batch.conf, batch.priors),
-                                                                     batch.targets)
+            return criterion_for(batch.options, num_classes).compute(
+                (batch.loc, batch.conf, batch.priors), batch.targets, batch.class_mask)
         except ValueError as error:  # the loss's own checks (e.g. option combinations)
             raise invalid("body", str(error)) from None
 
@@ -69,18 +70,23 @@ def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings,
     samples = labelled_samples([(item.image, item) for item in request.images], settings)
     served = host.current
     images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+    class_mask = labelled_class_mask([s.labelled_classes for s in samples], settings.num_classes,
+                                     request.options.bkg_label)  # [B, C] or None
     loc, conf, priors = host.predict(images, served)
     metrics.images_processed.labels(route="/score-loss").inc(len(samples))
     with torch.inference_mode():
-        return criterion_for(request.options, settings.num_classes).compute((loc, conf, priors), targets), served.version
+        criterion = criterion_for(request.options, settings.num_classes)
+        return criterion.compute((loc, conf, priors), targets, class_mask), served.version
 
 
 def check_form(request: ScoreLossRequest) -> None:
     """Exactly one form: `predictions` + `targets` (+ `priors`), or `images`."""
     if request.images is not None:
-        extra = [name for name in ("predictions", "targets", "priors") if getattr(request, name) is not None]
+        extra = [name for name in ("predictions", "targets", "priors", "labelled_classes")
+                 if getattr(request, name) is not None]
         if extra:
-            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes go with each image)")
+            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes and labelled_classes "
+                          "go with each image)")
     elif request.predictions is None:
         raise ApiError(422, "invalid_value", "body: give either `predictions` with `targets`, or `images`", "body")
     elif request.targets is None:
