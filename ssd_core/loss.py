@@ -30,7 +30,7 @@ from ssd_core.boxes import point_form
 from ssd_core.coder import decode, encode
 from ssd_core.matching import MATCH_TYPES, MatchResult, match, pairwise_iou
 from ssd_core.partial_labels import check_declared, class_mask_bias
-from ssd_core.stats import MatchStats
+from ssd_core.stats import ClassStats, MatchStats
 from ssd_core.targets import pad_targets
 
 __all__ = ["LossOutput", "MultiBoxLoss"]
@@ -160,7 +160,8 @@ class MultiBoxLoss(nn.Module):
         """`compute` on padded truths [B, M, 6]; `bias` [B, C] is the class mask's logit bias or None."""
         boxes, valid = truths[..., :4], truths[..., 4] >= 0  # [B, M, 4], [B, M]
         difficult = valid & (truths[..., 5] != 0)  # [B, M]
-        truth_columns = self._truth_columns(truths[..., 4])  # [B, M]
+        object_labels = truths[..., 4].long().clamp(min=0)  # [B, M], padding -> 0
+        truth_columns = object_labels + (object_labels >= self.background_label)  # [B, M], background skipped
         if bias is not None:
             check_declared(truths[..., 4], truth_columns, valid, bias)
         if self.use_prior_for_matching:
@@ -177,30 +178,69 @@ class MultiBoxLoss(nn.Module):
             negative = eligible
         image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
         target = torch.where(positive, truth_columns.gather(1, matches.truth_idx), self.background_label)  # [B, P]
+        target = target[image, prior]  # [K] conf column
         row_bias = None if bias is None else bias[image]  # [K, C]
-        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target[image, prior],
-                                                    row_bias)  # [K]
+        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target, row_bias)  # [K]
         loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
-        loss_l_sum = self._loc_loss(loc, priors, boxes, matches.truth_idx, positive)  # [B]
+        pos_image, pos_prior = positive.nonzero(as_tuple=True)  # [Kp] each
+        pos_truth = matches.truth_idx[pos_image, pos_prior]  # [Kp]
+        loc_loss = self._loc_loss(loc, priors, boxes[pos_image, pos_truth], pos_image, pos_prior)  # [Kp]
+        loss_l_sum = loc.new_zeros(loc.shape[0]).index_add(0, pos_image, loc_loss)  # [B]
 
-        num_positives = positive.sum(dim=1)  # [B]
-        normalizer = num_positives.sum().clamp(min=1).to(loc.dtype)
+        normalizer = loc.new_tensor(max(1, len(pos_image)))
+        matched_ious = matches.matched_iou[pos_image, pos_prior]  # [Kp]
+        forced = valid & ~difficult & (matches.truth_best_iou < self.threshold)  # [B, M]
         num_ground_truth = valid.sum(dim=1)  # [B]
+        num_positives = pos_image.bincount(minlength=loc.shape[0])  # [B]
         # positive and eligible are disjoint, and both empty in an image without truths
         num_ignored = (num_ground_truth > 0) * positive.shape[1] - num_positives - eligible.sum(dim=1)
+        per_class = self._class_stats(
+            object_labels[valid], object_labels[forced], object_labels[pos_image, pos_truth], matched_ious,
+            loc_loss, target, cross_entropy, normalizer,
+        )
         stats = MatchStats(
             num_ground_truth=num_ground_truth,
             num_positives=num_positives,
             num_negatives=negative.sum(dim=1),
             num_ignored=num_ignored,
-            num_forced_matches=(valid & ~difficult & (matches.truth_best_iou < self.threshold)).sum(dim=1),
-            matched_iou_sum=torch.where(positive, matches.matched_iou, 0.0).sum(dim=1),
+            num_forced_matches=forced.sum(dim=1),
+            matched_iou_sum=matched_ious.new_zeros(loc.shape[0]).index_add_(0, pos_image, matched_ious),
             loss_l_sum=loss_l_sum,
             loss_c_sum=loss_c_sum,
-            matched_ious=matches.matched_iou[positive],
+            matched_ious=matched_ious,
             normalizer=normalizer,
+            per_class=per_class,
         )
         return LossOutput(loss_l_sum.sum() / normalizer, loss_c_sum.sum() / normalizer, stats)
+
+    def _class_stats(
+        self, truth_labels: Tensor, forced_labels: Tensor, positive_labels: Tensor, matched_ious: Tensor,
+        loc_loss: Tensor, target: Tensor, cross_entropy: Tensor, normalizer: Tensor,
+    ) -> ClassStats:
+        """Per-class sums by bincount / index_add over what the loss holds: O(truths + selected priors).
+
+        Args:
+            truth_labels (Tensor[N] long): 0-based labels of the real truths; forced_labels (Tensor[F]) of
+                those matched only by the forced step.
+            positive_labels, matched_ious, loc_loss (Tensor[Kp] each): per positive prior.
+            target, cross_entropy (Tensor[K] each): conf column and loss of every selected prior.
+        """
+        num_labels, background = self.num_classes - 1, self.background_label
+        per_column = cross_entropy.new_zeros(self.num_classes).index_add_(0, target, cross_entropy.detach())  # [C]
+
+        def per_label(values: Tensor) -> Tensor:  # [Kp] -> [L]
+            return values.new_zeros(num_labels).index_add_(0, positive_labels, values.detach())
+
+        return ClassStats(
+            num_ground_truth=truth_labels.bincount(minlength=num_labels),
+            num_positives=positive_labels.bincount(minlength=num_labels),
+            num_forced_matches=forced_labels.bincount(minlength=num_labels),
+            matched_iou_sum=per_label(matched_ious),
+            loss_l_sum=per_label(loc_loss),
+            loss_c_sum=torch.cat((per_column[:background], per_column[background + 1 :])),
+            negative_loss_c_sum=per_column[background],
+            normalizer=normalizer,
+        )
 
     def _assign(self, matches: MatchResult, iou: Tensor, valid: Tensor, difficult: Tensor) -> tuple[Tensor, Tensor]:
         """Positives and negative-eligible priors, both Tensor[B, P] bool."""
@@ -211,11 +251,6 @@ class MultiBoxLoss(nn.Module):
             near_difficult = iou.masked_fill(~difficult[:, :, None], 0.0).amax(dim=1) >= self.neg_overlap
             eligible &= ~near_difficult
         return positive, eligible
-
-    def _truth_columns(self, labels: Tensor) -> Tensor:
-        """Column in conf of each truth's class (skipping the background column), Tensor[B, M] long."""
-        object_class = labels.long().clamp(min=0)  # [B, M], padding -> 0
-        return object_class + (object_class >= self.background_label)
 
     def _mine(self, background_log_prob: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
         """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
@@ -230,18 +265,19 @@ class MultiBoxLoss(nn.Module):
         take = (torch.arange(k, device=ranked.device) < num_neg[:, None]) & (values < float("inf"))
         return torch.zeros_like(eligible).scatter(1, index, take)
 
-    def _loc_loss(self, loc: Tensor, priors: Tensor, boxes: Tensor, truth_idx: Tensor, positive: Tensor) -> Tensor:
-        """loc_weight * Smooth L1 over each image's positives, Tensor[B] (not normalised)."""
-        image, prior = positive.nonzero(as_tuple=True)  # [K] each
-        matched = boxes[image, truth_idx[image, prior]]  # [K, 4]
+    def _loc_loss(self, loc: Tensor, priors: Tensor, matched: Tensor, image: Tensor, prior: Tensor) -> Tensor:
+        """loc_weight * Smooth L1 of each positive, Tensor[K] (not normalised).
+
+        Args:
+            matched (Tensor[K, 4]): each positive's truth in (x1, y1, x2, y2); image, prior (Tensor[K]).
+        """
         target = encode(matched, priors[prior], self._loc_variance)  # [K, 4]
         predicted = loc[image, prior]  # [K, 4]
         if self.encode_target:
             v_center, v_size = self.variance
             scale = loc.new_tensor([v_center, v_center, v_size, v_size])
             predicted, target = predicted / scale, target / scale
-        per_positive = F.smooth_l1_loss(predicted, target, reduction="none").sum(dim=1) * self.loc_weight  # [K]
-        return loc.new_zeros(loc.shape[0]).index_add(0, image, per_positive)
+        return F.smooth_l1_loss(predicted, target, reduction="none").sum(dim=1) * self.loc_weight  # [K]
 
 
 # conf elements per log_softmax call on the CPU (4 MB of float32): no [B, P, C] log-probability tensor
