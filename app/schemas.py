@@ -135,6 +135,22 @@ class ImageLoss(BaseModel):
     num_forced_matches: int
 
 
+class ClassLoss(BaseModel):
+    """Match and loss figures of one object class over a batch (or a fine-tune job's steps)."""
+
+    label: int = Field(description="0-based object class (background excluded)")
+    class_name: str
+    num_ground_truth: int = Field(description="boxes of the class, difficult ones included")
+    num_positives: int = Field(description="priors matched to a box of the class")
+    num_forced_matches: int = Field(description="boxes of the class no prior reached the IoU threshold for, "
+                                    "matched only by the forced step (the priors fit them badly)")
+    positives_per_box: float = Field(description="num_positives / num_ground_truth (0 without boxes)")
+    mean_matched_iou: float = Field(description="mean IoU of the class's positives with their boxes (0 without)")
+    loss_l: float = Field(description="loc loss of the class's positives / N (its share of loss_l)")
+    loss_c: float = Field(description="conf loss of the class's positives / N; the negatives' part is "
+                          "loss_c_negatives")
+
+
 class ScoreLossResponse(BaseModel):
     loss: float
     loss_l: float
@@ -142,6 +158,9 @@ class ScoreLossResponse(BaseModel):
     num_positives: int
     num_negatives: int
     per_image: list[ImageLoss]
+    per_class: list[ClassLoss] = Field(description="one entry per object class, label order; loss_l sums to "
+                                       "loss_l, loss_c plus loss_c_negatives to loss_c")
+    loss_c_negatives: float = Field(description="conf loss of the negatives (background) / N")
     model_version: int
 
 
@@ -193,6 +212,9 @@ class JobView(BaseModel):
     checkpoint: JobCheckpoint | None = Field(
         None, description="set when the job ends and a checkpoint directory is configured: whether the "
         "model version it left is saved")
+    per_class: list[ClassLoss] = Field(
+        default_factory=list, description="per object class over the job's completed steps, pooled: counts and "
+        "loss sums added up over the steps, losses divided by the summed N (empty before the first step)")
 
 
 class ModelInfo(BaseModel):

@@ -93,14 +93,17 @@ def check_form(request: ScoreLossRequest) -> None:
         raise invalid("targets", "required with `predictions`: one list of boxes per image")
 
 
-def response(output: LossOutput, version: int) -> ScoreLossResponse:
+def response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
     loss_l, loss_c = float(output.loss_l), float(output.loss_c)
     if not all(abs(v) < float("inf") for v in (loss_l, loss_c)):
         raise invalid("predictions", "the loss overflowed to a non-finite value (predictions too large)")
-    totals = output.stats.totals()
+    stats = output.stats
+    totals = stats.totals()
     return ScoreLossResponse(
         loss=loss_l + loss_c, loss_l=loss_l, loss_c=loss_c, num_positives=totals["num_positives"],
-        num_negatives=totals["num_negatives"], per_image=output.stats.per_image(), model_version=version,
+        num_negatives=totals["num_negatives"], per_image=stats.per_image(),
+        per_class=stats.per_class.rows(class_names),
+        loss_c_negatives=float(stats.per_class.negative_loss_c_sum / stats.normalizer), model_version=version,
     )
 
 
@@ -129,6 +132,6 @@ async def score_loss(request: Request, host: HostDep, settings: SettingsDep, met
             batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
             version = host.current.version
             output = await run_in_threadpool(score_batch, batch, settings.num_classes)
-    result = response(output, version)
+    result = response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     return result

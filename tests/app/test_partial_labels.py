@@ -11,7 +11,7 @@ import torch
 from ssd_core import MultiBoxLoss
 from ssd_core.datasets import collate
 from ssd_core.partial_labels import labelled_class_mask
-from tests.app.conftest import assert_error, labelled, png_bytes
+from tests.app.conftest import CriterionSpy, assert_error, labelled, png_bytes
 from tests.app.test_finetune import wait_for
 from tests.app.test_score_loss import NUM_CLASSES, PRIORS, as_json, as_safetensors, post_binary, random_batch
 
@@ -94,29 +94,8 @@ def test_score_loss_bad_labelled_classes_are_named(client, unchanged, shapes):
                  "labelled_classes")
 
 
-class MaskSpy:
-    """Wraps the trainer's criterion and records the class mask of every `compute`."""
-
-    def __init__(self, criterion):
-        self.criterion = criterion
-        self.masks = []
-
-    def __getattr__(self, name):
-        return getattr(self.criterion, name)
-
-    def compute(self, predictions, targets, class_mask=None):
-        self.masks.append(None if class_mask is None else class_mask.tolist())
-        return self.criterion.compute(predictions, targets, class_mask)
-
-
-def spy_on(client) -> MaskSpy:
-    trainer = client.app.state.worker.trainer
-    trainer.criterion = spy = MaskSpy(trainer.criterion)
-    return spy
-
-
 def test_finetune_passes_job_and_image_labelled_classes_to_the_loss(client, shapes):
-    spy = spy_on(client)
+    spy = CriterionSpy.install(client)
     items = labelled(shapes, (0, 1, 2))
     job_level = sorted(set(items[0]["labels"]) | set(items[1]["labels"]))
     items[2]["labelled_classes"] = [0, 1, 2]  # the image's own overrides the job's
@@ -132,7 +111,7 @@ def test_finetune_passes_job_and_image_labelled_classes_to_the_loss(client, shap
 
 
 def test_finetune_multipart_job_labelled_classes(client, shapes):
-    spy = spy_on(client)
+    spy = CriterionSpy.install(client)
     notes = [{"boxes": shapes[i].boxes.tolist(), "labels": shapes[i].labels.tolist()} for i in (0, 1)]
     declared = sorted(set(notes[0]["labels"]) | set(notes[1]["labels"]))
     files = [("images", (f"{i}.png", png_bytes(shapes, i), "image/png")) for i in (0, 1)]
