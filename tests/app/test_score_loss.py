@@ -150,6 +150,15 @@ def test_score_records_metrics(client):
     assert client.sample("ssd_ground_truth_boxes_total", source="score") == 3
     assert client.sample("ssd_matched_iou_count", source="score") == int(expected.stats.num_positives.sum())
     assert client.sample("ssd_loss_loc_count", source="finetune") == 0
+    per_class = expected.stats.per_class
+    for label, name in enumerate(CLASS_NAMES):
+        by_class = {"class": name, "source": "score"}
+        assert client.sample("ssd_class_ground_truth_boxes_total", **by_class) == per_class.num_ground_truth[label]
+        assert client.sample("ssd_class_positives_total", **by_class) == per_class.num_positives[label]
+        assert client.sample("ssd_class_forced_matches_total", **by_class) == per_class.num_forced_matches[label]
+        for metric, field in (("ssd_class_matched_iou_total", "matched_iou_sum"),
+                              ("ssd_class_loss_loc_total", "loss_l_sum"), ("ssd_class_loss_conf_total", "loss_c_sum")):
+            assert client.sample(metric, **by_class) == pytest.approx(float(getattr(per_class, field)[label]), rel=1e-5)
 
 
 def test_image_form_runs_the_hosted_model(client, shapes):
