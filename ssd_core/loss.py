@@ -44,6 +44,18 @@ class LossOutput(NamedTuple):
     stats: MatchStats
 
 
+class _Selection(NamedTuple):
+    """Selected priors as (image, prior) index pairs, image by image: positives [Kp], negatives [Kn];
+    and per image the positives and the negative-eligible priors (Tensor[B] long each)."""
+
+    pos_image: Tensor
+    pos_prior: Tensor
+    neg_image: Tensor
+    neg_prior: Tensor
+    num_positives: Tensor
+    num_eligible: Tensor
+
+
 class MultiBoxLoss(nn.Module):
     """SSD multibox loss with the seed's constructor.
 
@@ -169,21 +181,16 @@ class MultiBoxLoss(nn.Module):
         else:
             iou = pairwise_iou(boxes, valid, decode(loc.detach(), priors, self._loc_variance))  # [B, M, P]
         matches = match(iou, valid, self.threshold, self.match_type)
-        positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
-
-        if self.do_neg_mining:
-            background = _background_log_prob(conf.detach(), self.background_label, bias)  # [B, P], minus the loss
-            negative = self._mine(background, positive, eligible)
-        else:
-            negative = eligible
-        image, prior = (positive | negative).nonzero(as_tuple=True)  # [K] each
-        target = torch.where(positive, truth_columns.gather(1, matches.truth_idx), self.background_label)  # [B, P]
-        target = target[image, prior]  # [K] conf column
+        selection = self._select(conf, matches, iou, valid, difficult, bias)
+        pos_image, pos_prior, neg_image = selection.pos_image, selection.pos_prior, selection.neg_image
+        pos_truth = matches.truth_idx[pos_image, pos_prior]  # [Kp]
+        # the selected priors, positives then negatives (disjoint); the positives' class column, else background
+        image, prior = torch.cat((pos_image, neg_image)), torch.cat((pos_prior, selection.neg_prior))  # [K] each
+        negative_target = neg_image.new_full(neg_image.shape, self.background_label)  # [Kn]
+        target = torch.cat((truth_columns[pos_image, pos_truth], negative_target))  # [K]
         row_bias = None if bias is None else bias[image]  # [K, C]
         cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target, row_bias)  # [K]
         loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
-        pos_image, pos_prior = positive.nonzero(as_tuple=True)  # [Kp] each
-        pos_truth = matches.truth_idx[pos_image, pos_prior]  # [Kp]
         loc_loss = self._loc_loss(loc, priors, boxes[pos_image, pos_truth], pos_image, pos_prior)  # [Kp]
         loss_l_sum = loc.new_zeros(loc.shape[0]).index_add(0, pos_image, loc_loss)  # [B]
 
@@ -191,9 +198,9 @@ class MultiBoxLoss(nn.Module):
         matched_ious = matches.matched_iou[pos_image, pos_prior]  # [Kp]
         forced = valid & ~difficult & (matches.truth_best_iou < self.threshold)  # [B, M]
         num_ground_truth = valid.sum(dim=1)  # [B]
-        num_positives = pos_image.bincount(minlength=loc.shape[0])  # [B]
+        num_positives = selection.num_positives
         # positive and eligible are disjoint, and both empty in an image without truths
-        num_ignored = (num_ground_truth > 0) * positive.shape[1] - num_positives - eligible.sum(dim=1)
+        num_ignored = (num_ground_truth > 0) * loc.shape[1] - num_positives - selection.num_eligible
         per_class = self._class_stats(
             object_labels[valid], object_labels[forced], object_labels[pos_image, pos_truth], matched_ious,
             loc_loss, target, cross_entropy, normalizer,
@@ -201,7 +208,7 @@ class MultiBoxLoss(nn.Module):
         stats = MatchStats(
             num_ground_truth=num_ground_truth,
             num_positives=num_positives,
-            num_negatives=negative.sum(dim=1),
+            num_negatives=neg_image.bincount(minlength=loc.shape[0]),
             num_ignored=num_ignored,
             num_forced_matches=forced.sum(dim=1),
             matched_iou_sum=matched_ious.new_zeros(loc.shape[0]).index_add_(0, pos_image, matched_ious),
@@ -242,28 +249,48 @@ class MultiBoxLoss(nn.Module):
             normalizer=normalizer,
         )
 
+    def _select(
+        self, conf: Tensor, matches: MatchResult, iou: Tensor, valid: Tensor, difficult: Tensor, bias: Tensor | None
+    ) -> _Selection:
+        """The priors of the loss: positives, and negatives mined (or all eligible ones)."""
+        positive, eligible = self._assign(matches, iou, valid, difficult)  # [B, P] each
+        pos_image, pos_prior = positive.nonzero(as_tuple=True)  # [Kp] each
+        num_positives = pos_image.bincount(minlength=conf.shape[0])  # [B]
+        if self.do_neg_mining:
+            background = _background_log_prob(conf.detach(), self.background_label, bias)  # [B, P], minus the loss
+            neg_image, neg_prior = self._mine(background, num_positives, eligible)  # [Kn] each
+        else:
+            neg_image, neg_prior = eligible.nonzero(as_tuple=True)  # [Kn] each
+        return _Selection(pos_image, pos_prior, neg_image, neg_prior, num_positives, eligible.sum(dim=1))
+
     def _assign(self, matches: MatchResult, iou: Tensor, valid: Tensor, difficult: Tensor) -> tuple[Tensor, Tensor]:
         """Positives and negative-eligible priors, both Tensor[B, P] bool."""
-        to_difficult = difficult.gather(1, matches.truth_idx)  # [B, P]
-        positive = matches.matched & ~to_difficult
         eligible = ~matches.matched & (matches.best_iou < self.neg_overlap) & valid.any(dim=1, keepdim=True)
-        if difficult.any():
-            near_difficult = iou.masked_fill(~difficult[:, :, None], 0.0).amax(dim=1) >= self.neg_overlap
-            eligible &= ~near_difficult
-        return positive, eligible
+        if not difficult.any():  # the common case: no [B, P] gather
+            return matches.matched, eligible
+        positive = matches.matched & ~difficult.gather(1, matches.truth_idx)  # [B, P]
+        near_difficult = iou.masked_fill(~difficult[:, :, None], 0.0).amax(dim=1) >= self.neg_overlap  # [B, P]
+        return positive, eligible & ~near_difficult
 
-    def _mine(self, background_log_prob: Tensor, positive: Tensor, eligible: Tensor) -> Tensor:
+    def _mine(self, background_log_prob: Tensor, num_positives: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
         """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
         log-probability), one topk for the whole batch; num_neg = min(neg_pos * positives, P - 1) per
-        image, as in the seed. Returns Tensor[B, P] bool.
+        image, as in the seed.
+
+        Args:
+            background_log_prob (Tensor[B, P]); num_positives (Tensor[B] long); eligible (Tensor[B, P] bool).
+
+        Returns:
+            (image, prior) of the negatives, Tensor[Kn] long each, image by image.
         """
-        num_priors = positive.shape[1]
-        num_neg = (positive.sum(dim=1) * self.negpos_ratio).floor().long().clamp(max=num_priors - 1)  # [B]
+        num_priors = eligible.shape[1]
+        num_neg = (num_positives * self.negpos_ratio).floor().long().clamp(max=num_priors - 1)  # [B]
         k = int(num_neg.max()) if num_neg.numel() else 0
         ranked = torch.where(eligible, background_log_prob, float("inf"))  # [B, P]
         values, index = ranked.topk(k, dim=1, largest=False)  # [B, k]
-        take = (torch.arange(k, device=ranked.device) < num_neg[:, None]) & (values < float("inf"))
-        return torch.zeros_like(eligible).scatter(1, index, take)
+        take = (torch.arange(k, device=ranked.device) < num_neg[:, None]) & (values < float("inf"))  # [B, k]
+        image, rank = take.nonzero(as_tuple=True)  # [Kn] each
+        return image, index[image, rank]
 
     def _loc_loss(self, loc: Tensor, priors: Tensor, matched: Tensor, image: Tensor, prior: Tensor) -> Tensor:
         """loc_weight * Smooth L1 of each positive, Tensor[K] (not normalised).
