@@ -35,7 +35,8 @@ router = APIRouter(tags=["loss"])
 BINARY_DOC = (
     "safetensors with tensors `loc` [B, P, 4], `conf` [B, P, C], `targets` [B, M, 5|6] (normalised x1, y1, x2, "
     "y2, label, optional difficult; label < 0 = padding) and optional `priors` [P, 4]; loss options as JSON "
-    "strings in `__metadata__` (e.g. {\"match_type\": \"bipartite\", \"neg_pos\": \"3\"})"
+    "strings in `__metadata__` (e.g. {\"match_type\": \"bipartite\", \"neg_pos\": \"3\"}); partial labels as "
+    "`__metadata__[\"labelled_classes\"]`, a JSON string of one list of 0-based labels (or null) per image"
 )
 
 
