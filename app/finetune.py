@@ -32,13 +32,15 @@ from app.errors import ApiError, describe, without_paths
 from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
-from app.schemas import JobCheckpoint, JobState, JobView, StepLoss
+from app.schemas import ClassLoss, JobCheckpoint, JobState, JobView, StepLoss
 from app.settings import Settings
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from ssd_core.datasets import Sample, collate
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
+from ssd_core.partial_labels import labelled_class_mask
+from ssd_core.stats import ClassStats
 from ssd_core.training import StepResult, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class Job:
     finished_at: float | None = None
     num_images: int = 0
     checkpoint: JobCheckpoint | None = None
+    per_class: list[ClassLoss] = field(default_factory=list)  # from class_totals, for the view
+    class_totals: ClassStats | None = None  # pooled over the completed steps (not kept across restarts)
     finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
 
     @classmethod
@@ -80,7 +84,7 @@ class Job:
                   steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
                   model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
                   created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
-                  num_images=view.num_images, checkpoint=view.checkpoint)
+                  num_images=view.num_images, checkpoint=view.checkpoint, per_class=view.per_class)
         job.finished.set_result(None)
         return job
 
@@ -90,7 +94,7 @@ class Job:
             skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
             augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
-            finished_at=self.finished_at, checkpoint=self.checkpoint,
+            finished_at=self.finished_at, checkpoint=self.checkpoint, per_class=list(self.per_class),
         )
 
 
@@ -272,6 +276,9 @@ class FinetuneWorker:
         assert job.samples is not None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        criterion = self.trainer.criterion
+        class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
+            [s.labelled_classes for s in job.samples], criterion.num_classes, criterion.background_label)
         try:
             fixed = None if augment else collate(job.samples, spec)  # the same batch every step
             for step in range(1, job.steps_total + 1):
@@ -279,7 +286,7 @@ class FinetuneWorker:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
                 images, targets = fixed or collate(job.samples, spec, augment)  # [B, 3, S, S], list[[n, 6]]
                 with self._train_lock:
-                    result = self.trainer.step(images, targets, lr=job.learning_rate)
+                    result = self.trainer.step(images, targets, lr=job.learning_rate, class_mask=class_mask)
                     served = self.host.current if result.skipped else self.host.publish(
                         self.trainer.model, self.trainer.steps)
                 self._record(job, step, result, served)
@@ -300,6 +307,9 @@ class FinetuneWorker:
         else:
             metrics.finetune_steps.inc()
             record_match_stats(metrics, "finetune", result)
+            step_classes = result.stats.per_class.to("cpu")
+            job.class_totals = step_classes if job.class_totals is None else job.class_totals + step_classes
+            job.per_class = [ClassLoss(**row) for row in job.class_totals.rows(self.settings.object_class_names())]
         job.losses.append(StepLoss(
             step=step, loss_l=_finite_or_none(result.loss_l), loss_c=_finite_or_none(result.loss_c),
             skipped=result.skipped, learning_rate=result.lr, model_version=served.version,

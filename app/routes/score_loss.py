@@ -29,13 +29,15 @@ from app.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
 from app.settings import Settings
 from ssd_core.datasets import collate
 from ssd_core.loss import LossOutput, MultiBoxLoss
+from ssd_core.partial_labels import labelled_class_mask
 
 router = APIRouter(tags=["loss"])
 
 BINARY_DOC = (
     "safetensors with tensors `loc` [B, P, 4], `conf` [B, P, C], `targets` [B, M, 5|6] (normalised x1, y1, x2, "
     "y2, label, optional difficult; label < 0 = padding) and optional `priors` [P, 4]; loss options as JSON "
-    "strings in `__metadata__` (e.g. {\"match_type\": \"bipartite\", \"neg_pos\": \"3\"})"
+    "strings in `__metadata__` (e.g. {\"match_type\": \"bipartite\", \"neg_pos\": \"3\"}); partial labels as "
+    "`__metadata__[\"labelled_classes\"]`, a JSON string of one list of 0-based labels (or null) per image"
 )
 
 
@@ -52,8 +54,8 @@ def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
     """The loss of a validated batch (no gradients)."""
     with torch.inference_mode():
         try:
-            return criterion_for(batch.options, num_classes).compute((batch.loc, batch.conf, batch.priors),
-                                                                     batch.targets)
+            return criterion_for(batch.options, num_classes).compute(
+                (batch.loc, batch.conf, batch.priors), batch.targets, batch.class_mask)
         except ValueError as error:  # the loss's own checks (e.g. option combinations)
             raise invalid("body", str(error)) from None
 
@@ -71,18 +73,22 @@ async def score_images(
     assert parsed.images is not None
     check_bkg_label(parsed.options, settings)  # before any decoding
 
-    def prepare() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def prepare() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         samples = labelled_samples([(item.image, item) for item in parsed.images], settings)
-        return collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+        images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+        class_mask = labelled_class_mask([s.labelled_classes for s in samples], settings.num_classes,
+                                         parsed.options.bkg_label)  # [B, C] or None
+        return images, targets, class_mask
 
-    images, targets = await run_in_threadpool(prepare)
+    images, targets, class_mask = await run_in_threadpool(prepare)
     served = host.current
     loc, conf = await forward(request, inference, images, served, "/score-loss")  # [B, P, 4], [B, P, C]
     metrics.images_processed.labels(route="/score-loss").inc(len(images))
 
     def score() -> LossOutput:
         with torch.inference_mode():
-            return criterion_for(parsed.options, settings.num_classes).compute((loc, conf, host.priors), targets)
+            return criterion_for(parsed.options, settings.num_classes).compute(
+                (loc, conf, host.priors), targets, class_mask)
 
     return await run_in_threadpool(score), served.version
 
@@ -90,23 +96,28 @@ async def score_images(
 def check_form(request: ScoreLossRequest) -> None:
     """Exactly one form: `predictions` + `targets` (+ `priors`), or `images`."""
     if request.images is not None:
-        extra = [name for name in ("predictions", "targets", "priors") if getattr(request, name) is not None]
+        extra = [name for name in ("predictions", "targets", "priors", "labelled_classes")
+                 if getattr(request, name) is not None]
         if extra:
-            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes go with each image)")
+            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes and labelled_classes "
+                          "go with each image)")
     elif request.predictions is None:
         raise ApiError(422, "invalid_value", "body: give either `predictions` with `targets`, or `images`", "body")
     elif request.targets is None:
         raise invalid("targets", "required with `predictions`: one list of boxes per image")
 
 
-def response(output: LossOutput, version: int) -> ScoreLossResponse:
+def response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
     loss_l, loss_c = float(output.loss_l), float(output.loss_c)
     if not all(abs(v) < float("inf") for v in (loss_l, loss_c)):
         raise invalid("predictions", "the loss overflowed to a non-finite value (predictions too large)")
-    totals = output.stats.totals()
+    stats = output.stats
+    totals = stats.totals()
     return ScoreLossResponse(
         loss=loss_l + loss_c, loss_l=loss_l, loss_c=loss_c, num_positives=totals["num_positives"],
-        num_negatives=totals["num_negatives"], per_image=output.stats.per_image(), model_version=version,
+        num_negatives=totals["num_negatives"], per_image=stats.per_image(),
+        per_class=stats.per_class.rows(class_names),
+        loss_c_negatives=float(stats.per_class.negative_loss_c_sum / stats.normalizer), model_version=version,
     )
 
 
@@ -137,6 +148,6 @@ async def score_loss(
             batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
             version = host.current.version
             output = await run_in_threadpool(score_batch, batch, settings.num_classes)
-    result = response(output, version)
+    result = response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     return result
