@@ -258,7 +258,7 @@ def infer_loss(
     options = model_parameters(parsed, _LOSS_OPTIONS)
     tensors = {name: torch.from_numpy(np.array(array)) for name, array in parsed.inputs.items()}
     output = score_batch(tensor_batch(tensors, options, host.priors, settings), settings.num_classes)
-    scored = loss_response(output, version)
+    scored = loss_response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     per_image = output.stats.per_image()  # what /score-loss answers as `per_image`
     return [
