@@ -1,7 +1,9 @@
 """Online fine-tuning: a bounded job queue worked by ONE trainer thread.
 
 The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and publishes a new
-model version after every completed optimizer step, so `/detect` sees progress within a job and a
+model version after every completed optimizer step (with `SSD_EMA_DECAY` > 0 the version is the
+exponential moving average of the trainer's weights, `Trainer.published`; the optimizer trains the
+raw ones and checkpoints hold both), so `/detect` sees progress within a job and a
 cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
 nothing. A checkpoint is written after every job that changed the weights, on demand
 (`POST /model/checkpoint`), after a rollback and on shutdown; a job's `checkpoint` says whether the
@@ -12,7 +14,7 @@ not finish reads `failed` ("interrupted"), with the restored version.
 
 Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
 trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
-weights always equal the published version's, which is what makes a checkpoint of "the current
+published weights (`Trainer.published`) always equal the published version's, which is what makes a checkpoint of "the current
 version" well defined.
 """
 
@@ -37,6 +39,7 @@ from app.settings import Settings
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from ssd_core.datasets import Sample, collate
+from ssd_core.ema import EMAConfig
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
 from ssd_core.training import StepResult, TrainConfig, Trainer
@@ -281,7 +284,7 @@ class FinetuneWorker:
                 with self._train_lock:
                     result = self.trainer.step(images, targets, lr=job.learning_rate)
                     served = self.host.current if result.skipped else self.host.publish(
-                        self.trainer.model, self.trainer.steps)
+                        self.trainer.published, self.trainer.steps)
                 self._record(job, step, result, served)
         except Exception as error:  # a failing job must not take the trainer thread down
             logger.exception("fine-tune job %s failed", job.job_id)
@@ -326,11 +329,11 @@ class FinetuneWorker:
                     raise ApiError(409, "trainer_busy", f"job {self._running.job_id} is running; "
                                    "cancel it or wait before rolling back", "version")
             try:
-                state_dict, meta, optimizer_state = store.load(version)
+                saved = store.load(version)
             except CheckpointError as error:
                 raise ApiError(404, "not_found", f"no loadable saved version {version}: {error}", "version") from None
-            self.trainer.restore(state_dict, optimizer_state, int(meta.get("step", 0)))
-            published = self.host.publish(self.trainer.model, self.trainer.steps, restored_from=version)
+            restore_trainer(self.trainer, saved)
+            published = self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
             self._checkpoint()
         return published
 
@@ -347,14 +350,14 @@ class FinetuneWorker:
             for info in reversed(store.versions()):
                 if info.version == current.version:
                     return info, False
-        state_dict, optimizer_state = self.trainer.state()
+        state = self.trainer.state()
         meta = {
             "version": current.version, "step": current.step, "model": self.settings.model,
             "num_classes": self.settings.num_classes, "class_names": self.settings.class_names,
             "restored_from": current.restored_from,
         }
         try:
-            info = store.save(state_dict, meta, optimizer_state)
+            info = store.save(state.weights, meta, state.optimizer_state, state.training_weights)
         except Exception:
             self.metrics.checkpoints.labels(outcome="failed").inc()
             raise
@@ -389,6 +392,19 @@ class FinetuneWorker:
         return None
 
 
+def train_config(settings: Settings) -> TrainConfig:
+    """The service trainer's optimizer, EMA and step settings (README "The online recipe")."""
+    return TrainConfig(
+        lr=settings.learning_rate, verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau)
+    )
+
+
+def restore_trainer(trainer: Trainer, checkpoint: LoadedCheckpoint) -> None:
+    """Resume `trainer` from a checkpoint: served (EMA) weights, raw weights, optimizer, step count."""
+    trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)),
+                    checkpoint.training_weights)
+
+
 def start_worker(
     host: ModelHost, model: SSD, store: CheckpointStore | None, checkpoint: LoadedCheckpoint | None,
     settings: Settings, metrics: Metrics,
@@ -396,10 +412,10 @@ def start_worker(
     """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
     from `checkpoint`, and start the trainer thread."""
     criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
-    trainer = Trainer(model, criterion, TrainConfig(lr=settings.learning_rate, verify_update=True), host.device)
+    trainer = Trainer(model, criterion, train_config(settings), host.device)
     saved_version = None
     if checkpoint is not None:
-        trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)))
+        restore_trainer(trainer, checkpoint)
         saved_version = int(checkpoint.meta["version"])
     worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version)
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     finetune_queue_size: int = Field(8, ge=1)
     finetune_max_steps: int = Field(1000, ge=1, description="most steps one job may ask for")
     learning_rate: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="decay of the served EMA of the trainer's weights; 0: serve the raw weights"
+    )
+    ema_tau: float = Field(2000.0, gt=0, description="steps of the EMA's decay ramp d * (1 - exp(-updates / tau))")
     job_history: int = Field(1000, ge=1, description="finished jobs kept for GET /finetune/{id}")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="wait for the running step on shutdown")
 

@@ -201,7 +201,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         loaded = store.load_latest()
         context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
         if loaded is not None:
-            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
+            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"], loaded.training_weights)
     val_set = None
     if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
@@ -213,7 +213,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         history.write(directory)
         if store.versions() and store.versions()[-1].step == trainer.steps:
             return  # already saved at this step (--save-every divides the step count)
-        state_dict, optimizer_state = trainer.state()
+        state = trainer.state()
         meta = _meta(
             model,
             dataset.class_names,
@@ -221,7 +221,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
             trainer.steps,
             {"config": _config(args), "world_size": context.world_size},
         )
-        store.save(state_dict, meta, optimizer_state)
+        store.save(state.weights, meta, state.optimizer_state, state.training_weights)
 
     generator = torch.Generator().manual_seed(args.seed + context.rank)
     batches = _batches(dataset, model, args, generator, distributed_sampler(dataset, context, args.seed))

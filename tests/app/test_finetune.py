@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from ssd_core.checkpoint import CheckpointStore
 from tests.app.conftest import TOKEN, assert_error, labelled, make_settings, png_bytes, start_client
 
 
@@ -239,3 +240,23 @@ def test_a_queued_job_is_on_disk_before_the_202(client, shapes):
     last = {r["job_id"]: r for r in journal_records(settings)}
     assert last[cancelled["job_id"]] == cancelled  # a final state is recorded before the answer
     client.delete(f"/finetune/{running['job_id']}")
+
+
+def test_with_ema_the_served_version_is_the_average_and_a_restart_resumes_both(tmp_path, shapes):
+    settings = make_settings(tmp_path, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3}).json()
+        assert done["status"] == "succeeded" and done["model_version"] == 3
+        trainer = client.app.state.worker.trainer
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in trainer.weights().items())  # the EMA is served
+        raw = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        assert not torch.equal(served["loc.0.weight"], raw["loc.0.weight"])
+        ema = {k: v.clone() for k, v in trainer.weights().items()}
+    info = CheckpointStore(settings.checkpoint_dir).versions()[-1]
+    assert info.version == 3 and info.training_weights is not None
+    with start_client(settings) as client:
+        trainer = client.app.state.worker.trainer
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert all(torch.equal(ema[k], v) for k, v in client.app.state.host.current.model.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 3

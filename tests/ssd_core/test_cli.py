@@ -107,7 +107,7 @@ def test_import_writes_a_checkpoint_from_an_ssd_pytorch_base(tmp_path, capsys):
     ]
     assert main([*argv, "--class-names", "cat", "dog", "bird"]) == 0
     assert f"imported {len(base)} of" in capsys.readouterr().out
-    state_dict, meta, optimizer_state = CheckpointStore(directory).load_latest()
+    state_dict, meta, optimizer_state, _ = CheckpointStore(directory).load_latest()
     assert (meta["model"], meta["num_classes"], meta["class_names"]) == ("ssd300", 4, ["cat", "dog", "bird"])
     assert optimizer_state is None
     assert all(torch.equal(state_dict[f"vgg.{key}"], value) for key, value in base.items())
