@@ -5,7 +5,9 @@ model version after every completed optimizer step (with `SSD_EMA_DECAY` > 0 the
 exponential moving average of the trainer's weights, `Trainer.published`; the optimizer trains the
 raw ones and checkpoints hold both), so `/detect` sees progress within a job and a
 cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
-nothing. A checkpoint is written after every job that changed the weights, on demand
+nothing. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the job's images
+plus replayed ones drawn class-balanced from the replay memory (`ssd_core.replay`, in the checkpoint
+directory), which a job's images join only when it ends `succeeded`. A checkpoint is written after every job that changed the weights, on demand
 (`POST /model/checkpoint`), after a rollback and on shutdown; a job's `checkpoint` says whether the
 version it left was written. Every job state change is appended to the job journal
 (`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final state), so after a
@@ -34,7 +36,7 @@ from app.errors import ApiError
 from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
-from app.schemas import JobCheckpoint, JobState, JobView, StepLoss
+from app.schemas import REPLAY_KEYS_SHOWN, JobCheckpoint, JobReplay, JobState, JobView, StepLoss
 from app.settings import Settings
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
@@ -42,6 +44,7 @@ from ssd_core.datasets import Sample, collate
 from ssd_core.ema import EMAConfig
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
+from ssd_core.replay import NO_OBJECT, ReplayMemory
 from ssd_core.training import StepResult, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class Job:
     finished_at: float | None = None
     num_images: int = 0
     checkpoint: JobCheckpoint | None = None
+    replay_ratio: float = 0.0
+    replay: JobReplay | None = None  # set when the job replays anything
     finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
 
     @classmethod
@@ -83,7 +88,8 @@ class Job:
                   steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
                   model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
                   created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
-                  num_images=view.num_images, checkpoint=view.checkpoint)
+                  num_images=view.num_images, checkpoint=view.checkpoint,
+                  replay_ratio=view.replay.ratio if view.replay else 0.0, replay=view.replay)
         job.finished.set_result(None)
         return job
 
@@ -94,6 +100,7 @@ class Job:
             augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, checkpoint=self.checkpoint,
+            replay=self.replay.model_copy(deep=True) if self.replay else None,
         )
 
 
@@ -105,15 +112,17 @@ class FinetuneWorker:
         trainer: owns the training copy of the weights (equal to `host.current` on entry).
         store: checkpoint store, or None to run without checkpoints.
         saved_version: the version already on disk (the checkpoint the process started from).
+        replay: the replay memory (only the trainer thread uses it), or None: no replay.
     """
 
     def __init__(
         self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, settings: Settings,
-        metrics: Metrics, saved_version: int | None,
+        metrics: Metrics, saved_version: int | None, replay: ReplayMemory | None = None,
     ) -> None:
         self.host = host
         self.trainer = trainer
         self.store = store
+        self.replay = replay
         self.settings = settings
         self.metrics = metrics
         self._saved_version = saved_version
@@ -195,15 +204,20 @@ class FinetuneWorker:
 
     # ---- jobs
 
-    def submit(self, samples: list[Sample], steps: int, learning_rate: float | None, augment: bool) -> Job:
-        """Queue a job; 429 when the queue is full, 422 for too many steps."""
+    def submit(
+        self, samples: list[Sample], steps: int, learning_rate: float | None, augment: bool,
+        replay: float | None = None,
+    ) -> Job:
+        """Queue a job; 429 when the queue is full, 422 for too many steps. `replay`: replayed images per
+        new image (None: SSD_REPLAY_RATIO)."""
         if steps > self.settings.finetune_max_steps:
             raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
                            f"{self.settings.finetune_max_steps}", "steps")
         if len(samples) < self.min_images:
             raise ApiError(422, "invalid_value", f"images: {self.settings.model} has BatchNorm layers and needs at "
                            f"least {self.min_images} images per fine-tune job", "images")
-        job = Job(samples, steps, learning_rate, augment, num_images=len(samples))
+        ratio = self.settings.replay_ratio if replay is None else replay
+        job = Job(samples, steps, learning_rate, augment, num_images=len(samples), replay_ratio=ratio)
         with self._jobs_lock:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the server is shutting down")
@@ -265,6 +279,8 @@ class FinetuneWorker:
                 self._journal_record(job, durable=False)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
             state, error = self._train(job)
+            if state == JobState.succeeded:
+                self._remember(job)
             job.checkpoint = self._save_for_job()
             with self._jobs_lock:
                 self._running = None
@@ -275,17 +291,19 @@ class FinetuneWorker:
         assert job.samples is not None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        per_step = self._replay_per_step(job)
         try:
-            fixed = None if augment else collate(job.samples, spec)  # the same batch every step
+            fixed = None if augment or per_step else collate(job.samples, spec)  # the same batch every step
             for step in range(1, job.steps_total + 1):
                 if job.cancel_requested:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
-                images, targets = fixed or collate(job.samples, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                replayed = self._draw_replay(job, per_step)
+                images, targets = fixed or collate(job.samples + replayed, spec, augment)  # [B, 3, S, S], list[[n, 6]]
                 with self._train_lock:
                     result = self.trainer.step(images, targets, lr=job.learning_rate)
                     served = self.host.current if result.skipped else self.host.publish(
                         self.trainer.published, self.trainer.steps)
-                self._record(job, step, result, served)
+                self._record(job, step, result, served, len(replayed))
         except Exception as error:  # a failing job must not take the trainer thread down
             logger.exception("fine-tune job %s failed", job.job_id)
             return JobState.failed, f"{type(error).__name__}: {error}"
@@ -293,10 +311,61 @@ class FinetuneWorker:
             return JobState.failed, "every step was skipped: non-finite loss or gradients"
         return JobState.succeeded, None
 
-    def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion) -> None:
+    # ---- the replay memory (trainer thread only)
+
+    def _replay_per_step(self, job: Job) -> int:
+        """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0)."""
+        if self.replay is None or not len(self.replay) or job.replay_ratio == 0:
+            return 0
+        job.replay = JobReplay(ratio=job.replay_ratio, memory_images=len(self.replay), images=0, per_class={},
+                               keys=[])
+        return max(1, round(job.replay_ratio * job.num_images))
+
+    def _draw_replay(self, job: Job, count: int) -> list[Sample]:
+        """Draw `count` images class-balanced and note them in the job's view."""
+        if count == 0:
+            return []
+        assert self.replay is not None and job.replay is not None
+        draw = self.replay.draw(count)
+        view = job.replay
+        view.images += len(draw.samples)
+        for sample in draw.samples:
+            for name in self._class_names(sample.labels.tolist()):
+                view.per_class[name] = view.per_class.get(name, 0) + 1
+        shown = set(view.keys)
+        view.keys.extend(k for k in dict.fromkeys(draw.keys) if k not in shown)
+        del view.keys[REPLAY_KEYS_SHOWN:]
+        self.metrics.replayed_images_per_step.observe(len(draw.samples))
+        return draw.samples
+
+    def _class_names(self, labels: list[int]) -> list[str]:
+        return sorted({self.settings.class_name(label) for label in labels}) or ["no_object"]
+
+    def _remember(self, job: Job) -> None:
+        """Offer a succeeded job's training images to the replay memory; a failed write is logged, never raised."""
+        if self.replay is None:
+            return
+        assert job.samples is not None
+        try:
+            self.replay.add(job.samples, {"job_id": job.job_id})
+        except Exception:
+            logger.exception("storing job %s's images in the replay memory failed", job.job_id)
+        self.update_replay_metrics()
+
+    def update_replay_metrics(self) -> None:
+        """Set the replay-memory gauges (images in total and per class) from the memory."""
+        if self.replay is None:
+            return
+        self.metrics.replay_images.set(len(self.replay))
+        counts = self.replay.class_counts()
+        names = ["no_object", *(self.settings.class_name(label) for label in range(self.settings.num_classes - 1))]
+        for label, name in zip([NO_OBJECT, *range(self.settings.num_classes - 1)], names, strict=True):
+            self.metrics.replay_class_images.labels(**{"class": name}).set(counts.get(label, 0))
+
+    def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion, replayed: int) -> None:
         metrics = self.metrics
         metrics.learning_rate.set(result.lr)
-        metrics.images_processed.labels(route="/finetune").inc(job.num_images)
+        metrics.images_processed.labels(route="/finetune").inc(job.num_images + replayed)
         if result.skipped:
             metrics.finetune_skipped_steps.inc()
             job.skipped_steps += 1
@@ -305,7 +374,7 @@ class FinetuneWorker:
             record_match_stats(metrics, "finetune", result)
         job.losses.append(StepLoss(
             step=step, loss_l=_finite_or_none(result.loss_l), loss_c=_finite_or_none(result.loss_c),
-            skipped=result.skipped, learning_rate=result.lr, model_version=served.version,
+            skipped=result.skipped, learning_rate=result.lr, model_version=served.version, replayed=replayed,
         ))
         job.steps_done = step
         job.model_version = served.version
@@ -417,7 +486,12 @@ def start_worker(
     if checkpoint is not None:
         restore_trainer(trainer, checkpoint)
         saved_version = int(checkpoint.meta["version"])
-    worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version)
+    replay = None
+    if store is not None:
+        replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
+                              settings.max_image_pixels)
+    worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version, replay)
+    worker.update_replay_metrics()
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
     worker.load_journal()
     worker.start()

@@ -31,6 +31,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # log-spaced
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
 IOU_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0, linear
+REPLAY_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # replayed images per step
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -103,6 +104,17 @@ class Metrics:
             registry=registry,
         )
         self.checkpoints = Counter("ssd_checkpoints", "Checkpoint writes.", ("outcome",), registry=registry)
+        self.replay_images = Gauge(
+            "ssd_replay_images", "Images in the replay memory.", registry=registry, multiprocess_mode="mostrecent"
+        )
+        self.replay_class_images = Gauge(
+            "ssd_replay_class_images", "Replay-memory images containing each class (no_object: images without "
+            "objects).", ("class",), registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.replayed_images_per_step = _histogram(
+            registry, "ssd_replayed_images_per_step", "Replayed images mixed into each training step.", (),
+            REPLAY_BUCKETS,
+        )
         http = ("route", "method")
         self.http_requests = Counter(
             "ssd_http_requests", "HTTP requests (route = path template).", (*http, "status"), registry=registry

@@ -10,6 +10,7 @@ from annotated_types import Len
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
 Box = Annotated[list[float], Len(4, 4)]  # (x1, y1, x2, y2)
+REPLAY_KEYS_SHOWN = 100  # bounds a job's view (and journal record) whatever the memory's size
 
 
 class JobState(StrEnum):
@@ -85,6 +86,9 @@ class FinetuneOptions(Request):
     steps: int = Field(1, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE")
     augment: bool = False
+    replay: float | None = Field(
+        None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
+    )
 
 
 class FinetuneRequest(FinetuneOptions):
@@ -150,6 +154,7 @@ class StepLoss(BaseModel):
     skipped: bool = Field(description="non-finite loss or gradients: weights left unchanged")
     learning_rate: float | None
     model_version: int = Field(description="version published by this step (unchanged when skipped)")
+    replayed: int = Field(0, description="replayed images trained with the job's images in this step")
 
 
 class JobCheckpoint(BaseModel):
@@ -158,6 +163,17 @@ class JobCheckpoint(BaseModel):
     saved: bool = Field(description="false: the steps are served but not yet durable (the write failed)")
     version: int = Field(description="the model version when the job ended: the one written, or that failed")
     error: str | None = Field(description="why the write failed, else null")
+
+
+class JobReplay(BaseModel):
+    """What a job replayed from the replay memory (earlier accepted jobs' training images)."""
+
+    ratio: float = Field(description="replayed images per new image asked for")
+    memory_images: int = Field(description="images in the replay memory when the job started")
+    images: int = Field(description="replayed images over all steps (an image drawn twice counts twice)")
+    per_class: dict[str, int] = Field(description="replayed images containing each class (no_object: none)")
+    keys: list[str] = Field(description=f"content keys (sha256 of the stored PNG) of the distinct replayed "
+                            f"images, the first {REPLAY_KEYS_SHOWN}")
 
 
 class JobView(BaseModel):
@@ -179,6 +195,7 @@ class JobView(BaseModel):
     checkpoint: JobCheckpoint | None = Field(
         None, description="set when the job ends and a checkpoint directory is configured: whether the "
         "model version it left is saved")
+    replay: JobReplay | None = Field(None, description="null: the job replayed nothing (ratio 0 or empty memory)")
 
 
 class ModelInfo(BaseModel):

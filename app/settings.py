@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         0.0, ge=0, lt=1, description="decay of the served EMA of the trainer's weights; 0: serve the raw weights"
     )
     ema_tau: float = Field(2000.0, gt=0, description="steps of the EMA's decay ramp d * (1 - exp(-updates / tau))")
+    replay_ratio: float = Field(
+        1.0, ge=0, le=8, description="replayed images per new image in each fine-tune step; 0: no replay"
+    )
+    replay_max_images: int = Field(2000, ge=1, description="images the replay memory keeps (reservoir)")
+    replay_max_bytes: int = Field(512 * 2**20, ge=1, description="PNG bytes the replay memory keeps")
     job_history: int = Field(1000, ge=1, description="finished jobs kept for GET /finetune/{id}")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="wait for the running step on shutdown")
 

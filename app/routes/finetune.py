@@ -38,6 +38,7 @@ MULTIPART_SCHEMA = {
         "steps": {"type": "integer", "minimum": 1, "default": 1},
         "learning_rate": {"type": "number", "exclusiveMinimum": 0},
         "augment": {"type": "boolean", "default": False},
+        "replay": {"type": "number", "minimum": 0, "maximum": 8, "description": "default: SSD_REPLAY_RATIO"},
     },
 }
 _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune queue is full"}}
@@ -65,7 +66,9 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
         items = [(item.image, item) for item in options.images]
         samples = await run_in_threadpool(labelled_samples, items, settings)
     # off the event loop: acceptance fsyncs the job journal
-    job = await run_in_threadpool(worker.submit, samples, options.steps, options.learning_rate, options.augment)
+    job = await run_in_threadpool(
+        worker.submit, samples, options.steps, options.learning_rate, options.augment, options.replay
+    )
     if wait:
         await asyncio.shield(asyncio.wrap_future(job.finished))  # a client hang-up leaves the job running
         return JSONResponse(job.view().model_dump(mode="json"), status_code=200)

@@ -1,0 +1,71 @@
+"""Replay in the service: only succeeded jobs' images enter the memory, later steps train on replayed
+images (class-balanced, counted per step, listed in the job view), the per-job override, metrics and a restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssd_core.replay import ReplayMemory
+from tests.app.conftest import assert_error, labelled, make_settings, start_client
+from tests.app.test_finetune import wait_for
+
+
+def _finetune(client, shapes, indices=(0, 1), **options) -> dict:
+    response = client.post("/finetune?wait=true", json={"images": labelled(shapes, indices), **options})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _memory(settings) -> ReplayMemory:
+    return ReplayMemory(settings.checkpoint_dir / "replay", 100, 2**30, settings.max_image_pixels)
+
+
+def test_succeeded_jobs_fill_the_memory_and_later_steps_replay_from_it(tmp_path, shapes):
+    settings = make_settings(tmp_path, replay_ratio=1.0)
+    with start_client(settings) as client:
+        first = _finetune(client, shapes, steps=1)
+        assert first["replay"] is None and first["losses"][0]["replayed"] == 0  # nothing to replay yet
+        assert client.sample("ssd_replay_images") == 2
+        memory = _memory(settings)
+        expected = memory.class_counts()
+        for label, name in enumerate(settings.class_names):
+            assert client.sample("ssd_replay_class_images", **{"class": name}) == expected.get(label, 0)
+
+        second = _finetune(client, shapes, (2, 3, 4), steps=2)
+        assert [step["replayed"] for step in second["losses"]] == [3, 3]  # ratio 1 x 3 images, from 2 stored
+        replay = second["replay"]
+        assert replay["ratio"] == 1.0 and replay["memory_images"] == 2 and replay["images"] == 6
+        assert sorted(replay["keys"]) == memory.store.keys()  # both stored images were drawn
+        classes = {name for i in (0, 1) for name in (settings.class_name(x) for x in shapes[i].labels.tolist())}
+        assert set(replay["per_class"]) == classes
+        assert client.get(f"/finetune/{second['job_id']}").json()["replay"] == replay
+        assert client.sample("ssd_replayed_images_per_step_count") == 2
+        assert client.sample("ssd_replayed_images_per_step_sum") == 6
+        assert client.sample("ssd_images_processed_total", route="/finetune") == 2 + 2 * (3 + 3)
+        assert client.sample("ssd_replay_images") == 5
+
+        half = _finetune(client, shapes, (5, 6), steps=1, replay=0.5)
+        assert half["losses"][0]["replayed"] == 1 and half["replay"]["ratio"] == 0.5
+        off = _finetune(client, shapes, (0, 1), steps=1, replay=0)
+        assert off["replay"] is None and off["losses"][0]["replayed"] == 0
+    with start_client(settings) as client:  # the memory and the job views survive a restart
+        assert client.sample("ssd_replay_images") == 7
+        assert client.get(f"/finetune/{second['job_id']}").json()["replay"] == replay
+
+
+def test_failed_and_cancelled_jobs_never_enter_the_memory(tmp_path, shapes):
+    settings = make_settings(tmp_path)
+    with start_client(settings) as client:
+        failed = _finetune(client, shapes, steps=2, learning_rate=1e30)  # every step wrecks: all skipped
+        assert failed["status"] == "failed", failed
+        running = client.post("/finetune", json={"images": labelled(shapes, (2, 3)), "steps": 200}).json()
+        client.delete(f"/finetune/{running['job_id']}")
+        assert wait_for(client, running["job_id"], {"cancelled"})["status"] == "cancelled"
+        assert client.sample("ssd_replay_images") == 0
+    assert len(_memory(settings)) == 0
+
+
+@pytest.mark.parametrize("value", [-1, 9, "many"])
+def test_bad_replay_ratio_is_a_422_naming_the_field(client, unchanged, shapes, value):
+    response = client.post("/finetune", json={"images": labelled(shapes), "replay": value})
+    assert_error(response, 422, "replay")
