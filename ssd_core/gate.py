@@ -28,7 +28,7 @@ from ssd_core.evaluation import average_precision_50
 from ssd_core.postprocess import Detections, detect
 from ssd_core.training import LossCriterion
 
-__all__ = ["GateConfig", "GateDecision", "ValidationScore", "decide", "score_model"]
+__all__ = ["GateConfig", "GateDecision", "ValidationScore", "decide", "score_model", "ungated"]
 
 Decision = Literal["published", "rejected", "ungated"]
 
@@ -121,10 +121,15 @@ def _cpu(detections: Detections) -> Detections:
     return Detections(detections.boxes.cpu(), detections.scores.cpu(), detections.labels.cpu())
 
 
+def ungated(num_images: int, config: GateConfig) -> GateDecision:
+    """The decision for a validation set too small to judge by."""
+    return GateDecision("ungated", reason=f"{num_images} validation images, the gate needs {config.min_images}")
+
+
 def decide(served: ValidationScore, candidate: ValidationScore, num_images: int, config: GateConfig) -> GateDecision:
     """Publish or reject `candidate` against `served`, both scored on the same `num_images` images."""
     if not config.judges(num_images):
-        return GateDecision("ungated", reason=f"{num_images} validation images, the gate needs {config.min_images}")
+        return ungated(num_images, config)
     if served.map_50 < 0:
         return GateDecision("ungated", reason="the validation set holds no truths to judge by")
     delta = candidate.map_50 - served.map_50
