@@ -1,107 +1,67 @@
 """Online fine-tuning: a bounded job queue worked by ONE trainer thread.
 
-The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and publishes a new
-model version after every completed optimizer step (with `SSD_EMA_DECAY` > 0 the version is the
-exponential moving average of the trainer's weights, `Trainer.published`; the optimizer trains the
-raw ones and checkpoints hold both), so `/detect` sees progress within a job and a
-cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
-nothing. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the job's images
-plus replayed ones drawn class-balanced from the replay memory (`ssd_core.replay`, in the checkpoint
-directory), which a job's images join only when it ends `succeeded`. A checkpoint is written after every job that changed the weights, on demand
-(`POST /model/checkpoint`), after a rollback and on shutdown; a job's `checkpoint` says whether the
-version it left was written. Every job state change is appended to the job journal
-(`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final state), so after a
-restart, even after `kill -9`, `GET /finetune/{id}` still answers: a job the previous process did
-not finish reads `failed` ("interrupted"), with the restored version.
+The trainer owns its own copy of the weights (`ssd_core.training.Trainer`). What is evaluated and
+published is `Trainer.published`: with `SSD_EMA_DECAY` > 0 the exponential moving average of the
+trainer's weights (`ssd_core.ema`), else those weights; the optimizer trains the raw ones and
+checkpoints hold both. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the
+job's images plus replayed ones drawn class-balanced from the replay memory (`ssd_core.replay`, in
+the checkpoint directory), which a job's training images (never its held-out ones) join only when
+the job ends `succeeded`. What reaches clients depends on SSD_PUBLISH (README, "Publishing"):
+  * `gated` (default): before its first step a job's batch is screened with the served model
+    (app.publishing, rule in ssd_core.screening); the job trains on the images outside the holdout
+    (ssd_core.holdout) without publishing anything; at its end (and every SSD_PUBLISH_EVERY_STEPS
+    steps) the publish gate (ssd_core.gate) compares the trained weights with the served version on
+    the validation set (app.validation) and publishes them, or rejects the job and restores the
+    trainer's weights, BatchNorm buffers and optimizer state to the served version's, bitwise.
+    During a job `/detect` keeps answering with the served version; a cancelled or failed job
+    publishes nothing. Only an accepted job's held-out images join the validation set.
+  * `every_step`: a new version after every completed optimizer step (unprotected), so `/detect`
+    sees progress within a job and a cancelled job leaves the model at its last completed step.
+A skipped (non-finite) step publishes nothing. A checkpoint is written after every job that
+published, on demand (`POST /model/checkpoint`), after a rollback and on shutdown; a job's
+`checkpoint` says whether the version it left was written. Every job state change is appended to
+the job journal (`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final
+state), so after a restart, even after `kill -9`, `GET /finetune/{id}` still answers: a job the
+previous process did not finish reads `failed` ("interrupted"), with the restored version.
 
 Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
-trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
-published weights (`Trainer.published`) always equal the published version's, which is what makes a checkpoint of "the current
-version" well defined.
+trainer's weights and optimizer and the checkpoint store. What a checkpoint of "the current
+version" writes is the served version's state: the trainer's own outside a gated job, the snapshot
+`_served` taken when it started (or last published) during one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from app.errors import ApiError
+from app.jobs import INTERRUPTED, Job, finite_or_none
 from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
-from app.schemas import REPLAY_KEYS_SHOWN, JobCheckpoint, JobReplay, JobState, JobView, StepLoss
+from app.publishing import Gatekeeper
+from app.schemas import REPLAY_KEYS_SHOWN, JobCheckpoint, JobReplay, JobState, StepLoss
 from app.settings import Settings
+from app.validation import ValidationSet
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from ssd_core.datasets import Sample, collate
 from ssd_core.ema import EMAConfig
+from ssd_core.holdout import split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
 from ssd_core.replay import NO_OBJECT, ReplayMemory
-from ssd_core.training import StepResult, TrainConfig, Trainer
+from ssd_core.training import StepResult, TrainConfig, Trainer, TrainerState
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted: the server stopped before the job finished"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
-
-
-@dataclass(eq=False)
-class Job:
-    """One fine-tune request. `samples` is dropped once the job has finished."""
-
-    samples: list[Sample] | None
-    steps_total: int
-    learning_rate: float | None
-    augment: bool
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: JobState = JobState.queued
-    steps_done: int = 0
-    skipped_steps: int = 0
-    losses: list[StepLoss] = field(default_factory=list)
-    model_version: int | None = None
-    error: str | None = None
-    cancel_requested: bool = False
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    num_images: int = 0
-    checkpoint: JobCheckpoint | None = None
-    replay_ratio: float = 0.0
-    replay: JobReplay | None = None  # set when the job replays anything
-    finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
-
-    @classmethod
-    def from_view(cls, view: JobView) -> Job:
-        """A finished job restored from the journal (no images)."""
-        job = cls(None, view.steps_total, view.learning_rate, view.augment, job_id=view.job_id, state=view.status,
-                  steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
-                  model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
-                  created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
-                  num_images=view.num_images, checkpoint=view.checkpoint,
-                  replay_ratio=view.replay.ratio if view.replay else 0.0, replay=view.replay)
-        job.finished.set_result(None)
-        return job
-
-    def view(self) -> JobView:
-        return JobView(
-            job_id=self.job_id, status=self.state, steps_done=self.steps_done, steps_total=self.steps_total,
-            skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
-            augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
-            cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
-            finished_at=self.finished_at, checkpoint=self.checkpoint,
-            replay=self.replay.model_copy(deep=True) if self.replay else None,
-        )
+ServedState = tuple[TrainerState, int]  # the trainer's weights (EMA and raw), optimizer state; steps
 
 
 class FinetuneWorker:
@@ -111,21 +71,26 @@ class FinetuneWorker:
         host: where new versions are published.
         trainer: owns the training copy of the weights (equal to `host.current` on entry).
         store: checkpoint store, or None to run without checkpoints.
+        validation: the validation set (held-out images of accepted jobs join it).
         saved_version: the version already on disk (the checkpoint the process started from).
         replay: the replay memory (only the trainer thread uses it), or None: no replay.
     """
 
     def __init__(
-        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, settings: Settings,
-        metrics: Metrics, saved_version: int | None, replay: ReplayMemory | None = None,
+        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, validation: ValidationSet,
+        settings: Settings, metrics: Metrics, saved_version: int | None, replay: ReplayMemory | None = None,
     ) -> None:
         self.host = host
         self.trainer = trainer
         self.store = store
+        self.validation = validation
         self.replay = replay
+        self.gatekeeper = Gatekeeper(host, validation, trainer.criterion, settings, metrics)
         self.settings = settings
         self.metrics = metrics
         self._saved_version = saved_version
+        self._served: ServedState | None = None  # during a gated job: the served version's trainer state
+        self._diverged = False  # the trainer's weights differ from `_served`
         self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
@@ -193,7 +158,9 @@ class FinetuneWorker:
             return
         restored = self.host.current.version
         with self._jobs_lock:
-            for view in self._journal.replay()[-self.settings.job_history :]:
+            views = self._journal.replay()[-self.settings.job_history :]
+            self.gatekeeper.restore_history(views)
+            for view in views:
                 if not view.status.finished:
                     view = view.model_copy(update={
                         "status": JobState.failed, "error": INTERRUPTED, "model_version": restored,
@@ -205,19 +172,24 @@ class FinetuneWorker:
     # ---- jobs
 
     def submit(
-        self, samples: list[Sample], steps: int, learning_rate: float | None, augment: bool,
-        replay: float | None = None,
+        self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
+        force: bool = False, replay: float | None = None,
     ) -> Job:
-        """Queue a job; 429 when the queue is full, 422 for too many steps. `replay`: replayed images per
-        new image (None: SSD_REPLAY_RATIO)."""
+        """Queue a job on `samples` (decoded from `images`, the bytes as sent); 429 when the queue is
+        full, 422 for too many steps or too high a learning rate. `replay`: replayed images per new
+        image (None: SSD_REPLAY_RATIO)."""
         if steps > self.settings.finetune_max_steps:
             raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
                            f"{self.settings.finetune_max_steps}", "steps")
+        if learning_rate is not None and learning_rate > self.settings.max_learning_rate:
+            raise ApiError(422, "invalid_value", f"learning_rate: {learning_rate} exceeds the limit of "
+                           f"{self.settings.max_learning_rate} (SSD_MAX_LEARNING_RATE)", "learning_rate")
         if len(samples) < self.min_images:
             raise ApiError(422, "invalid_value", f"images: {self.settings.model} has BatchNorm layers and needs at "
                            f"least {self.min_images} images per fine-tune job", "images")
         ratio = self.settings.replay_ratio if replay is None else replay
-        job = Job(samples, steps, learning_rate, augment, num_images=len(samples), replay_ratio=ratio)
+        job = Job(samples, steps, learning_rate, augment, images=images, force=force, num_images=len(samples),
+                  replay_ratio=ratio)
         with self._jobs_lock:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the server is shutting down")
@@ -255,7 +227,7 @@ class FinetuneWorker:
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
-        job.state, job.error, job.finished_at, job.samples = state, error, time.time(), None
+        job.state, job.error, job.finished_at, job.samples, job.images = state, error, time.time(), None, None
         self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
         self.metrics.finetune_jobs.labels(state=state.value).inc()
         job.finished.set_result(None)
@@ -279,47 +251,123 @@ class FinetuneWorker:
                 self._journal_record(job, durable=False)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
             state, error = self._train(job)
-            if state == JobState.succeeded:
-                self._remember(job)
             job.checkpoint = self._save_for_job()
             with self._jobs_lock:
                 self._running = None
                 self._finish(job, state, error)
 
     def _train(self, job: Job) -> tuple[JobState, str | None]:
-        """Run the job's steps; returns its final state and error message."""
-        assert job.samples is not None
+        """Screen (gated), split off the holdout, run the job's steps; returns its final state and error.
+        An accepted job's held-out images join the validation set, a rejected job's enter no store."""
+        assert job.samples is not None and job.images is not None
+        gated = self.settings.publish == "gated"
+        held: list[tuple[bytes, Sample]] = []
+        try:
+            if gated:
+                verdict, job.screening = self.gatekeeper.screen(job.samples, job.force)
+                if not verdict.passed and not job.force:
+                    return JobState.rejected, verdict.reason
+            split = split_holdout(job.images, self.settings.holdout_fraction, self.min_images)
+            job.held_out = len(split.held_out)
+            held = [(job.images[i], job.samples[i]) for i in split.held_out]
+            train = [job.samples[i] for i in split.train]
+            state, error = self._steps(job, train, gated)
+        except Exception as error:  # a failing job must not take the trainer thread down
+            logger.exception("fine-tune job %s failed", job.job_id)
+            return JobState.failed, f"{type(error).__name__}: {error}"
+        if state == JobState.succeeded:
+            if held:
+                self.validation.add(held, {"job": job.job_id})
+                self.metrics.validation_images.set(len(self.validation))
+            if job.screening is not None:
+                self.gatekeeper.history.accept(job.screening.loss_l or 0.0, job.screening.loss_c or 0.0)
+            self._remember(job, train)
+        return state, error
+
+    def _steps(self, job: Job, samples: list[Sample], gated: bool) -> tuple[JobState, str | None]:
+        """The optimizer steps on `samples` (none when every image was held out), published per step
+        or through the gate; a gated job that does not end published leaves the trainer as served."""
+        if not samples:
+            return JobState.succeeded, None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
-        per_step = self._replay_per_step(job)
+        per_step = self._replay_per_step(job, len(samples))
+        fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step
+        every = self.settings.publish_every_steps
+        if gated:
+            with self._train_lock:
+                self._served, self._diverged = self._trainer_state(), False
         try:
-            fixed = None if augment or per_step else collate(job.samples, spec)  # the same batch every step
             for step in range(1, job.steps_total + 1):
                 if job.cancel_requested:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
                 replayed = self._draw_replay(job, per_step)
-                images, targets = fixed or collate(job.samples + replayed, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                images, targets = fixed or collate(samples + replayed, spec, augment)  # [B, 3, S, S], list[[n, 6]]
                 with self._train_lock:
-                    result = self.trainer.step(images, targets, lr=job.learning_rate)
-                    served = self.host.current if result.skipped else self.host.publish(
+                    result = self.trainer.step(images, targets, lr=self._learning_rate(job))
+                    self._diverged |= not result.skipped
+                    served = self.host.current if result.skipped or gated else self.host.publish(
                         self.trainer.published, self.trainer.steps)
                 self._record(job, step, result, served, len(replayed))
-        except Exception as error:  # a failing job must not take the trainer thread down
-            logger.exception("fine-tune job %s failed", job.job_id)
-            return JobState.failed, f"{type(error).__name__}: {error}"
-        if job.skipped_steps == job.steps_total:
-            return JobState.failed, "every step was skipped: non-finite loss or gradients"
-        return JobState.succeeded, None
+                if gated and self._diverged and (step == job.steps_total or (every and step % every == 0)):
+                    rejection = self._judge(job)
+                    if rejection is not None:
+                        return JobState.rejected, rejection
+            if job.skipped_steps == job.steps_total:
+                return JobState.failed, "every step was skipped: non-finite loss or gradients"
+            return JobState.succeeded, None
+        finally:
+            if gated:
+                with self._train_lock:
+                    if self._diverged:  # cancelled or failed: nothing of the job is served
+                        self._restore_served()
+                    self._served = None
+
+    def _judge(self, job: Job) -> str | None:
+        """Run the gate on the trainer's weights: publish them, or restore the served state and return why not."""
+        with self._train_lock:
+            decision, job.evaluation, score, digest = self.gatekeeper.evaluate(
+                self.trainer.published, self.trainer.device)
+            self.gatekeeper.record(decision)
+            if decision.decision == "rejected":
+                self._restore_served()
+                return decision.reason
+            published = self.host.publish(self.trainer.published, self.trainer.steps)
+            self.gatekeeper.published(published, score, digest)
+            self._served, self._diverged = self._trainer_state(), False
+        job.model_version = published.version
+        return None
+
+    def _learning_rate(self, job: Job) -> float | None:
+        """The job's rate scaled by the warm-up of a fresh model; None: the trainer's own schedule."""
+        if job.learning_rate is None:
+            return None
+        return job.learning_rate * self.trainer.config.warmup_factor(self.trainer.steps)
+
+    def _trainer_state(self) -> ServedState:
+        """A copy of the trainer's weights and buffers (published and, EMA on, raw), optimizer state and
+        step count (caller holds `_train_lock`)."""
+        state = self.trainer.state()
+        raw = None if state.training_weights is None else _clone(state.training_weights)
+        return TrainerState(_clone(state.weights), copy.deepcopy(state.optimizer_state), raw), self.trainer.steps
+
+    def _restore_served(self) -> None:
+        """Put the trainer back to `_served`, bitwise (caller holds `_train_lock`)."""
+        assert self._served is not None
+        state, steps = self._served
+        # the optimizer keeps what it loads
+        self.trainer.restore(state.weights, copy.deepcopy(state.optimizer_state), steps, state.training_weights)
+        self._diverged = False
 
     # ---- the replay memory (trainer thread only)
 
-    def _replay_per_step(self, job: Job) -> int:
+    def _replay_per_step(self, job: Job, new_images: int) -> int:
         """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0)."""
         if self.replay is None or not len(self.replay) or job.replay_ratio == 0:
             return 0
         job.replay = JobReplay(ratio=job.replay_ratio, memory_images=len(self.replay), images=0, per_class={},
                                keys=[])
-        return max(1, round(job.replay_ratio * job.num_images))
+        return max(1, round(job.replay_ratio * new_images))
 
     def _draw_replay(self, job: Job, count: int) -> list[Sample]:
         """Draw `count` images class-balanced and note them in the job's view."""
@@ -341,13 +389,12 @@ class FinetuneWorker:
     def _class_names(self, labels: list[int]) -> list[str]:
         return sorted({self.settings.class_name(label) for label in labels}) or ["no_object"]
 
-    def _remember(self, job: Job) -> None:
-        """Offer a succeeded job's training images to the replay memory; a failed write is logged, never raised."""
-        if self.replay is None:
+    def _remember(self, job: Job, samples: list[Sample]) -> None:
+        """Offer an accepted job's training images to the replay memory; a failed write is logged, never raised."""
+        if self.replay is None or not samples:
             return
-        assert job.samples is not None
         try:
-            self.replay.add(job.samples, {"job_id": job.job_id})
+            self.replay.add(samples, {"job_id": job.job_id})
         except Exception:
             logger.exception("storing job %s's images in the replay memory failed", job.job_id)
         self.update_replay_metrics()
@@ -365,7 +412,7 @@ class FinetuneWorker:
     def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion, replayed: int) -> None:
         metrics = self.metrics
         metrics.learning_rate.set(result.lr)
-        metrics.images_processed.labels(route="/finetune").inc(job.num_images + replayed)
+        metrics.images_processed.labels(route="/finetune").inc(job.num_images)
         if result.skipped:
             metrics.finetune_skipped_steps.inc()
             job.skipped_steps += 1
@@ -373,7 +420,7 @@ class FinetuneWorker:
             metrics.finetune_steps.inc()
             record_match_stats(metrics, "finetune", result)
         job.losses.append(StepLoss(
-            step=step, loss_l=_finite_or_none(result.loss_l), loss_c=_finite_or_none(result.loss_c),
+            step=step, loss_l=finite_or_none(result.loss_l), loss_c=finite_or_none(result.loss_c),
             skipped=result.skipped, learning_rate=result.lr, model_version=served.version, replayed=replayed,
         ))
         job.steps_done = step
@@ -406,6 +453,20 @@ class FinetuneWorker:
             self._checkpoint()
         return published
 
+    def pin(self, version: int, pinned: bool) -> set[int]:
+        """Pin (or unpin) saved `version`; returns every pinned version. 404 for a version not saved
+        (pinning) or not pinned (unpinning); serialised with saves, so a pin never races a prune."""
+        store = self._require_store()
+        with self._train_lock:
+            if pinned:
+                try:
+                    store.pin(version)
+                except CheckpointError as error:
+                    raise ApiError(404, "not_found", str(error), "version") from None
+            elif not store.unpin(version):
+                raise ApiError(404, "not_found", f"version {version} is not pinned", "version")
+            return store.pinned()
+
     def _require_store(self) -> CheckpointStore:
         if self.store is None:
             raise ApiError(409, "no_checkpoint_dir", "no checkpoint directory is configured (SSD_CHECKPOINT_DIR)")
@@ -419,7 +480,7 @@ class FinetuneWorker:
             for info in reversed(store.versions()):
                 if info.version == current.version:
                     return info, False
-        state = self.trainer.state()
+        state = self.trainer.state() if self._served is None else self._served[0]
         meta = {
             "version": current.version, "step": current.step, "model": self.settings.model,
             "num_classes": self.settings.num_classes, "class_names": self.settings.class_names,
@@ -461,10 +522,15 @@ class FinetuneWorker:
         return None
 
 
+def _clone(tensors: dict) -> dict:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
 def train_config(settings: Settings) -> TrainConfig:
-    """The service trainer's optimizer, EMA and step settings (README "The online recipe")."""
+    """The service trainer's optimizer, warm-up, clipping and EMA (README, "The online recipe")."""
     return TrainConfig(
-        lr=settings.learning_rate, verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau)
+        lr=settings.learning_rate, warmup_steps=settings.warmup_steps, clip_grad_norm=settings.clip_grad_norm,
+        verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
     )
 
 
@@ -486,11 +552,12 @@ def start_worker(
     if checkpoint is not None:
         restore_trainer(trainer, checkpoint)
         saved_version = int(checkpoint.meta["version"])
+    validation = ValidationSet(settings, store.directory if store is not None else None)
     replay = None
     if store is not None:
         replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
                               settings.max_image_pixels)
-    worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version, replay)
+    worker = FinetuneWorker(host, trainer, store, validation, settings, metrics, saved_version, replay)
     worker.update_replay_metrics()
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
     worker.load_journal()

@@ -19,10 +19,11 @@ class JobState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    rejected = "rejected"  # by screening before the first step, or by the publish gate
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected)
 
 
 class Request(BaseModel):
@@ -84,11 +85,23 @@ class LabelledImage(ImageAnnotation):
 
 class FinetuneOptions(Request):
     steps: int = Field(1, ge=1)
-    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE")
+    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE; at most "
+                                        "SSD_MAX_LEARNING_RATE")
     augment: bool = False
     replay: float | None = Field(
         None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
     )
+    force: bool = Field(False, description="skip screening (the publish gate still applies)")
+
+
+class ValidationOptions(Request):
+    """`POST /validation` has no options besides its images (the multipart form's fields)."""
+
+
+class ValidationRequest(ValidationOptions):
+    """`POST /validation` as JSON: labelled images for the validation set."""
+
+    images: list[LabelledImage]
 
 
 class FinetuneRequest(FinetuneOptions):
@@ -176,6 +189,47 @@ class JobReplay(BaseModel):
                             f"images, the first {REPLAY_KEYS_SHOWN}")
 
 
+class JobScreening(BaseModel):
+    """The served model's loss on the job's batch before its first step, against accepted jobs'."""
+
+    model_version: int
+    loss: float | None = Field(description="loss_l + loss_c (null when not finite)")
+    loss_l: float | None
+    loss_c: float | None
+    median: float | None = Field(description="median pre-training loss of the last accepted jobs; null while "
+                                 "fewer than 5 are known")
+    threshold: float | None = Field(description="SSD_SCREEN_RATIO x median: the most a batch may score")
+    jobs: int = Field(description="accepted jobs the median is over")
+    passed: bool
+    forced: bool = Field(description='"force": true: the verdict was not applied')
+
+
+class ServedFigures(BaseModel):
+    version: int
+    map_50: float = Field(description="mAP@0.5 on the validation set (torchmetrics)")
+    loss: float = Field(description="mean MultiBoxLoss (loss_l + loss_c) per image")
+
+
+class CandidateFigures(BaseModel):
+    map_50: float
+    loss: float | None = Field(description="null when not finite")
+
+
+class JobEvaluation(BaseModel):
+    """The publish gate's evaluation of a job's weights (the last one, for SSD_PUBLISH_EVERY_STEPS)."""
+
+    validation_images: int
+    validation_hash: str = Field(description="sha256 over the validation set's images and annotations")
+    served: ServedFigures | None = Field(description="null when ungated")
+    candidate: CandidateFigures | None
+    decision: Literal["published", "rejected", "ungated"]
+    margin: float | None = Field(description="mAP@0.5 the candidate could lose and still publish: "
+                                 "SSD_GATE_TOLERANCE + SSD_GATE_NOISE_Z x the bootstrap SE")
+    noise: float | None = Field(description="bootstrap standard error of the candidate - served mAP@0.5")
+    reason: str | None
+    seconds: float = Field(description="time spent evaluating")
+
+
 class JobView(BaseModel):
     job_id: str
     status: JobState
@@ -196,6 +250,11 @@ class JobView(BaseModel):
         None, description="set when the job ends and a checkpoint directory is configured: whether the "
         "model version it left is saved")
     replay: JobReplay | None = Field(None, description="null: the job replayed nothing (ratio 0 or empty memory)")
+    force: bool = False
+    held_out: int = Field(0, description="images kept for validation instead of training (join the validation "
+                          "set once the job is accepted)")
+    screening: JobScreening | None = None
+    evaluation: JobEvaluation | None = None
 
 
 class ModelInfo(BaseModel):
@@ -215,12 +274,44 @@ class VersionInfo(BaseModel):
     version: int
     step: int
     created: str
+    pinned: bool = Field(False, description="protected from pruning (POST /model/versions/{version}/pin)")
 
 
 class VersionsResponse(BaseModel):
     current: int
     versions: list[VersionInfo] = Field(description="saved checkpoints whose files verify (size and sha256), "
                                         "oldest first: the rollback targets")
+
+
+class PinResponse(BaseModel):
+    version: int
+    pinned: bool
+    pins: list[int] = Field(description="every pinned version")
+
+
+class ValidationEntry(BaseModel):
+    key: str = Field(description="sha256 of the image bytes as sent")
+    bytes: int
+    boxes: dict[str, int] = Field(description="boxes per class name")
+
+
+class ValidationView(BaseModel):
+    images: int
+    bytes: int
+    hash: str = Field(description="sha256 over the images and annotations: changes when the set does")
+    boxes: dict[str, int] = Field(description="boxes per class name over the whole set")
+    max_images: int
+    max_bytes: int
+    corrupt_dropped: int = Field(description="torn or corrupt entries dropped since the server started")
+    entries: list[ValidationEntry]
+
+
+class ValidationAdded(BaseModel):
+    added: int = Field(description="images stored now (already present ones are updated and counted)")
+    dropped: int = Field(description="images the bounded set did not keep (reservoir sampling once full)")
+    replaced: int = Field(description="entries evicted to make room")
+    images: int
+    hash: str
 
 
 class CheckpointResponse(BaseModel):

@@ -9,6 +9,7 @@ One checkpoint version N is up to four files in one directory:
   * `ckpt-{N:08d}.json`                  the sidecar: caller's meta (version, step, model, classes, ...),
                                          creation time, the optimizer's param-group layout, and the
                                          size and sha256 of each data file.
+Pinned versions (`pin`, listed in `pins.json`, written atomically) are never pruned.
 Every file is written atomically (temp file in the same directory, fsync, `os.replace`, fsync the
 directory) and the sidecar last, so a checkpoint counts only once all its bytes are on disk. Nothing
 is ever pickled: tensors go through safetensors, everything else through JSON.
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "ssd-checkpoint/1"
 _FILE_RE = re.compile(r"^ckpt-(\d{8})\.(json|safetensors|optim\.safetensors|training\.safetensors)$")
 _TEMP_PREFIX = ".tmp-ckpt-"
+PINS_NAME = "pins.json"
 
 
 class CheckpointError(ValueError):
@@ -343,14 +345,51 @@ class CheckpointStore:
                 logger.warning("skipping checkpoint %d: %s", info.version, exc)
         return None
 
+    def pinned(self) -> set[int]:
+        """The pinned versions (kept by pruning); an unreadable pins file is logged and read as none."""
+        try:
+            return {int(v) for v in json.loads((self.directory / PINS_NAME).read_bytes())["pinned"]}
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: unreadable pins file (%s)", self.directory / PINS_NAME, exc)
+            return set()
+
+    def pin(self, version: int) -> None:
+        """Protect saved `version` from pruning (persisted).
+
+        Raises:
+            CheckpointError: no checkpoint `version` (its sidecar must parse).
+            PermissionError: the store is read-only.
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: read-only checkpoint store, cannot pin")
+        if version not in {info.version for info in self.versions()}:
+            raise CheckpointError(f"no saved version {version} to pin")
+        self._write_pins(self.pinned() | {version})
+
+    def unpin(self, version: int) -> bool:
+        """Let `version` be pruned again (at the next save); False when it was not pinned."""
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: read-only checkpoint store, cannot unpin")
+        pins = self.pinned()
+        if version not in pins:
+            return False
+        self._write_pins(pins - {version})
+        return True
+
+    def _write_pins(self, pins: set[int]) -> None:
+        _atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode())
+
     def _prune(self) -> None:
-        """Delete every file of versions older than the newest `keep` valid ones."""
+        """Delete every file of versions older than the newest `keep` valid ones, except pinned ones."""
         infos = self.versions()
         if len(infos) <= self.keep:
             return
         cutoff = infos[-self.keep].version
+        pinned = self.pinned()
         # sidecars first, so a half-deleted version is never listed
         for path in sorted(self.directory.glob("ckpt-*"), key=lambda p: p.suffix != ".json"):
             version = _version_of(path)
-            if version is not None and version < cutoff:
+            if version is not None and version < cutoff and version not in pinned:
                 path.unlink(missing_ok=True)

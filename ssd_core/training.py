@@ -73,9 +73,12 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of completed-step count `step` (linear warm-up, then constant)."""
-        if step >= self.warmup_steps:
-            return self.lr
-        return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * self.warmup_factor(step)
+
+    def warmup_factor(self, step: int) -> float:
+        """The warm-up's share of the base rate at completed-step count `step`: (step + 1) / warmup_steps, then 1.
+        A caller with its own base rate (a fine-tune job's learning_rate) multiplies it by this."""
+        return 1.0 if step >= self.warmup_steps else (step + 1) / self.warmup_steps
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost
 from app.openapi import ERROR_RESPONSES, request_body
 from app.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
+from app.scoring import score_samples
 from app.settings import Settings
-from ssd_core.datasets import collate
 from ssd_core.loss import LossOutput, MultiBoxLoss
 
 router = APIRouter(tags=["loss"])
@@ -67,12 +67,9 @@ def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings,
     assert request.images is not None
     check_bkg_label(request.options, settings)  # before any decoding
     samples = labelled_samples([(item.image, item) for item in request.images], settings)
-    served = host.current
-    images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
-    loc, conf, priors = host.predict(images, served)
+    output, served = score_samples(samples, host, criterion_for(request.options, settings.num_classes))
     metrics.images_processed.labels(route="/score-loss").inc(len(samples))
-    with torch.inference_mode():
-        return criterion_for(request.options, settings.num_classes).compute((loc, conf, priors), targets), served.version
+    return output, served.version
 
 
 def check_form(request: ScoreLossRequest) -> None:

@@ -23,6 +23,10 @@ def make_settings(tmp_path, **overrides) -> Settings:
         model="ssd-small", num_classes=4, class_names=["rectangle", "ellipse", "triangle"],
         checkpoint_dir=tmp_path / "checkpoints", max_images_per_request=4, max_image_pixels=200 * 200,
         max_body_bytes=4 * 2**20, finetune_queue_size=2, finetune_max_steps=200,
+        # the queue, journal, checkpoint and rollback tests run the unprotected mode, where every step
+        # publishes and every image trains at the job's rate; the gated default, the holdout and the
+        # warm-up are tested in test_gate.py
+        publish="every_step", holdout_fraction=0.0, warmup_steps=0,
     )
     values.update(overrides)
     return Settings(**values)

@@ -104,7 +104,12 @@ def test_unknown_job(client):
     assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
 
 
-def test_skipped_non_finite_steps(client, shapes):
+def test_skipped_non_finite_steps(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, max_learning_rate=1e13)) as client:
+        _check_skipped_steps(client, shapes)
+
+
+def _check_skipped_steps(client, shapes):
     job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3,
                                                    "learning_rate": 1e12}).json()
     assert job["skipped_steps"] >= 1
@@ -177,14 +182,20 @@ def test_mutating_endpoints_need_the_token(secured, shapes, headers):
         ("DELETE", "/finetune/whatever", None),
         ("POST", "/model/checkpoint", None),
         ("POST", "/model/rollback", {"version": 0}),
+        ("POST", "/model/versions/0/pin", None),
+        ("DELETE", "/model/versions/0/pin", None),
+        ("POST", "/validation", {"images": items}),
+        ("DELETE", "/validation", None),
     ]:
         response = secured.request(method, path, json=body, headers=headers)
         error = assert_error(response, 401, "Authorization", "unauthorized")
         assert response.headers["WWW-Authenticate"] == "Bearer", error
     assert secured.version == 0
     assert secured.sample("ssd_finetune_queue_depth") == 0
-    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "created": secured.get(
+    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "pinned": False,
+                                                                  "created": secured.get(
         "/model/versions").json()["versions"][0]["created"]}]
+    assert secured.get("/validation").json()["images"] == 0
 
 
 def test_the_right_token_is_accepted(secured, shapes):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+import app.publishing
+from ssd_core.gate import GateDecision
 from ssd_core.replay import ReplayMemory
 from tests.app.conftest import assert_error, labelled, make_settings, start_client
 from tests.app.test_finetune import wait_for
@@ -41,7 +43,7 @@ def test_succeeded_jobs_fill_the_memory_and_later_steps_replay_from_it(tmp_path,
         assert client.get(f"/finetune/{second['job_id']}").json()["replay"] == replay
         assert client.sample("ssd_replayed_images_per_step_count") == 2
         assert client.sample("ssd_replayed_images_per_step_sum") == 6
-        assert client.sample("ssd_images_processed_total", route="/finetune") == 2 + 2 * (3 + 3)
+        assert client.sample("ssd_images_processed_total", route="/finetune") == 2 + 2 * 3  # sent images, per step
         assert client.sample("ssd_replay_images") == 5
 
         half = _finetune(client, shapes, (5, 6), steps=1, replay=0.5)
@@ -54,7 +56,7 @@ def test_succeeded_jobs_fill_the_memory_and_later_steps_replay_from_it(tmp_path,
 
 
 def test_failed_and_cancelled_jobs_never_enter_the_memory(tmp_path, shapes):
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, max_learning_rate=1e31)
     with start_client(settings) as client:
         failed = _finetune(client, shapes, steps=2, learning_rate=1e30)  # every step wrecks: all skipped
         assert failed["status"] == "failed", failed
@@ -69,3 +71,23 @@ def test_failed_and_cancelled_jobs_never_enter_the_memory(tmp_path, shapes):
 def test_bad_replay_ratio_is_a_422_naming_the_field(client, unchanged, shapes, value):
     response = client.post("/finetune", json={"images": labelled(shapes), "replay": value})
     assert_error(response, 422, "replay")
+
+
+def test_a_rejected_job_never_enters_the_memory_and_an_accepted_one_does(tmp_path, shapes, monkeypatch):
+    """Gated: the gate's rejection (forced here by the decision rule) keeps the job's images out; the
+    accepted job's training images (not its held-out ones) go in."""
+    settings = make_settings(tmp_path, publish="gated", gate_min_images=1, holdout_fraction=0.5)
+    with start_client(settings) as client:
+        assert client.post("/validation", json={"images": labelled(shapes, (6, 7))}).status_code == 200
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("rejected", reason="forced"))
+        rejected = _finetune(client, shapes, (0, 2, 4, 5), steps=1)  # 0 held out by its hash
+        assert rejected["status"] == "rejected" and rejected["steps_done"] == 1, rejected
+        assert client.sample("ssd_replay_images") == 0
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("published"))
+        accepted = _finetune(client, shapes, (3, 2, 4, 5), steps=1)  # the same three train, 3 held out
+        assert accepted["status"] == "succeeded" and 0 < accepted["held_out"] < 4, accepted
+        assert client.sample("ssd_replay_images") == 4 - accepted["held_out"]
+        validation = {entry["key"] for entry in client.get("/validation").json()["entries"]}
+    assert len(validation) == 2 + accepted["held_out"]
+    assert not validation & set(_memory(settings).store.keys())  # PNG keys: never an image the set holds
+    assert len(_memory(settings)) == 4 - accepted["held_out"]

@@ -289,3 +289,24 @@ def test_resumed_optimizer_continues_exactly(tmp_path):
     _assert_state_equal(resumed.state_dict(), uninterrupted.state_dict())
     for index, values in optimizer.state_dict()["state"].items():
         _assert_state_equal(resumed_optimizer.state_dict()["state"][index], values)
+
+
+def test_pinned_versions_survive_pruning_and_reopening(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    state = _model().state_dict()
+    for version in range(2):
+        store.save(state, {"version": version})
+    store.pin(0)
+    for version in range(2, 6):
+        store.save(state, {"version": version})
+    assert [info.version for info in store.versions()] == [0, 4, 5]
+    reopened = CheckpointStore(tmp_path, keep=2)
+    assert reopened.pinned() == {0}
+    reopened.load(0)  # intact
+    assert reopened.unpin(0) and not reopened.unpin(0)
+    reopened.save(state, {"version": 6})
+    assert [info.version for info in reopened.versions()] == [5, 6]
+    with pytest.raises(CheckpointError, match="no saved version 1 to pin"):
+        reopened.pin(1)
+    with pytest.raises(PermissionError):
+        CheckpointStore(tmp_path, keep=2, read_only=True).pin(6)

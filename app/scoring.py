@@ -1,0 +1,23 @@
+"""The served model's loss on labelled images: the image form of `POST /score-loss`, also what
+screening (app.publishing) scores a fine-tune batch with, so both read the same figure."""
+
+from __future__ import annotations
+
+import torch
+
+from app.model_host import ModelHost, ModelVersion
+from ssd_core.datasets import Sample, collate
+from ssd_core.loss import LossOutput, MultiBoxLoss
+
+
+def score_samples(samples: list[Sample], host: ModelHost, criterion: MultiBoxLoss) -> tuple[LossOutput, ModelVersion]:
+    """Run the current version on `samples` (pixel (x1, y1, x2, y2) truths) and score its predictions.
+
+    Returns:
+        (the loss with its match statistics, the version that predicted).
+    """
+    served = host.current
+    images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
+    loc, conf, priors = host.predict(images, served)  # [B, P, 4], [B, P, C], [P, 4]
+    with torch.inference_mode():
+        return criterion.compute((loc, conf, priors), targets), served
