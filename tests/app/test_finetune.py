@@ -3,13 +3,16 @@ multipart, auth and every bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
 import pytest
 import torch
 
+import app.publishing
 from ssd_core.checkpoint import CheckpointStore
+from ssd_core.gate import GateDecision
 from tests.app.conftest import TOKEN, assert_error, labelled, make_settings, png_bytes, start_client
 
 
@@ -271,3 +274,22 @@ def test_with_ema_the_served_version_is_the_average_and_a_restart_resumes_both(t
         assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
         assert all(torch.equal(ema[k], v) for k, v in client.app.state.host.current.model.state_dict().items())
         assert trainer.ema.updates == trainer.steps == 3
+
+
+def test_a_rejected_job_puts_the_ema_and_the_raw_weights_back_bitwise(tmp_path, shapes, monkeypatch):
+    settings = make_settings(tmp_path, publish="gated", gate_min_images=1, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        assert client.post("/validation", json={"images": labelled(shapes, (6, 7))}).status_code == 200
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("published"))
+        assert client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 2}).json()[
+            "status"] == "succeeded"
+        trainer = client.app.state.worker.trainer
+        ema, raw = copy.deepcopy(trainer.weights()), copy.deepcopy(trainer.module.state_dict())
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("rejected", reason="forced"))
+        job = client.post("/finetune?wait=true", json={"images": labelled(shapes, (2, 3)), "steps": 2}).json()
+        assert job["status"] == "rejected" and job["steps_done"] == 2, job
+        assert all(torch.equal(ema[k], v) for k, v in trainer.weights().items())
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 2
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(ema[k], v) for k, v in served.items())  # the EMA was what the gate published
