@@ -46,7 +46,7 @@ from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
 from app.publishing import Gatekeeper
-from app.schemas import REPLAY_KEYS_SHOWN, JobCheckpoint, JobReplay, JobState, StepLoss
+from app.schemas import REPLAY_KEYS_SHOWN, ClassLoss, JobCheckpoint, JobReplay, JobState, StepLoss
 from app.settings import Settings
 from app.validation import ValidationSet
 from ssd_core.augment import ssd_augmentation
@@ -56,6 +56,7 @@ from ssd_core.ema import EMAConfig
 from ssd_core.holdout import split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
+from ssd_core.partial_labels import labelled_class_mask
 from ssd_core.replay import NO_OBJECT, ReplayMemory
 from ssd_core.training import StepResult, TrainConfig, Trainer, TrainerState
 
@@ -292,6 +293,7 @@ class FinetuneWorker:
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
         per_step = self._replay_per_step(job, len(samples))
+        criterion = self.trainer.criterion
         fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step
         every = self.settings.publish_every_steps
         if gated:
@@ -302,9 +304,12 @@ class FinetuneWorker:
                 if job.cancel_requested:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
                 replayed = self._draw_replay(job, per_step)
-                images, targets = fixed or collate(samples + replayed, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                batch = samples + replayed
+                images, targets = fixed or collate(batch, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
+                    [s.labelled_classes for s in batch], criterion.num_classes, criterion.background_label)
                 with self._train_lock:
-                    result = self.trainer.step(images, targets, lr=self._learning_rate(job))
+                    result = self.trainer.step(images, targets, lr=self._learning_rate(job), class_mask=class_mask)
                     self._diverged |= not result.skipped
                     served = self.host.current if result.skipped or gated else self.host.publish(
                         self.trainer.published, self.trainer.steps)
@@ -419,6 +424,9 @@ class FinetuneWorker:
         else:
             metrics.finetune_steps.inc()
             record_match_stats(metrics, "finetune", result)
+            step_classes = result.stats.per_class.to("cpu")
+            job.class_totals = step_classes if job.class_totals is None else job.class_totals + step_classes
+            job.per_class = [ClassLoss(**row) for row in job.class_totals.rows(self.settings.object_class_names())]
         job.losses.append(StepLoss(
             step=step, loss_l=finite_or_none(result.loss_l), loss_c=finite_or_none(result.loss_c),
             skipped=result.skipped, learning_rate=result.lr, model_version=served.version, replayed=replayed,

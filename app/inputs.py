@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,6 +26,7 @@ from app.settings import Settings
 from ssd_core.box_formats import check_pixel_boxes
 from ssd_core.datasets import Sample
 from ssd_core.images import ImageError, decode_image_bytes
+from ssd_core.partial_labels import labelled_class_mask
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -78,7 +79,8 @@ class LossBatch:
 
     Attributes:
         loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]), priors (Tensor[P, 4]) cxcywh, targets (Tensor[B, M, 6])
-        padded, normalised (x1, y1, x2, y2, label, difficult), label < 0 = padding; options for the loss.
+        padded, normalised (x1, y1, x2, y2, label, difficult), label < 0 = padding; options for the loss;
+        class_mask (Tensor[B, C] bool) of partial labels or None.
     """
 
     loc: Tensor
@@ -86,6 +88,7 @@ class LossBatch:
     priors: Tensor
     targets: Tensor
     options: LossOptions
+    class_mask: Tensor | None = None
 
 
 def _tensor(values: list, field: str, expected: str) -> Tensor:
@@ -112,11 +115,14 @@ def predictions_batch(request: ScoreLossRequest, model_priors: Tensor, settings:
         targets.append(torch.tensor(rows, dtype=torch.float32).reshape(-1, 6))  # [n_b, 6]
     priors = None if request.priors is None else _tensor(request.priors, "priors", "[P][4]")
     padded = _pad(targets)
-    return check_batch(
+    batch = check_batch(
         _tensor(loc, "predictions.loc", "[B][P][4]"),
         _tensor(request.predictions.conf, "predictions.conf", "[B][P][C]"),
         priors, padded, request.options, model_priors, settings, "predictions.",
     )
+    batch.class_mask = batch_class_mask(request.labelled_classes, padded, request.options, settings,
+                                        "labelled_classes", lambda b, i: f"targets[{b}][{i}].label")
+    return batch
 
 
 def _pad(targets: list[Tensor]) -> Tensor:
@@ -130,6 +136,45 @@ def _pad(targets: list[Tensor]) -> Tensor:
 def check_label(label: float, num_classes: int, field: str) -> None:
     if not (label == int(label) and 0 <= label <= num_classes - 2):
         raise invalid(field, f"label {label} is not an object class in [0, {num_classes - 2}] (background excluded)")
+
+
+def check_labelled_classes(
+    declared: Sequence[int] | None, labels: Sequence[float], num_classes: int, field: str,
+    box_field: Callable[[int], str],
+) -> tuple[int, ...] | None:
+    """An image's partial labels, checked: 422 naming `field[j]` for a declared label outside the object
+    classes, or `box_field(i)` for a box whose label is not declared. Returns them sorted, deduplicated."""
+    if declared is None:
+        return None
+    for j, label in enumerate(declared):
+        check_label(label, num_classes, f"{field}[{j}]")
+    for i, label in enumerate(labels):
+        if label not in declared:
+            raise invalid(box_field(i), f"label {int(label)} is not among the image's labelled_classes "
+                          f"{sorted(set(declared))}")
+    return tuple(sorted(set(declared)))
+
+
+def batch_class_mask(
+    labelled: Sequence[Sequence[int] | None] | None, targets: Tensor, options: LossOptions, settings: Settings,
+    field: str, box_field: Callable[[int, int], str],
+) -> Tensor | None:
+    """Per-image partial labels of a predictions batch -> the loss's class mask [B, C] (None: nothing declared).
+
+    Args:
+        targets (Tensor[B, M, 6]): padded; box i of image b is row i (padding rows skipped).
+        field: where the list lives (422 names `field`, `field[b][j]`); box_field(b, i): a box's label.
+    """
+    if labelled is None:
+        return None
+    if len(labelled) != len(targets):
+        raise invalid(field, f"has {len(labelled)} entries for {len(targets)} images")
+    for b, declared in enumerate(labelled):
+        rows = (targets[b, :, 4] >= 0).nonzero().flatten().tolist()  # real boxes of image b
+        labels = targets[b, rows, 4].tolist()
+        check_labelled_classes(declared, labels, settings.num_classes, f"{field}[{b}]",
+                               lambda k, b=b, rows=rows: box_field(b, rows[k]))
+    return labelled_class_mask(labelled, settings.num_classes, options.bkg_label)
 
 
 def check_batch(
@@ -231,7 +276,11 @@ def safetensors_batch(body: bytes | bytearray, model_priors: Tensor, settings: S
         if name not in header:
             raise invalid(name, "missing tensor")
     tensors = _safetensors_views(body, header)
-    options = _metadata_options(header.get("__metadata__") or {})
+    metadata, labelled = header.get("__metadata__") or {}, None
+    if isinstance(metadata, dict) and "labelled_classes" in metadata:
+        metadata = {key: text for key, text in metadata.items() if key != "labelled_classes"}
+        labelled = _metadata_labelled_classes(header["__metadata__"]["labelled_classes"])
+    options = _metadata_options(metadata)
     targets = tensors["targets"].float()
     if targets.dim() != 3 or targets.shape[-1] not in (5, 6):
         raise invalid("targets", f"must be padded [B, M, 5|6], got shape {list(targets.shape)}")
@@ -245,10 +294,13 @@ def safetensors_batch(body: bytes | bytearray, model_priors: Tensor, settings: S
         for b, i in real.nonzero().tolist():
             check_label(float(targets[b, i, 4]), settings.num_classes, f"targets[{b}][{i}]")
     priors = tensors.get("priors")
-    return check_batch(
+    batch = check_batch(
         tensors["loc"].float(), tensors["conf"].float(), None if priors is None else priors.float(),
         targets, options, model_priors, settings, "",
     )
+    batch.class_mask = batch_class_mask(labelled, targets, options, settings, "__metadata__.labelled_classes",
+                                        lambda b, i: f"targets[{b}][{i}]")
+    return batch
 
 
 def _bad_safetensors(message: str) -> ApiError:
@@ -309,6 +361,17 @@ def _safetensors_header(body: bytes | bytearray) -> dict:
 
 
 _OPTIONS = TypeAdapter(LossOptions)
+_LABELLED_PER_IMAGE = TypeAdapter(list[list[int] | None])
+
+
+def _metadata_labelled_classes(text: object) -> list[list[int] | None]:
+    """`__metadata__["labelled_classes"]`: a JSON string of one list (or null) per image."""
+    field = "__metadata__.labelled_classes"
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except (ValueError, RecursionError):
+        raise invalid(field, "must be a JSON string of one list of labels (or null) per image") from None
+    return validate_as(_LABELLED_PER_IMAGE, value, field)
 
 
 def _metadata_options(metadata: dict) -> LossOptions:
@@ -343,14 +406,18 @@ def check_image_count(count: int, settings: Settings, field: str = "images") -> 
 
 
 def labelled_samples(
-    items: Sequence[tuple[bytes, ImageAnnotation]], settings: Settings, multipart: bool = False
+    items: Sequence[tuple[bytes, ImageAnnotation]], settings: Settings, multipart: bool = False,
+    labelled_classes: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Images with pixel boxes -> `Sample`s (boxes (x1, y1, x2, y2) in pixels, labels 0-based).
 
+    `labelled_classes` (a job's partial labels) is the default of every image that declares none.
     Errors name `images[k].image` / `images[k].boxes` for JSON bodies and `images[k]` /
     `annotations[k].boxes` for multipart uploads.
     """
     check_image_count(len(items), settings)
+    if labelled_classes is not None:
+        check_labelled_classes(labelled_classes, [], settings.num_classes, "labelled_classes", str)
     samples = []
     for k, (data, note) in enumerate(items):
         image_field, note_field = (f"images[{k}]", f"annotations[{k}]") if multipart else (
@@ -361,12 +428,18 @@ def labelled_samples(
             raise invalid(f"{note_field}.difficult", f"has {len(note.difficult)} flags for {len(note.boxes)} boxes")
         for i, label in enumerate(note.labels):
             check_label(label, settings.num_classes, f"{note_field}.labels[{i}]")
+        own = note.labelled_classes is not None
+        declared = check_labelled_classes(
+            note.labelled_classes if own else labelled_classes, note.labels, settings.num_classes,
+            f"{note_field}.labelled_classes" if own else "labelled_classes",
+            lambda i, field=note_field: f"{field}.labels[{i}]",
+        )
         image = decode_image(data, settings, image_field)  # [3, H, W]
         boxes = torch.tensor(note.boxes, dtype=torch.float32).reshape(-1, 4)  # [N, 4] pixel xyxy
         _check_boxes(boxes, (image.shape[1], image.shape[2]), f"{note_field}.boxes", settings)
         difficult = note.difficult or [False] * len(note.boxes)
         labels = torch.tensor(note.labels, dtype=torch.long).reshape(-1)  # [N]
-        samples.append(Sample(image, boxes, labels, torch.tensor(difficult, dtype=torch.bool).reshape(-1)))
+        samples.append(Sample(image, boxes, labels, torch.tensor(difficult, dtype=torch.bool).reshape(-1), declared))
     return samples
 
 
@@ -379,8 +452,20 @@ async def multipart_request(
     """A multipart image request: its option fields validated as `options` (errors name the field)
     and its image files, with their annotations when `annotated`."""
     form = await request.form()
-    fields = {name: form[name] for name in options.model_fields if name in form}
+    fields = {name: _form_field(name, form[name]) for name in options.model_fields if name in form}
     return validate_as(_adapter(options), fields, ""), await multipart_images(form, settings, annotated)
+
+
+_JSON_FORM_FIELDS = {"labelled_classes"}  # multipart option fields that hold JSON (a list)
+
+
+def _form_field(name: str, value: object) -> object:
+    if name in _JSON_FORM_FIELDS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "invalid_json", f"{name} is not valid JSON", name) from None
+    return value
 
 
 @functools.cache

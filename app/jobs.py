@@ -7,8 +7,18 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from app.schemas import JobCheckpoint, JobEvaluation, JobReplay, JobScreening, JobState, JobView, StepLoss
+from app.schemas import (
+    ClassLoss,
+    JobCheckpoint,
+    JobEvaluation,
+    JobReplay,
+    JobScreening,
+    JobState,
+    JobView,
+    StepLoss,
+)
 from ssd_core.datasets import Sample
+from ssd_core.stats import ClassStats
 
 INTERRUPTED = "interrupted: the server stopped before the job finished"
 
@@ -46,6 +56,8 @@ class Job:
     evaluation: JobEvaluation | None = None
     replay_ratio: float = 0.0
     replay: JobReplay | None = None  # set when the job replays anything
+    per_class: list[ClassLoss] = field(default_factory=list)  # from class_totals, for the view
+    class_totals: ClassStats | None = None  # pooled over the completed steps (not kept across restarts)
     finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
 
     @classmethod
@@ -57,7 +69,7 @@ class Job:
                   cancel_requested=view.cancel_requested, created_at=view.created_at, started_at=view.started_at,
                   finished_at=view.finished_at, num_images=view.num_images, checkpoint=view.checkpoint,
                   held_out=view.held_out, screening=view.screening, evaluation=view.evaluation,
-                  replay_ratio=view.replay.ratio if view.replay else 0.0, replay=view.replay)
+                  replay_ratio=view.replay.ratio if view.replay else 0.0, replay=view.replay, per_class=view.per_class)
         job.finished.set_result(None)
         return job
 
@@ -69,7 +81,7 @@ class Job:
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, checkpoint=self.checkpoint, force=self.force, held_out=self.held_out,
             screening=self.screening, evaluation=self.evaluation,
-            replay=self.replay.model_copy(deep=True) if self.replay else None,
+            replay=self.replay.model_copy(deep=True) if self.replay else None, per_class=list(self.per_class),
         )
 
     @property

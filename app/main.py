@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         description="SSD MultiBoxLoss scoring, online fine-tuning and detection.",
         lifespan=lifespan,
     )
-    metrics = Metrics(registry or CollectorRegistry())
+    metrics = Metrics(registry or CollectorRegistry(), settings.object_class_names())
     metrics.build.info({"version": app.version, "torch": torch.__version__})
     app.state.settings = settings
     app.state.metrics = metrics

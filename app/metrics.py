@@ -13,7 +13,7 @@ are taken from the answering process (they are the same in every worker). docs/S
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # annotations only: `python -m app`'s supervising parent impo
     import torch
 
 Source = Literal["score", "finetune"]
+SOURCES: tuple[Source, ...] = ("score", "finetune")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -36,12 +37,22 @@ EVALUATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+class _ClassStats(Protocol):  # each [L], L = num_classes - 1
+    num_ground_truth: torch.Tensor
+    num_positives: torch.Tensor
+    num_forced_matches: torch.Tensor
+    matched_iou_sum: torch.Tensor
+    loss_l_sum: torch.Tensor
+    loss_c_sum: torch.Tensor
+
+
 class _MatchStats(Protocol):
     num_ground_truth: torch.Tensor  # [B]
     num_positives: torch.Tensor  # [B]
     num_negatives: torch.Tensor  # [B]
     num_forced_matches: torch.Tensor  # [B]
     matched_ious: torch.Tensor  # [K]
+    per_class: _ClassStats
 
 
 class _LossOutput(Protocol):
@@ -56,11 +67,35 @@ def _histogram(
     return Histogram(name, documentation, labels, buckets=buckets, registry=registry)
 
 
-class Metrics:
-    """The service's metrics; one instance per application, on its own registry."""
+# per-class counters: (attribute, name, help, ClassStats field); label `class` is bounded by num_classes - 1
+CLASS_COUNTERS = (
+    ("class_ground_truth_boxes", "ssd_class_ground_truth_boxes", "Ground-truth boxes seen, by class.",
+     "num_ground_truth"),
+    ("class_positives", "ssd_class_positives", "Positive priors matched to a box of the class.", "num_positives"),
+    ("class_forced_matches", "ssd_class_forced_matches",
+     "Boxes of the class with no prior at or above the threshold, matched only by the forced step.",
+     "num_forced_matches"),
+    ("class_matched_iou", "ssd_class_matched_iou",
+     "Sum over the class's positive priors of their IoU with their box (ratio).", "matched_iou_sum"),
+    ("class_loss_loc", "ssd_class_loss_loc",
+     "Sum over the class's positive priors of the loc (Smooth L1) loss, not normalised.", "loss_l_sum"),
+    ("class_loss_conf", "ssd_class_loss_conf",
+     "Sum over the class's positive priors of the conf (cross-entropy) loss, not normalised.", "loss_c_sum"),
+)
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+class Metrics:
+    """The service's metrics; one instance per application, on its own registry.
+
+    Args:
+        class_names: names of the object labels 0 .. L - 1, the values of the per-class counters' `class`
+            label (every class and source appears at zero from the start); labels beyond them read
+            `class_<label>`.
+    """
+
+    def __init__(self, registry: CollectorRegistry, class_names: Sequence[str] = ()) -> None:
         self.registry = registry
+        self.class_names = tuple(class_names)
         source = ("source",)
         self.loss_loc = _histogram(
             registry, "ssd_loss_loc", "Localisation (Smooth L1) loss per batch.", source, LOSS_BUCKETS
@@ -85,6 +120,8 @@ class Metrics:
             "ssd_forced_matches", "Truths with no prior at or above the threshold, matched only by the forced step.",
             source, registry=registry,
         )
+        for attribute, name, documentation, _ in CLASS_COUNTERS:
+            setattr(self, attribute, Counter(name, documentation, ("class", "source"), registry=registry))
         self.finetune_steps = Counter("ssd_finetune_steps", "Completed optimizer steps.", registry=registry)
         self.finetune_skipped_steps = Counter(
             "ssd_finetune_skipped_steps", "Steps skipped for a non-finite loss or gradients.", registry=registry
@@ -167,6 +204,19 @@ class Metrics:
             self.checkpoints.labels(outcome=outcome)
         for outcome in ("loaded", "failed"):
             self.model_reloads.labels(outcome=outcome)
+        self._class_children: dict[tuple[str, str], list] = {}  # (attribute, source) -> child per label
+        for attribute, *_ in CLASS_COUNTERS:
+            for source_name in SOURCES:
+                self.class_children(attribute, source_name, len(self.class_names))
+
+    def class_children(self, attribute: str, source: Source, num_labels: int) -> list:
+        """The children of a per-class counter for `source`, one per label 0 .. num_labels - 1 (cached)."""
+        children = self._class_children.setdefault((attribute, source), [])
+        counter = getattr(self, attribute)
+        for label in range(len(children), num_labels):
+            name = self.class_names[label] if label < len(self.class_names) else f"class_{label}"
+            children.append(counter.labels(name, source))
+        return children
 
 
 class _InfoOnly:
@@ -234,3 +284,13 @@ def record_match_stats(metrics: Metrics, source: Source, output: _LossOutput) ->
             child.observe(value)
     metrics.ground_truth_boxes.labels(source=source).inc(int(stats.num_ground_truth.sum()))
     metrics.forced_matches.labels(source=source).inc(int(stats.num_forced_matches.sum()))
+    _record_per_class(metrics, source, stats.per_class)
+
+
+def _record_per_class(metrics: Metrics, source: Source, per_class: _ClassStats) -> None:
+    """Add one batch's per-class sums (ClassStats tensors [L]) to the per-class counters."""
+    for attribute, _, _, field in CLASS_COUNTERS:
+        values = getattr(per_class, field).tolist()  # [L]
+        for child, value in zip(metrics.class_children(attribute, source, len(values)), values, strict=True):
+            if value:
+                child.inc(value)

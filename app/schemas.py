@@ -31,6 +31,12 @@ class Request(BaseModel):
 
 
 PositiveFinite = Annotated[float, Field(gt=0)]  # finite: Request forbids inf and NaN
+LABELLED_CLASSES_DOC = (
+    "partial labels: the 0-based object classes this image's boxes are complete for (every box's label "
+    "among them); its confidence loss uses the softmax over background and these classes only, so an "
+    "unboxed object of another class is not taught as background. null: labelled for every class"
+)
+LabelledClasses = list[int] | None
 
 
 class LossOptions(Request):
@@ -68,6 +74,9 @@ class ScoreLossRequest(Request):
 
     predictions: Predictions | None = None
     targets: list[list[TargetBox]] | None = Field(None, description="one list of boxes per image")
+    labelled_classes: list[LabelledClasses] | None = Field(
+        None, description="with `predictions`: one entry per image (null = every class); "
+        f"{LABELLED_CLASSES_DOC}. In the image form give it per image")
     priors: list[Box] | None = Field(None, description="[P][4] (cx, cy, w, h); default: the model's priors")
     images: list[LabelledImage] | None = Field(None, description="the image form: the model predicts")
     options: LossOptions = LossOptions()
@@ -77,6 +86,8 @@ class ImageAnnotation(Request):
     boxes: list[Box] = Field(description="(x1, y1, x2, y2) in pixels of the image")
     labels: list[int]
     difficult: list[bool] | None = None
+    labelled_classes: LabelledClasses = Field(None, description=f"{LABELLED_CLASSES_DOC} (for /finetune: "
+                                              "or the job's `labelled_classes`)")
 
 
 class LabelledImage(ImageAnnotation):
@@ -92,6 +103,9 @@ class FinetuneOptions(Request):
         None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
     )
     force: bool = Field(False, description="skip screening (the publish gate still applies)")
+    labelled_classes: LabelledClasses = Field(
+        None, description="the default of every image that gives none itself (an image's own overrides it); "
+        f"{LABELLED_CLASSES_DOC}")
 
 
 class ValidationOptions(Request):
@@ -138,6 +152,22 @@ class ImageLoss(BaseModel):
     num_forced_matches: int
 
 
+class ClassLoss(BaseModel):
+    """Match and loss figures of one object class over a batch (or a fine-tune job's steps)."""
+
+    label: int = Field(description="0-based object class (background excluded)")
+    class_name: str
+    num_ground_truth: int = Field(description="boxes of the class, difficult ones included")
+    num_positives: int = Field(description="priors matched to a box of the class")
+    num_forced_matches: int = Field(description="boxes of the class no prior reached the IoU threshold for, "
+                                    "matched only by the forced step (the priors fit them badly)")
+    positives_per_box: float = Field(description="num_positives / num_ground_truth (0 without boxes)")
+    mean_matched_iou: float = Field(description="mean IoU of the class's positives with their boxes (0 without)")
+    loss_l: float = Field(description="loc loss of the class's positives / N (its share of loss_l)")
+    loss_c: float = Field(description="conf loss of the class's positives / N; the negatives' part is "
+                          "loss_c_negatives")
+
+
 class ScoreLossResponse(BaseModel):
     loss: float
     loss_l: float
@@ -145,6 +175,9 @@ class ScoreLossResponse(BaseModel):
     num_positives: int
     num_negatives: int
     per_image: list[ImageLoss]
+    per_class: list[ClassLoss] = Field(description="one entry per object class, label order; loss_l sums to "
+                                       "loss_l, loss_c plus loss_c_negatives to loss_c")
+    loss_c_negatives: float = Field(description="conf loss of the negatives (background) / N")
     model_version: int
 
 
@@ -255,6 +288,9 @@ class JobView(BaseModel):
                           "set once the job is accepted)")
     screening: JobScreening | None = None
     evaluation: JobEvaluation | None = None
+    per_class: list[ClassLoss] = Field(
+        default_factory=list, description="per object class over the job's completed steps, pooled: counts and "
+        "loss sums added up over the steps, losses divided by the summed N (empty before the first step)")
 
 
 class ModelInfo(BaseModel):

@@ -126,6 +126,10 @@ class Settings(BaseSettings):
         """Name of a 0-based object label (background excluded); `class_<label>` when unnamed."""
         return self.class_names[label] if self.class_names else f"class_{label}"
 
+    def object_class_names(self) -> list[str]:
+        """Names of the object labels 0 .. num_classes - 2 (`class_name` of each)."""
+        return [self.class_name(label) for label in range(self.num_classes - 1)]
+
 
 @lru_cache
 def load_settings() -> Settings:

@@ -3,16 +3,24 @@
 Forward + backward on the same random inputs (VOC300 priors, P = 8732), interleaved repeats, medians
 and minima (the least disturbed run on a shared machine);
 then the no-grad scoring path (`criterion.compute` under `torch.no_grad()`, the service's /score-loss).
-Prints a markdown table with ratios. Usage: python benchmarks/bench_loss.py [--quick] [--repeats N] [--threads N]
+With `--baseline REV` the `MultiBoxLoss` of git revision REV (its whole `ssd_core`, imported as another
+package) is timed in the same interleaved loop, so that before/after share every load fluctuation.
+Prints a markdown table with ratios.
+Usage: python benchmarks/bench_loss.py [--quick] [--repeats N] [--threads N] [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +59,21 @@ def torchvision_loss(model: SSD, loc, conf, anchors_xyxy, targets):
     return losses["bbox_regression"], losses["classification"]
 
 
+def baseline_loss_class(revision: str, directory: Path) -> type:
+    """`MultiBoxLoss` of `revision`: its `ssd_core` extracted into `directory` as package `ssd_core_baseline`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "ssd_core"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    package = directory / "ssd_core_baseline"
+    (directory / "ssd_core").rename(package)
+    for source in package.rglob("*.py"):
+        text = source.read_text().replace("from ssd_core.", "from ssd_core_baseline.")
+        source.write_text(text.replace("from ssd_core import", "from ssd_core_baseline import"))
+    sys.path.insert(0, str(directory))
+    return importlib.import_module("ssd_core_baseline.loss").MultiBoxLoss
+
+
 def time_once(fn, loc, conf, backward: bool) -> float:
     loc.grad = conf.grad = None
     start = time.perf_counter()
@@ -60,7 +83,7 @@ def time_once(fn, loc, conf, backward: bool) -> float:
     return time.perf_counter() - start
 
 
-def bench_case(batch: int, num_classes: int, repeats: int, priors) -> dict[str, float]:
+def bench_case(batch: int, num_classes: int, repeats: int, priors, baseline: type | None) -> dict[str, float]:
     generator = torch.Generator().manual_seed(batch * 1000 + num_classes)
     targets = random_targets(batch, 8, num_classes, generator, allow_empty=False)
     loc, conf = random_predictions(batch, len(priors), num_classes, generator)
@@ -78,6 +101,9 @@ def bench_case(batch: int, num_classes: int, repeats: int, priors) -> dict[str, 
         "torchvision": (lambda: torchvision_loss(tv_model, loc, conf, anchors_xyxy, targets), True),
         "ours_no_grad": (compute_no_grad, False),
     }
+    if baseline is not None:
+        before = baseline(num_classes, 0.5, True, 0, True, 3, 0.5, False)
+        methods["baseline"] = (lambda: before((loc, conf, priors), targets), True)
     for fn, backward in methods.values():  # warm-up
         time_once(fn, loc, conf, backward)
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -92,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="only B=32, C=21")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--baseline", default=None, help="git revision whose MultiBoxLoss is timed alongside")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,17 +128,28 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} interleaved repeats, fwd+bwd; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
+    with tempfile.TemporaryDirectory() as directory:
+        baseline = None if args.baseline is None else baseline_loss_class(args.baseline, Path(directory))
+        print_table(cases, repeats, priors, baseline, args.baseline)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+def print_table(cases, repeats: int, priors, baseline: type | None, revision: str | None) -> None:
+    extra = "" if baseline is None else f" {revision} (ms) | seed / {revision} | torchvision / {revision} |"
     print()
     print("| B | C | statistic | ours (ms) | seed (ms) | torchvision (ms) | seed / ours | torchvision / ours "
-          "| ours no-grad (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ours no-grad (ms) |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else ""))
     for batch, num_classes in cases:
-        ms = bench_case(batch, num_classes, repeats, priors)
+        ms = bench_case(batch, num_classes, repeats, priors, baseline)
         for i, stat in enumerate(("median", "min")):
             ours, seed, tv, no_grad = (ms[name][i] for name in ("ours", "seed", "torchvision", "ours_no_grad"))
-            print(f"| {batch} | {num_classes} | {stat} | {ours:.1f} | {seed:.1f} | {tv:.1f} | {seed / ours:.1f}x "
-                  f"| {tv / ours:.1f}x | {no_grad:.1f} |", flush=True)
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+            row = (f"| {batch} | {num_classes} | {stat} | {ours:.1f} | {seed:.1f} | {tv:.1f} | {seed / ours:.1f}x "
+                   f"| {tv / ours:.1f}x | {no_grad:.1f} |")
+            if baseline is not None:
+                before = ms["baseline"][i]
+                row += f" {before:.1f} | {seed / before:.1f}x | {tv / before:.1f}x |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from ssd_core.priors import (
     prior_boxes,
     scaled_prior_config,
 )
-from ssd_core.stats import MatchStats
+from ssd_core.stats import ClassStats, MatchStats
 from ssd_core.targets import pad_targets
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "COCO_512",
     "VOC_300",
     "VOC_512",
+    "ClassStats",
     "LossOutput",
     "MatchResult",
     "MatchStats",

@@ -39,12 +39,15 @@ class Sample:
         boxes (Tensor[N, 4] float32): objects in (x1, y1, x2, y2) pixels.
         labels (Tensor[N] int64): 0-based object classes (background not counted).
         difficult (Tensor[N] bool): objects to ignore in matching/evaluation (VOC difficult, COCO crowd).
+        labelled_classes: partial labels: the 0-based classes the boxes are complete for (every box's
+            label among them; see `ssd_core.partial_labels`), or None when labelled for every class.
     """
 
     image: Tensor
     boxes: Tensor
     labels: Tensor
     difficult: Tensor
+    labelled_classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.image.dim() != 3 or self.image.shape[0] != 3:

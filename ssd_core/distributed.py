@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
 from ssd_core.loss import LossOutput
-from ssd_core.stats import MatchStats
+from ssd_core.stats import ClassStats, MatchStats
 from ssd_core.training import LossCriterion, TrainConfig, Trainer
 
 __all__ = [
@@ -40,7 +40,9 @@ __all__ = [
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # MatchStats fields with one value per image, gathered as the columns of one float64 tensor
-_PER_IMAGE_FIELDS = tuple(f.name for f in fields(MatchStats) if f.name not in ("matched_ious", "normalizer"))
+_PER_IMAGE_FIELDS = tuple(f.name for f in fields(MatchStats)
+                          if f.name not in ("matched_ious", "normalizer", "per_class"))
+_CLASS_SUM_FIELDS = tuple(f.name for f in fields(ClassStats) if f.name != "normalizer")
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,18 @@ def gather_match_stats(stats: MatchStats) -> MatchStats:
     ious = torch.cat([chunk[b * width :] for chunk, (b, _) in zip(chunks, shapes, strict=True)])
     columns = {name: rows[:, i].to(getattr(stats, name).dtype) for i, name in enumerate(_PER_IMAGE_FIELDS)}
     normalizer = columns["num_positives"].sum().clamp(min=1).to(stats.normalizer.dtype)
-    return MatchStats(**columns, matched_ious=ious.to(stats.matched_ious.dtype), normalizer=normalizer)
+    return MatchStats(**columns, matched_ious=ious.to(stats.matched_ious.dtype), normalizer=normalizer,
+                      per_class=_sum_class_stats(stats.per_class, normalizer))
+
+
+def _sum_class_stats(local: ClassStats, normalizer: Tensor) -> ClassStats:
+    """The per-class sums of all ranks (one all_reduce), with the global N."""
+    parts = [getattr(local, name).to(torch.float64).reshape(-1) for name in _CLASS_SUM_FIELDS]  # [L] or [1] each
+    total = torch.cat(parts)
+    dist.all_reduce(total)
+    sums = dict(zip(_CLASS_SUM_FIELDS, total.split([len(p) for p in parts]), strict=True))
+    return ClassStats(**{name: value.reshape(getattr(local, name).shape).to(getattr(local, name).dtype)
+                         for name, value in sums.items()}, normalizer=normalizer)
 
 
 class _GlobalValue(torch.autograd.Function):
@@ -254,9 +267,12 @@ class GlobalLoss:
         self.criterion = criterion
         self.world_size = world_size
 
-    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any) -> LossOutput:
-        """Same arguments as `MultiBoxLoss.compute`: loc [B, P, 4], conf [B, P, C], priors [P, 4]."""
-        return global_loss(self.criterion.compute(predictions, targets), self.world_size)
+    def compute(
+        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any, class_mask: Tensor | None = None
+    ) -> LossOutput:
+        """Same arguments as `MultiBoxLoss.compute`: loc [B, P, 4], conf [B, P, C], priors [P, 4],
+        optional class mask [B, C] of this rank's images."""
+        return global_loss(self.criterion.compute(predictions, targets, class_mask), self.world_size)
 
 
 class DistributedTrainer(Trainer):

@@ -17,6 +17,7 @@ never held-out validation images) is the caller's rule (`app.finetune`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -84,6 +85,14 @@ def balanced_draw(labels_per_image: Sequence[Iterable[int]], k: int, rng: random
     return drawn
 
 
+def _as_list(labels: Sequence[int] | None) -> list[int] | None:
+    return None if labels is None else list(labels)
+
+
+def _as_tuple(labels: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if labels is None else tuple(labels)
+
+
 @dataclass(frozen=True)
 class ReplayDraw:
     """Images drawn for one step: `samples` (decoded), their store `keys`, in the same order."""
@@ -96,7 +105,8 @@ class ReplayMemory:
     """Earlier training images on disk, at most `max_images` and `max_bytes`, drawn class-balanced.
 
     Images are stored PNG-encoded (lossless) from the decoded training samples, with their boxes,
-    labels and difficult flags, one self-checking file each (`ssd_core.sample_store`): a restart or
+    labels, difficult flags and partial labels (`labelled_classes`: a replayed image is trained with
+    the same class mask as when it was sent), one self-checking file each (`ssd_core.sample_store`): a restart or
     `kill -9` keeps every completed write, a torn entry is dropped and counted in `corrupt`.
 
     Args:
@@ -129,7 +139,8 @@ class ReplayMemory:
         returns how many are stored now. `meta` (JSON-able, e.g. the job id) is kept with each."""
         stored = 0
         for sample in samples:
-            stored += self.store.offer(encode_png(sample.image), annotation_of(sample), meta).stored
+            annotation = {**annotation_of(sample), "labelled_classes": _as_list(sample.labelled_classes)}
+            stored += self.store.offer(encode_png(sample.image), annotation, meta).stored
         return stored
 
     def class_counts(self) -> dict[int, int]:
@@ -146,6 +157,8 @@ class ReplayMemory:
         for key in chosen:
             entry = self.store.get(key)
             if entry is not None:
-                samples.append(to_sample(entry, self.max_pixels))
+                declared = entry.annotation.get("labelled_classes")
+                sample = to_sample(entry, self.max_pixels)
+                samples.append(dataclasses.replace(sample, labelled_classes=_as_tuple(declared)))
                 drawn.append(key)
         return ReplayDraw(samples, drawn)

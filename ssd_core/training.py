@@ -117,7 +117,9 @@ class TrainerState(NamedTuple):
 class LossCriterion(Protocol):
     """What the trainer needs from `MultiBoxLoss`."""
 
-    def compute(self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any) -> Any:
+    def compute(
+        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any, class_mask: Tensor | None = None
+    ) -> Any:
         """-> LossOutput(loss_l, loss_c, stats)."""
 
 
@@ -185,7 +187,10 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, images: Tensor, targets: Tensor | list[Tensor], lr: float | None = None) -> StepResult:
+    def step(
+        self, images: Tensor, targets: Tensor | list[Tensor], lr: float | None = None,
+        class_mask: Tensor | None = None,
+    ) -> StepResult:
         """One optimizer step on one batch (model in train mode).
 
         Args:
@@ -193,6 +198,8 @@ class Trainer:
             targets: per image Tensor[n_i, 5 | 6] (x1, y1, x2, y2 normalised, label 0-based,
                 optional difficult flag) or a padded Tensor[B, M, 6] (see `targets.pad_targets`).
             lr: learning rate for this step; None uses the warm-up schedule at `self.steps`.
+            class_mask (Tensor[B, C] bool, optional): partial labels, passed to the criterion's
+                `compute` (see `ssd_core.partial_labels.labelled_class_mask`); None: fully labelled.
 
         Returns:
             StepResult; when `skipped`, weights, buffers and optimizer state are unchanged.
@@ -204,7 +211,7 @@ class Trainer:
         buffers = [b.clone() for b in self.model.buffers()]  # forward updates BatchNorm statistics
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            output, grad_norm = self._forward_backward(images, targets)
+            output, grad_norm = self._forward_backward(images, targets, class_mask)
         except BaseException:  # e.g. invalid targets: leave the model as it was
             self._undo_forward(buffers)
             raise
@@ -220,7 +227,7 @@ class Trainer:
             before = self._snapshot() if self.config.verify_update else None
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if before is not None and not self._scores_finite(images, targets):
+            if before is not None and not self._scores_finite(images, targets, class_mask):
                 self._restore(*before)
                 finite = False
             else:
@@ -234,11 +241,15 @@ class Trainer:
             float(output.loss_l.detach()), float(output.loss_c.detach()), not finite, output.stats, lr
         )
 
-    def _forward_backward(self, images: Tensor, targets: Tensor | list[Tensor]) -> tuple[Any, Tensor]:
+    def _forward_backward(
+        self, images: Tensor, targets: Tensor | list[Tensor], class_mask: Tensor | None
+    ) -> tuple[Any, Tensor]:
         """Loss and gradients of one batch -> (LossOutput, global gradient L2 norm [])."""
         with self._autocast():
             loc, conf, priors = self.model(images.to(self.device))  # [B, P, 4], [B, P, C], [P, 4]
-        output = self.criterion.compute((loc.float(), conf.float(), priors), _to_device(targets, self.device))
+        output = self.criterion.compute(
+            (loc.float(), conf.float(), priors), _to_device(targets, self.device), class_mask
+        )
         (output.loss_l + output.loss_c).backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
@@ -256,14 +267,14 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_state)
 
     @torch.no_grad()
-    def _scores_finite(self, images: Tensor, targets: Tensor | list[Tensor]) -> bool:
+    def _scores_finite(self, images: Tensor, targets: Tensor | list[Tensor], class_mask: Tensor | None) -> bool:
         """Whether the (updated) model's loss on the batch is finite; eval mode leaves BatchNorm alone."""
         self.model.eval()
         try:
             with self._autocast():
                 loc, conf, priors = self.model(images.to(self.device))  # [B, P, 4], [B, P, C], [P, 4]
             output = self.criterion.compute(
-                (loc.float(), conf.float(), priors), _to_device(targets, self.device)
+                (loc.float(), conf.float(), priors), _to_device(targets, self.device), class_mask
             )
         finally:
             self.model.train()

@@ -33,8 +33,10 @@ MULTIPART_SCHEMA = {
         "annotations": {
             "type": "string",
             "description": 'JSON list, one entry per file: {"boxes": [[x1, y1, x2, y2] pixels], "labels": [...], '
-                           '"difficult": [...]?}',
+                           '"difficult": [...]?, "labelled_classes": [...]?}',
         },
+        "labelled_classes": {"type": "string", "description": "JSON list of 0-based labels: partial labels of "
+                             "every image whose annotation gives none (see the JSON form)"},
         "steps": {"type": "integer", "minimum": 1, "default": 1},
         "learning_rate": {"type": "number", "exclusiveMinimum": 0},
         "augment": {"type": "boolean", "default": False},
@@ -61,11 +63,11 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
         options, items = await multipart_request(request, FinetuneOptions, settings, annotated=True)
-        samples = await run_in_threadpool(labelled_samples, items, settings, True)
+        samples = await run_in_threadpool(labelled_samples, items, settings, True, options.labelled_classes)
     else:
         options = await run_in_threadpool(parse_json, FinetuneRequest, await request.body())
         items = [(item.image, item) for item in options.images]
-        samples = await run_in_threadpool(labelled_samples, items, settings)
+        samples = await run_in_threadpool(labelled_samples, items, settings, False, options.labelled_classes)
     # off the event loop: acceptance fsyncs the job journal
     job = await run_in_threadpool(worker.submit, samples, [image for image, _ in items], options.steps,
                                   options.learning_rate, options.augment, options.force, options.replay)

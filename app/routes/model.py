@@ -32,7 +32,7 @@ def model_info(host: ModelHost, settings: Settings) -> ModelInfo:
     return ModelInfo(
         architecture=settings.model,
         num_classes=settings.num_classes,
-        class_names=[settings.class_name(label) for label in range(settings.num_classes - 1)],
+        class_names=settings.object_class_names(),
         input_size=host.spec.image_size,
         num_priors=host.priors.shape[0],
         version=current.version,

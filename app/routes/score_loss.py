@@ -51,8 +51,8 @@ def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
     """The loss of a validated batch (no gradients)."""
     with torch.inference_mode():
         try:
-            return criterion_for(batch.options, num_classes).compute((batch.loc, batch.conf, batch.priors),
-                                                                     batch.targets)
+            return criterion_for(batch.options, num_classes).compute(
+                (batch.loc, batch.conf, batch.priors), batch.targets, batch.class_mask)
         except ValueError as error:  # the loss's own checks (e.g. option combinations)
             raise invalid("body", str(error)) from None
 
@@ -75,23 +75,28 @@ def score_images(request: ScoreLossRequest, host: ModelHost, settings: Settings,
 def check_form(request: ScoreLossRequest) -> None:
     """Exactly one form: `predictions` + `targets` (+ `priors`), or `images`."""
     if request.images is not None:
-        extra = [name for name in ("predictions", "targets", "priors") if getattr(request, name) is not None]
+        extra = [name for name in ("predictions", "targets", "priors", "labelled_classes")
+                 if getattr(request, name) is not None]
         if extra:
-            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes go with each image)")
+            raise invalid(extra[0], "not allowed with `images` (the model predicts; boxes and labelled_classes "
+                          "go with each image)")
     elif request.predictions is None:
         raise ApiError(422, "invalid_value", "body: give either `predictions` with `targets`, or `images`", "body")
     elif request.targets is None:
         raise invalid("targets", "required with `predictions`: one list of boxes per image")
 
 
-def response(output: LossOutput, version: int) -> ScoreLossResponse:
+def response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
     loss_l, loss_c = float(output.loss_l), float(output.loss_c)
     if not all(abs(v) < float("inf") for v in (loss_l, loss_c)):
         raise invalid("predictions", "the loss overflowed to a non-finite value (predictions too large)")
-    totals = output.stats.totals()
+    stats = output.stats
+    totals = stats.totals()
     return ScoreLossResponse(
         loss=loss_l + loss_c, loss_l=loss_l, loss_c=loss_c, num_positives=totals["num_positives"],
-        num_negatives=totals["num_negatives"], per_image=output.stats.per_image(), model_version=version,
+        num_negatives=totals["num_negatives"], per_image=stats.per_image(),
+        per_class=stats.per_class.rows(class_names),
+        loss_c_negatives=float(stats.per_class.negative_loss_c_sum / stats.normalizer), model_version=version,
     )
 
 
@@ -120,6 +125,6 @@ async def score_loss(request: Request, host: HostDep, settings: SettingsDep, met
             batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
             version = host.current.version
             output = await run_in_threadpool(score_batch, batch, settings.num_classes)
-    result = response(output, version)
+    result = response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     return result

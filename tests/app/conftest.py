@@ -7,6 +7,7 @@ import base64
 from collections.abc import Iterator
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -94,6 +95,31 @@ def labelled(dataset: ShapesDataset, indices=(0, 1)) -> list[dict]:
 
 def png_bytes(dataset: ShapesDataset, index: int = 0) -> bytes:
     return encode_png(dataset[index].image)
+
+
+class CriterionSpy:
+    """Wraps the trainer's criterion and records every `compute`: its class mask (as a list), its output
+    and whether it trained (gradients on) or only verified the update."""
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+        self.masks, self.training_outputs = [], []
+
+    @classmethod
+    def install(cls, client) -> CriterionSpy:
+        trainer = client.app.state.worker.trainer
+        trainer.criterion = spy = cls(trainer.criterion)
+        return spy
+
+    def __getattr__(self, name):
+        return getattr(self.criterion, name)
+
+    def compute(self, predictions, targets, class_mask=None):
+        self.masks.append(None if class_mask is None else class_mask.tolist())
+        output = self.criterion.compute(predictions, targets, class_mask)
+        if torch.is_grad_enabled():
+            self.training_outputs.append(output)
+        return output
 
 
 def assert_error(response, status: int, field: str | None, code: str | None = None) -> dict:

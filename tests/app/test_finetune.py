@@ -13,7 +13,15 @@ import torch
 import app.publishing
 from ssd_core.checkpoint import CheckpointStore
 from ssd_core.gate import GateDecision
-from tests.app.conftest import TOKEN, assert_error, labelled, make_settings, png_bytes, start_client
+from tests.app.conftest import (
+    TOKEN,
+    CriterionSpy,
+    assert_error,
+    labelled,
+    make_settings,
+    png_bytes,
+    start_client,
+)
 
 
 def wait_for(client, job_id: str, states: set[str], timeout: float = 60.0) -> dict:
@@ -293,3 +301,21 @@ def test_a_rejected_job_puts_the_ema_and_the_raw_weights_back_bitwise(tmp_path, 
         assert trainer.ema.updates == trainer.steps == 2
         served = client.app.state.host.current.model.state_dict()
         assert all(torch.equal(ema[k], v) for k, v in served.items())  # the EMA was what the gate published
+
+
+def test_job_view_pools_per_class_statistics_over_its_steps(client, shapes):
+    spy = CriterionSpy.install(client)
+    response = client.post("/finetune?wait=true", json={"images": labelled(shapes, (0, 1, 2)), "steps": 3})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert len(spy.training_outputs) == 3
+    per_class = [output.stats.per_class for output in spy.training_outputs]
+    pooled = per_class[0] + per_class[1] + per_class[2]
+    names = ["rectangle", "ellipse", "triangle"]
+    assert [row["class_name"] for row in job["per_class"]] == names
+    for got, want in zip(job["per_class"], pooled.rows(names), strict=True):
+        assert got == {key: value if key == "class_name" else pytest.approx(value, rel=1e-5, abs=1e-7)
+                       for key, value in want.items()}
+    truths = sum(len(shapes[i].boxes) for i in (0, 1, 2))
+    assert sum(row["num_ground_truth"] for row in job["per_class"]) == 3 * truths
+    assert client.get(f"/finetune/{job['job_id']}").json()["per_class"] == job["per_class"]

@@ -100,3 +100,63 @@ def test_request_metrics_use_route_templates(client):
     names = {family.name for family in text_string_to_metric_families(text.text)}
     assert {"ssd_http_requests", "ssd_model_version", "ssd_build_info", "ssd_model_info"} <= names
     assert value("ssd_build_info", version=client.app.version, torch=torch.__version__) == 1
+
+
+CLASS_COUNTER_FIELDS = {
+    "ssd_class_ground_truth_boxes_total": "num_ground_truth",
+    "ssd_class_positives_total": "num_positives",
+    "ssd_class_forced_matches_total": "num_forced_matches",
+    "ssd_class_matched_iou_total": "matched_iou_sum",
+    "ssd_class_loss_loc_total": "loss_l_sum",
+    "ssd_class_loss_conf_total": "loss_c_sum",
+}
+
+
+def test_per_class_counters_after_known_batches():
+    """Two batches' per-class sums, by class name and source; every class starts at zero."""
+    names = ("cat", "dog", "bird", "fish")
+    metrics = Metrics(CollectorRegistry(), names)
+    value = metrics.registry.get_sample_value
+    for name in CLASS_COUNTER_FIELDS:
+        for class_name in names:
+            for source in ("score", "finetune"):
+                assert value(name, {"class": class_name, "source": source}) == 0, (name, class_name)
+    priors = prior_boxes(VOC_300)  # [8732, 4]
+    g = torch.Generator().manual_seed(1)
+    outputs = []
+    for targets in ([torch.tensor([[0.1, 0.1, 0.5, 0.6, 0.0], [0.4, 0.3, 0.9, 0.9, 3.0]]),
+                     torch.tensor([[0.2, 0.2, 0.3, 0.25, 0.0]])],
+                    [torch.tensor([[0.05, 0.5, 0.2, 0.6, 1.0]]), torch.tensor([[0.6, 0.1, 0.9, 0.7, 3.0]])]):
+        loc, conf = torch.randn(2, len(priors), 4, generator=g), torch.randn(2, len(priors), 5, generator=g)
+        outputs.append(MultiBoxLoss(5, 0.5, True, 0, True, 3, 0.5, False).compute((loc, conf, priors), targets))
+        record_match_stats(metrics, "score", outputs[-1])
+    record_match_stats(metrics, "finetune", outputs[0])
+    first, second = (output.stats.per_class for output in outputs)
+    assert first.num_ground_truth.tolist() == [2, 0, 0, 1] and second.num_ground_truth.tolist() == [0, 1, 0, 1]
+    for name, field in CLASS_COUNTER_FIELDS.items():
+        for label, class_name in enumerate(names):
+            expected = float(getattr(first, field)[label] + getattr(second, field)[label])
+            assert value(name, {"class": class_name, "source": "score"}) == pytest.approx(expected, rel=1e-6)
+            assert value(name, {"class": class_name, "source": "finetune"}) == pytest.approx(
+                float(getattr(first, field)[label]), rel=1e-6)
+    assert value("ssd_class_ground_truth_boxes_total", {"class": "fish", "source": "score"}) == 2
+    assert value("ssd_class_positives_total", {"class": "bird", "source": "score"}) == 0  # no bird boxes
+    # the class totals add up to the existing source totals, which keep their names
+    for total, name in (("ssd_ground_truth_boxes_total", "ssd_class_ground_truth_boxes_total"),
+                        ("ssd_forced_matches_total", "ssd_class_forced_matches_total")):
+        assert sum(value(name, {"class": c, "source": "score"}) for c in names) == value(total, {"source": "score"})
+
+
+def test_per_class_series_are_bounded_by_the_classes():
+    metrics = Metrics(CollectorRegistry(), [f"c{i}" for i in range(20)])  # C = 21
+    samples = [s for family in metrics.registry.collect() if family.name.startswith("ssd_class_")
+               for s in family.samples if s.name.endswith("_total")]
+    assert len(samples) == 6 * 20 * 2
+    assert {s.labels["source"] for s in samples} == {"score", "finetune"}
+    unnamed = Metrics(CollectorRegistry())  # labels beyond the names read class_<label>
+    output = MultiBoxLoss(3, 0.5, True, 0, True, 3, 0.5, False).compute(
+        (torch.zeros(1, 8732, 4), torch.zeros(1, 8732, 3), prior_boxes(VOC_300)),
+        [torch.tensor([[0.1, 0.1, 0.5, 0.5, 1.0]])])
+    record_match_stats(unnamed, "score", output)
+    assert unnamed.registry.get_sample_value("ssd_class_ground_truth_boxes_total",
+                                             {"class": "class_1", "source": "score"}) == 1

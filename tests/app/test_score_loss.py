@@ -11,6 +11,7 @@ import torch
 
 from app.inputs import _first_non_finite
 from ssd_core import MultiBoxLoss
+from ssd_core.datasets import collate
 from ssd_core.images import encode_png
 from ssd_core.models import build_model
 from tests.app.conftest import assert_error, labelled
@@ -72,6 +73,26 @@ def assert_matches(body: dict, expected) -> None:
     for got, want in zip(body["per_image"], expected_images, strict=True):
         assert got.keys() == want.keys()
         assert got == {key: pytest.approx(value, rel=1e-5) for key, value in want.items()}
+    assert_per_class(body, expected)
+
+
+CLASS_NAMES = ["rectangle", "ellipse", "triangle"]  # the test settings'
+
+
+def assert_per_class(body: dict, expected) -> None:
+    """`per_class` and `loss_c_negatives` equal MultiBoxLoss's per-class statistics."""
+    per_class = expected.stats.per_class
+    want_rows = per_class.rows(CLASS_NAMES)
+    assert [row["label"] for row in body["per_class"]] == [0, 1, 2]
+    for got, want in zip(body["per_class"], want_rows, strict=True):
+        assert got.keys() == want.keys()
+        assert got["class_name"] == want["class_name"]
+        assert got == {key: value if key == "class_name" else pytest.approx(value, rel=1e-5, abs=1e-7)
+                       for key, value in want.items()}
+    negatives = float(per_class.negative_loss_c_sum / per_class.normalizer)
+    assert body["loss_c_negatives"] == pytest.approx(negatives, rel=1e-5)
+    assert sum(row["loss_c"] for row in body["per_class"]) + negatives == pytest.approx(body["loss_c"], rel=1e-5)
+    assert sum(row["num_positives"] for row in body["per_class"]) == body["num_positives"]
 
 
 def test_json_equals_multibox_loss(client):
@@ -129,12 +150,26 @@ def test_score_records_metrics(client):
     assert client.sample("ssd_ground_truth_boxes_total", source="score") == 3
     assert client.sample("ssd_matched_iou_count", source="score") == int(expected.stats.num_positives.sum())
     assert client.sample("ssd_loss_loc_count", source="finetune") == 0
+    per_class = expected.stats.per_class
+    for label, name in enumerate(CLASS_NAMES):
+        by_class = {"class": name, "source": "score"}
+        assert client.sample("ssd_class_ground_truth_boxes_total", **by_class) == per_class.num_ground_truth[label]
+        assert client.sample("ssd_class_positives_total", **by_class) == per_class.num_positives[label]
+        assert client.sample("ssd_class_forced_matches_total", **by_class) == per_class.num_forced_matches[label]
+        for metric, field in (("ssd_class_matched_iou_total", "matched_iou_sum"),
+                              ("ssd_class_loss_loc_total", "loss_l_sum"), ("ssd_class_loss_conf_total", "loss_c_sum")):
+            assert client.sample(metric, **by_class) == pytest.approx(float(getattr(per_class, field)[label]), rel=1e-5)
 
 
 def test_image_form_runs_the_hosted_model(client, shapes):
     response = client.post("/score-loss", json={"images": labelled(shapes)})
     assert response.status_code == 200, response.text
     body = response.json()
+    host = client.app.state.host
+    images, targets = collate([shapes[0], shapes[1]], host.spec)
+    with torch.inference_mode():
+        predictions = host.predict(images, host.current)
+    assert_matches(body, MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False).compute(predictions, targets))
     assert body["model_version"] == 0
     assert [image["num_ground_truth"] for image in body["per_image"]] == [len(shapes[0].boxes), len(shapes[1].boxes)]
     assert body["loss"] > 0

@@ -137,6 +137,27 @@ def test_prometheus_holds_loss_and_match_series_matching_the_responses(scraped):
     assert score("ssd_matched_iou_bucket", ',le="1.0"') == score("ssd_matched_iou_count")
 
 
+def test_prometheus_holds_per_class_series_matching_the_responses(scraped):
+    prometheus, traffic = scraped
+    rows = [row for response in traffic.score_responses for row in response["per_class"]]
+    names = sorted({row["class_name"] for row in rows})
+    assert len(names) == 3  # ssd-small's object classes (named class_<label> without SSD_CLASS_NAMES)
+    fields = {"ssd_class_ground_truth_boxes_total": "num_ground_truth", "ssd_class_positives_total": "num_positives",
+              "ssd_class_forced_matches_total": "num_forced_matches"}
+    for name in names:
+        mine = [row for row in rows if row["class_name"] == name]
+        for metric, field in fields.items():
+            got = value(prometheus, f'{metric}{{job="ssd",source="score",class="{name}"}}')
+            assert got == sum(row[field] for row in mine), (metric, name)
+        iou = value(prometheus, f'ssd_class_matched_iou_total{{job="ssd",source="score",class="{name}"}}')
+        assert iou == pytest.approx(sum(row["mean_matched_iou"] * row["num_positives"] for row in mine), rel=1e-4,
+                                    abs=1e-4)
+    total = value(prometheus, 'sum(ssd_class_ground_truth_boxes_total{job="ssd",source="finetune"})')
+    assert total == sum(traffic.finetune_boxes_per_step)
+    # the job views pool per_class over their steps: their boxes add up to the same total
+    assert total == sum(row["num_ground_truth"] for job in traffic.finetune_jobs for row in job["per_class"])
+
+
 def test_prometheus_holds_finetune_series_matching_the_jobs(scraped):
     prometheus, traffic = scraped
     steps = sum(FINETUNE_STEPS)
@@ -170,12 +191,19 @@ def test_prometheus_holds_request_series(scraped):
     assert value(prometheus, 'sum(ssd_http_requests_in_progress{route="/detect"})') == 0
 
 
+# series the service exposes only once it holds a validation set (issue 10's gauges; this live service has
+# none): their panels' expressions must be accepted by Prometheus, and may return no data
+ONLY_WITH_A_VALIDATION_SET = ("ssd_validation_ap_50",)
+
+
 def test_every_dashboard_expression_is_accepted_and_returns_finite_data(scraped):
     prometheus, _ = scraped
     expressions = dashboard_expressions()
     assert len(expressions) >= 20
     for title, expr in expressions:
         result = prometheus.query(grafana_to_promql(expr))
+        if not result and any(name in expr for name in ONLY_WITH_A_VALIDATION_SET):
+            continue
         assert result, f"panel {title!r}: {expr!r} returned no data"
         values = [float(series["value"][1]) for series in result]
         assert any(math.isfinite(v) for v in values), f"panel {title!r}: {expr!r} gave only {values}"

@@ -82,6 +82,8 @@ def _record(result) -> dict:
         "num_positives": result.stats.num_positives.tolist(),
         "num_ground_truth": result.stats.num_ground_truth.tolist(),
         "totals": result.stats.totals(),
+        "per_class": [{k: v for k, v in row.items() if k != "class_name"}
+                      for row in result.stats.per_class.rows(["rectangle", "ellipse", "triangle"])],
     }
 
 
@@ -176,6 +178,9 @@ def _check_loss_and_statistics_are_global(out: Path, expected: list[dict]) -> No
             assert got["loss_l"] == pytest.approx(want["loss_l"], rel=1e-4)
             assert got["loss_c"] == pytest.approx(want["loss_c"], rel=1e-4)
             assert got["totals"] == pytest.approx(want["totals"], rel=1e-4)
+            assert len(got["per_class"]) == len(want["per_class"]) > 0
+            for got_class, want_class in zip(got["per_class"], want["per_class"], strict=True):
+                assert got_class == pytest.approx(want_class, rel=1e-4)
 
 
 def _check_train_mode_batchnorm_parameters_are_identical(out: Path) -> None:

@@ -3,6 +3,7 @@ persistence across a restart and a kill -9."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -63,8 +64,10 @@ def _samples(n: int, seed: int = 0) -> list[Sample]:
     return [dataset[i] for i in range(n)]
 
 
-def test_memory_round_trip_is_lossless_and_class_balanced(tmp_path):
+def test_memory_round_trip_is_lossless_and_keeps_partial_labels(tmp_path):
     samples = _samples(6)
+    declared = tuple(sorted(set(samples[0].labels.tolist())))
+    samples[0] = dataclasses.replace(samples[0], labelled_classes=declared)  # complete for its own classes only
     memory = ReplayMemory(tmp_path, max_images=10, max_bytes=2**20, max_pixels=2**16, seed=0)
     assert memory.add(samples, {"job": "a"}) == 6
     draw = memory.draw(6)
@@ -74,6 +77,7 @@ def test_memory_round_trip_is_lossless_and_class_balanced(tmp_path):
         original = originals[tuple(sample.image.flatten()[:64].tolist())]
         assert torch.equal(sample.image, original.image)
         assert torch.equal(sample.boxes, original.boxes) and torch.equal(sample.labels, original.labels)
+        assert sample.labelled_classes == original.labelled_classes
     expected = Counter(c for s in samples for c in set(s.labels.tolist()))
     assert memory.class_counts() == dict(expected)
 
