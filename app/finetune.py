@@ -537,7 +537,8 @@ def _clone(tensors: dict) -> dict:
 def train_config(settings: Settings) -> TrainConfig:
     """The service trainer's optimizer, warm-up, clipping and EMA (README, "The online recipe")."""
     return TrainConfig(
-        lr=settings.learning_rate, warmup_steps=settings.warmup_steps, clip_grad_norm=settings.clip_grad_norm,
+        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=settings.warmup_steps,
+        clip_grad_norm=settings.clip_grad_norm,
         verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
     )
 

@@ -49,11 +49,15 @@ class Settings(BaseSettings):
     # fine-tuning
     finetune_queue_size: int = Field(8, ge=1)
     finetune_max_steps: int = Field(1000, ge=1, description="most steps one job may ask for")
+    # the online recipe (README, "The online recipe"): chosen by benchmarks/bench_recipe.py
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="the fine-tune optimizer; sgd (momentum 0.9) for pretrained SSD300 weights"
+    )
     learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(
-        0.0, ge=0, lt=1, description="decay of the served EMA of the trainer's weights; 0: serve the raw weights"
+        0.99, ge=0, lt=1, description="decay of the served EMA of the trainer's weights; 0: serve the raw weights"
     )
-    ema_tau: float = Field(2000.0, gt=0, description="steps of the EMA's decay ramp d * (1 - exp(-updates / tau))")
+    ema_tau: float = Field(50.0, gt=0, description="steps of the EMA's decay ramp d * (1 - exp(-updates / tau))")
     replay_ratio: float = Field(
         1.0, ge=0, le=8, description="replayed images per new image in each fine-tune step; 0: no replay"
     )
@@ -63,7 +67,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, gt=0, description="wait for the running step on shutdown")
     max_learning_rate: float = Field(0.1, gt=0, description="a job's learning_rate above this is a 422")
     clip_grad_norm: float | None = Field(10.0, gt=0, description="clip each step's gradient L2 norm; None: off")
-    warmup_steps: int = Field(50, ge=0, description="a fresh model's first steps ramp the lr up linearly")
+    warmup_steps: int = Field(100, ge=0, description="a fresh model's first steps ramp the lr up linearly")
 
     # online learning that never makes the served model worse (README, "Publishing")
     publish: Literal["gated", "every_step"] = Field(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
@@ -30,6 +31,8 @@ from ssd_core.ema import EMAConfig, ModelEMA
 from ssd_core.stats import MatchStats
 
 __all__ = ["LossCriterion", "StepResult", "TrainConfig", "Trainer", "TrainerState"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,14 @@ class LossCriterion(Protocol):
         self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any, class_mask: Tensor | None = None
     ) -> Any:
         """-> LossOutput(loss_l, loss_c, stats)."""
+
+
+def _same_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Whether `state` (an `optimizer.state_dict()`) comes from the same kind of optimizer: the same
+    hyper-parameter names in its param groups (SGD has `momentum`, AdamW `betas`)."""
+    def names(groups: list[dict[str, Any]]) -> set[str]:
+        return {key for group in groups for key in group if key != "params"}
+    return names(state["param_groups"]) == names(optimizer.state_dict()["param_groups"])
 
 
 def _to_device(targets: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
@@ -309,13 +320,18 @@ class Trainer:
         With the EMA on, the average resumes from `weights` and `module` from `training_weights`
         (from `weights` when the checkpoint has none, e.g. one written with the EMA off); the ramp
         resumes at `steps`. With the EMA off `module` takes `weights`, the published ones, and
-        `training_weights` is ignored, so the trainer continues from what is served.
+        `training_weights` is ignored, so the trainer continues from what is served. An optimizer state
+        of another kind of optimizer (an SGD checkpoint resumed with AdamW) is not loaded: the
+        optimizer starts fresh (logged).
         """
         if self.ema is None:
             self.module.load_state_dict(weights)
         else:
             self.module.load_state_dict(weights if training_weights is None else training_weights)
             self.ema.load_state_dict(weights, updates=steps)
-        if optimizer_state is not None:
+        if optimizer_state is not None and _same_optimizer(self.optimizer, optimizer_state):
             self.optimizer.load_state_dict(optimizer_state)
+        elif optimizer_state is not None:
+            logger.warning("the checkpoint's optimizer state belongs to another optimizer than %s: starting it "
+                           "fresh", type(self.optimizer).__name__)
         self.steps = steps

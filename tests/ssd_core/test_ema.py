@@ -139,3 +139,18 @@ def test_turning_the_ema_on_or_off_resumes_from_the_served_weights(tmp_path):
     newly_on.restore(plain.state().weights, None, 1)
     _assert_tensors_equal(newly_on.weights(), newly_on.module.state_dict())
     _assert_tensors_equal(newly_on.weights(), with_ema.weights())
+
+
+def test_an_sgd_checkpoint_resumes_under_adamw_with_a_fresh_optimizer():
+    images, targets = _batch(2)
+    sgd = _trainer()
+    sgd.step(images, targets)
+    state = sgd.state()
+    adamw = _trainer(TrainConfig(lr=1e-3, optimizer="adamw"), seed=5)
+    adamw.restore(state.weights, state.optimizer_state, sgd.steps)
+    _assert_tensors_equal(adamw.module.state_dict(), sgd.module.state_dict())
+    assert adamw.optimizer.state_dict()["state"] == {}  # not SGD's momentum buffers
+    assert not adamw.step(images, targets).skipped
+    same = _trainer(seed=6)
+    same.restore(state.weights, state.optimizer_state, sgd.steps)
+    assert same.optimizer.state_dict()["state"].keys() == state.optimizer_state["state"].keys()
