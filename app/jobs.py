@@ -67,8 +67,3 @@ class Job:
             finished_at=self.finished_at, checkpoint=self.checkpoint, force=self.force, held_out=self.held_out,
             screening=self.screening, evaluation=self.evaluation,
         )
-
-    @property
-    def accepted(self) -> bool:
-        """Finished and its weights (if any) kept: succeeded."""
-        return self.state == JobState.succeeded

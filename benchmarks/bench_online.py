@@ -4,7 +4,7 @@ Live servers (`python -m app`, `ssd-small`, CPU), HTTP only, `ShapesDataset` ima
 
 1. warm-up: ONE server from a fresh checkpoint directory (`SSD_PUBLISH=every_step`, no holdout) takes
    fine-tune jobs until the served mAP@0.5 on held-out `split="val"` images reaches `--warm-map` (or
-   `--warm-minutes` pass); its checkpoint directory is kept (`--warm-dir`, reused when it exists).
+   `--warm-minutes` pass); its checkpoint directory is kept (`--warm-dir`; a later run resumes it).
 2. two servers start from copies of it, `every_step` and `gated` (the defaults otherwise), and get
    the same 200 validation images over `POST /validation` (`split="validation"`, not the measured split);
 3. both get the same jobs in turn (`--job-images` images x `--job-steps` steps, `--lr`): (a) 3 jobs with
@@ -203,27 +203,28 @@ def measure_map(server: Server, samples: list[Sample], encoded: list[dict]) -> d
 # ---- phases
 
 
-def warm_up(args: argparse.Namespace, val: list[Sample], encoded: list[dict]) -> None:
-    """Train a fresh server over HTTP until the served mAP@0.5 reaches args.warm_map; keep its directory."""
-    if (args.warm_dir / "checkpoints").exists():
-        print(f"warm-up: reusing {args.warm_dir}")
-        return
-    stream = Stream(args.image_size, seed=100)
+def warm_up(args: argparse.Namespace, val: list[Sample], encoded: list[dict]) -> dict:
+    """Train a server over HTTP (resuming `args.warm_dir` when it exists) until the served mAP@0.5 reaches
+    args.warm_map or args.warm_minutes pass; its checkpoint directory is what both modes start from."""
     started = time.monotonic()
     with start_server("warm", args.warm_dir / "checkpoints", args.threads, SSD_PUBLISH="every_step",
                       SSD_HOLDOUT_FRACTION="0") as server:
+        version = httpx.get(f"{server.url}/model", timeout=30).json()["version"]
+        stream = Stream(args.image_size, seed=100 + version)  # fresh images after a resumed warm-up
+        measured = measure_map(server, val, encoded)
+        print(f"warm-up from version {version}: mAP@0.5 {measured['map_50']:.3f}", flush=True)
         jobs = 0
-        while True:
+        while measured["map_50"] < args.warm_map and time.monotonic() - started < 60 * args.warm_minutes:
             post_job(server, stream.take(args.warm_images), args.warm_steps, args.warm_lr)
             jobs += 1
-            if jobs % 5:
-                continue
-            measured = measure_map(server, val, encoded)
-            elapsed = time.monotonic() - started
-            print(f"warm-up job {jobs:3d} ({jobs * args.warm_steps} steps, {elapsed:5.0f} s): "
-                  f"mAP@0.5 {measured['map_50']:.3f}", flush=True)
-            if measured["map_50"] >= args.warm_map or elapsed > 60 * args.warm_minutes:
-                break
+            if jobs % 3 == 0:
+                measured = measure_map(server, val, encoded)
+                print(f"warm-up job {jobs:3d} (+{jobs * args.warm_steps} steps, {time.monotonic() - started:5.0f} s): "
+                      f"mAP@0.5 {measured['map_50']:.3f}", flush=True)
+        measured = measure_map(server, val, encoded)
+        print(f"warm-up done: version {measured['version']}, mAP@0.5 {measured['map_50']:.3f} {measured['per_class']}",
+              flush=True)
+        return measured
 
 
 JobMaker = Callable[[Stream], list[Sample]]
@@ -265,12 +266,12 @@ def run(args: argparse.Namespace) -> dict:
     val = [ShapesDataset(args.eval_images, image_size=args.image_size, seed=1, split="val")[i]
            for i in range(args.eval_images)]
     encoded = items(val)
-    warm_up(args, val, encoded)
+    warmed = warm_up(args, val, encoded)
     work = args.warm_dir.parent / "modes"
     shutil.rmtree(work, ignore_errors=True)
     validation = ShapesDataset(args.validation_images, image_size=args.image_size, seed=2, split="validation")
     validation_samples = [validation[i] for i in range(args.validation_images)]
-    history: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "modes": {}}
+    history: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "warm_up": warmed, "modes": {}}
     with contextlib.ExitStack() as stack:
         servers = []
         for mode in ("every_step", "gated"):
