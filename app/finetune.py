@@ -40,6 +40,7 @@ from collections import OrderedDict, deque
 
 from torch import nn
 
+from app.checkpointing import VersionSaver
 from app.errors import ApiError
 from app.jobs import INTERRUPTED, Job, finite_or_none
 from app.journal import JobJournal
@@ -62,7 +63,7 @@ from ssd_core.training import StepResult, TrainConfig, Trainer, TrainerState
 
 logger = logging.getLogger(__name__)
 
-ServedState = tuple[TrainerState, int]  # the trainer's weights (EMA and raw), optimizer state; steps
+ServedSnapshot = tuple[TrainerState, int]  # the trainer's weights (EMA and raw), optimizer state; steps
 
 
 class FinetuneWorker:
@@ -83,14 +84,13 @@ class FinetuneWorker:
     ) -> None:
         self.host = host
         self.trainer = trainer
-        self.store = store
         self.validation = validation
         self.replay = replay
         self.gatekeeper = Gatekeeper(host, validation, trainer.criterion, settings, metrics)
         self.settings = settings
         self.metrics = metrics
-        self._saved_version = saved_version
-        self._served: ServedState | None = None  # during a gated job: the served version's trainer state
+        self.saver = VersionSaver(store, host, settings, metrics, saved_version)
+        self._served: ServedSnapshot | None = None  # during a gated job: the served version's trainer state
         self._diverged = False  # the trainer's weights differ from `_served`
         self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -349,7 +349,7 @@ class FinetuneWorker:
             return None
         return job.learning_rate * self.trainer.config.warmup_factor(self.trainer.steps)
 
-    def _trainer_state(self) -> ServedState:
+    def _trainer_state(self) -> ServedSnapshot:
         """A copy of the trainer's weights and buffers (published and, EMA on, raw), optimizer state and
         step count (caller holds `_train_lock`)."""
         state = self.trainer.state()
@@ -434,19 +434,23 @@ class FinetuneWorker:
         job.steps_done = step
         job.model_version = served.version
 
-    # ---- checkpoints and rollback (callers outside the trainer thread)
+    # ---- checkpoints, rollback and pins (app.checkpointing; callers outside the trainer thread)
+
+    def _served_version_state(self) -> TrainerState:
+        """The trainer state of the served version (caller holds `_train_lock`)."""
+        return self.trainer.state() if self._served is None else self._served[0]
 
     def checkpoint(self) -> tuple[CheckpointInfo, bool]:
         """Save the current version now. Returns (its checkpoint, whether it was written just now)."""
         with self._train_lock:
-            return self._checkpoint()
+            return self.saver.save(self._served_version_state())
 
     def rollback(self, version: int) -> ModelVersion:
         """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
 
         409 while a job is running (it would continue from different weights), 404 for an unknown version.
         """
-        store = self._require_store()
+        store = self.saver.require_store()
         with self._train_lock:
             with self._jobs_lock:
                 if self._running is not None:
@@ -458,76 +462,23 @@ class FinetuneWorker:
                 raise ApiError(404, "not_found", f"no loadable saved version {version}: {error}", "version") from None
             restore_trainer(self.trainer, saved)
             published = self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
-            self._checkpoint()
+            self.saver.save(self._served_version_state())
         return published
 
     def pin(self, version: int, pinned: bool) -> set[int]:
-        """Pin (or unpin) saved `version`; returns every pinned version. 404 for a version not saved
-        (pinning) or not pinned (unpinning); serialised with saves, so a pin never races a prune."""
-        store = self._require_store()
+        """Pin or unpin a saved version (serialised with saves: a pin never races a prune)."""
         with self._train_lock:
-            if pinned:
-                try:
-                    store.pin(version)
-                except CheckpointError as error:
-                    raise ApiError(404, "not_found", str(error), "version") from None
-            elif not store.unpin(version):
-                raise ApiError(404, "not_found", f"version {version} is not pinned", "version")
-            return store.pinned()
-
-    def _require_store(self) -> CheckpointStore:
-        if self.store is None:
-            raise ApiError(409, "no_checkpoint_dir", "no checkpoint directory is configured (SSD_CHECKPOINT_DIR)")
-        return self.store
-
-    def _checkpoint(self) -> tuple[CheckpointInfo, bool]:
-        """Write the current version unless it is on disk already (caller holds `_train_lock`)."""
-        store = self._require_store()
-        current = self.host.current
-        if current.version == self._saved_version:
-            for info in reversed(store.versions()):
-                if info.version == current.version:
-                    return info, False
-        state = self.trainer.state() if self._served is None else self._served[0]
-        meta = {
-            "version": current.version, "step": current.step, "model": self.settings.model,
-            "num_classes": self.settings.num_classes, "class_names": self.settings.class_names,
-            "restored_from": current.restored_from,
-        }
-        try:
-            info = store.save(state.weights, meta, state.optimizer_state, state.training_weights)
-        except Exception:
-            self.metrics.checkpoints.labels(outcome="failed").inc()
-            raise
-        self.metrics.checkpoints.labels(outcome="saved").inc()
-        self._saved_version = current.version
-        return info, True
+            return self.saver.pin(version, pinned)
 
     def _save_for_job(self) -> JobCheckpoint | None:
-        """Checkpoint the version a job left; whether it is on disk (None without a checkpoint directory)."""
         with self._train_lock:
-            if self.store is None:
-                return None
-            version = self.host.current.version
-            error = self._save_unsaved()
-            return JobCheckpoint(saved=self._saved_version == version, version=version, error=error)
+            return self.saver.job_checkpoint(self._served_version_state())
 
     def save_if_unsaved(self) -> None:
-        """Checkpoint the current version unless it is on disk (at start, at shutdown); a failure
-        (full or read-only disk) is logged and counted, never raised. After a job: `_save_for_job`."""
+        """Checkpoint the current version unless it is on disk (at start, at shutdown); failures are logged
+        and counted, never raised. After a job: `_save_for_job`."""
         with self._train_lock:
-            self._save_unsaved()
-
-    def _save_unsaved(self) -> str | None:
-        """`save_if_unsaved` under `_train_lock`; returns the error message of a failed write."""
-        if self.store is None or self.host.current.version == self._saved_version:
-            return None
-        try:
-            self._checkpoint()
-        except Exception as error:
-            logger.exception("checkpoint of version %d failed", self.host.current.version)
-            return f"{type(error).__name__}: {error}"
-        return None
+            self.saver.save_unsaved(self._served_version_state())
 
 
 def _clone(tensors: dict) -> dict:

@@ -83,8 +83,3 @@ class Job:
             screening=self.screening, evaluation=self.evaluation,
             replay=self.replay.model_copy(deep=True) if self.replay else None, per_class=list(self.per_class),
         )
-
-    @property
-    def accepted(self) -> bool:
-        """Finished and its weights (if any) kept: succeeded."""
-        return self.state == JobState.succeeded

@@ -83,8 +83,9 @@ class ScreeningHistory:
             return ScreeningVerdict(True, loss, loss_l, loss_c, median, threshold, jobs)
         median_l = statistics.median(loc for loc, _ in self._losses)
         median_c = statistics.median(conf for _, conf in self._losses)
-        boxes = loss_l / max(median_l, 1e-12) >= loss_c / max(median_c, 1e-12)
+        ratio_l, ratio_c = loss_l / max(median_l, 1e-12), loss_c / max(median_c, 1e-12)
         reason = (f"screening: the served model's loss on this batch is {loss:.3f}, above {self.config.ratio:g} x "
-                  f"the median {median:.3f} of the last {jobs} accepted jobs ({threshold:.3f}); "
-                  f"{BOX_HINT if boxes else LABEL_HINT}. Send \"force\": true to skip screening (the gate still applies)")
+                  f"the median {median:.3f} of the last {jobs} accepted jobs ({threshold:.3f}; loss_l {ratio_l:.1f} x "
+                  f"its median, loss_c {ratio_c:.1f} x); {BOX_HINT if ratio_l >= ratio_c else LABEL_HINT}. "
+                  f"Send \"force\": true to skip screening (the gate still applies)")
         return ScreeningVerdict(False, loss, loss_l, loss_c, median, threshold, jobs, reason)
