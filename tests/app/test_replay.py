@@ -7,8 +7,9 @@ import pytest
 
 import app.publishing
 from ssd_core.gate import GateDecision
+from ssd_core.partial_labels import labelled_class_mask
 from ssd_core.replay import ReplayMemory
-from tests.app.conftest import assert_error, labelled, make_settings, start_client
+from tests.app.conftest import CriterionSpy, assert_error, labelled, make_settings, start_client
 from tests.app.test_finetune import wait_for
 
 
@@ -91,3 +92,19 @@ def test_a_rejected_job_never_enters_the_memory_and_an_accepted_one_does(tmp_pat
     assert len(validation) == 2 + accepted["held_out"]
     assert not validation & set(_memory(settings).store.keys())  # PNG keys: never an image the set holds
     assert len(_memory(settings)) == 4 - accepted["held_out"]
+
+
+def test_replayed_images_keep_their_partial_labels_in_later_steps(client, shapes):
+    """A job declaring `labelled_classes` leaves its images in the memory with them: a later job that
+    declares nothing trains its own images unmasked and the replayed ones masked as when sent."""
+    declared = sorted(set(shapes[0].labels.tolist()) | set(shapes[1].labels.tolist()))
+    first = client.post("/finetune?wait=true", json={"images": labelled(shapes, (0, 1)), "steps": 1,
+                                                      "labelled_classes": declared})
+    assert first.json()["status"] == "succeeded", first.text
+    spy = CriterionSpy.install(client)
+    second = _finetune(client, shapes, (2, 3), steps=1, replay=1)
+    assert second["losses"][0]["replayed"] == 2
+    masked = labelled_class_mask([declared], 4).tolist()[0]
+    training_mask = spy.masks[0]  # the step's own compute (its verification repeats it)
+    assert training_mask[:2] == [[True] * 4] * 2  # the job's own images: every class
+    assert training_mask[2:] == [masked, masked]  # the replayed ones: as declared
