@@ -1,101 +1,69 @@
 """Online fine-tuning: a bounded job queue worked by ONE trainer thread.
 
-The trainer owns its own copy of the weights (`ssd_core.training.Trainer`) and publishes a new
-model version after every completed optimizer step, so `/detect` sees progress within a job and a
-cancelled job leaves the model at its last completed step. A skipped (non-finite) step publishes
-nothing. A checkpoint is written after every job that changed the weights, on demand
-(`POST /model/checkpoint`), after a rollback and on shutdown; a job's `checkpoint` says whether the
-version it left was written. Every job state change is appended to the job journal
-(`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final state), so after a
-restart, even after `kill -9`, `GET /finetune/{id}` still answers: a job the previous process did
-not finish reads `failed` ("interrupted"), with the restored version.
+The trainer owns its own copy of the weights (`ssd_core.training.Trainer`). What is evaluated and
+published is `Trainer.published`: with `SSD_EMA_DECAY` > 0 the exponential moving average of the
+trainer's weights (`ssd_core.ema`), else those weights; the optimizer trains the raw ones and
+checkpoints hold both. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the
+job's images plus replayed ones drawn class-balanced from the replay memory (`ssd_core.replay`, in
+the checkpoint directory), which a job's training images (never its held-out ones) join only when
+the job ends `succeeded`. What reaches clients depends on SSD_PUBLISH (README, "Publishing"):
+  * `gated` (default): before its first step a job's batch is screened with the served model
+    (app.publishing, rule in ssd_core.screening); the job trains on the images outside the holdout
+    (ssd_core.holdout) without publishing anything; at its end (and every SSD_PUBLISH_EVERY_STEPS
+    steps) the publish gate (ssd_core.gate) compares the trained weights with the served version on
+    the validation set (app.validation) and publishes them, or rejects the job and restores the
+    trainer's weights, BatchNorm buffers and optimizer state to the served version's, bitwise.
+    During a job `/detect` keeps answering with the served version; a cancelled or failed job
+    publishes nothing. Only an accepted job's held-out images join the validation set.
+  * `every_step`: a new version after every completed optimizer step (unprotected), so `/detect`
+    sees progress within a job and a cancelled job leaves the model at its last completed step.
+A skipped (non-finite) step publishes nothing. A checkpoint is written after every job that
+published, on demand (`POST /model/checkpoint`), after a rollback and on shutdown; a job's
+`checkpoint` says whether the version it left was written. Every job state change is appended to
+the job journal (`app.journal`, beside the checkpoints; fsync'd at acceptance and at each final
+state), so after a restart, even after `kill -9`, `GET /finetune/{id}` still answers: a job the
+previous process did not finish reads `failed` ("interrupted"), with the restored version.
 
 Locks: `_jobs_lock` (a Condition) guards the queue and job states; `_train_lock` guards the
-trainer's weights and optimizer and the checkpoint store. Outside `_train_lock` the trainer's
-weights always equal the published version's, which is what makes a checkpoint of "the current
-version" well defined.
+trainer's weights and optimizer and the checkpoint store. What a checkpoint of "the current
+version" writes is the served version's state: the trainer's own outside a gated job, the snapshot
+`_served` taken when it started (or last published) during one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from torch import nn
 
+from app.checkpointing import VersionSaver
 from app.errors import ApiError, describe, without_paths
+from app.jobs import INTERRUPTED, Job, finite_or_none
 from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
-from app.schemas import ClassLoss, JobCheckpoint, JobState, JobView, StepLoss
+from app.publishing import Gatekeeper
+from app.schemas import REPLAY_KEYS_SHOWN, ClassLoss, JobCheckpoint, JobReplay, JobState, StepLoss
 from app.settings import Settings
+from app.validation import ValidationSet
 from ssd_core.augment import ssd_augmentation
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from ssd_core.datasets import Sample, collate
+from ssd_core.ema import EMAConfig
+from ssd_core.holdout import split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
 from ssd_core.partial_labels import labelled_class_mask
-from ssd_core.stats import ClassStats
-from ssd_core.training import StepResult, TrainConfig, Trainer
+from ssd_core.replay import NO_OBJECT, ReplayMemory
+from ssd_core.training import StepResult, TrainConfig, Trainer, TrainerState
 
 logger = logging.getLogger(__name__)
 
-INTERRUPTED = "interrupted: the server stopped before the job finished"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
-
-
-@dataclass(eq=False)
-class Job:
-    """One fine-tune request. `samples` is dropped once the job has finished."""
-
-    samples: list[Sample] | None
-    steps_total: int
-    learning_rate: float | None
-    augment: bool
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: JobState = JobState.queued
-    steps_done: int = 0
-    skipped_steps: int = 0
-    losses: list[StepLoss] = field(default_factory=list)
-    model_version: int | None = None
-    error: str | None = None
-    cancel_requested: bool = False
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    num_images: int = 0
-    checkpoint: JobCheckpoint | None = None
-    per_class: list[ClassLoss] = field(default_factory=list)  # from class_totals, for the view
-    class_totals: ClassStats | None = None  # pooled over the completed steps (not kept across restarts)
-    finished: Future = field(default_factory=Future)  # result set when the job reaches a final state
-
-    @classmethod
-    def from_view(cls, view: JobView) -> Job:
-        """A finished job restored from the journal (no images)."""
-        job = cls(None, view.steps_total, view.learning_rate, view.augment, job_id=view.job_id, state=view.status,
-                  steps_done=view.steps_done, skipped_steps=view.skipped_steps, losses=view.losses,
-                  model_version=view.model_version, error=view.error, cancel_requested=view.cancel_requested,
-                  created_at=view.created_at, started_at=view.started_at, finished_at=view.finished_at,
-                  num_images=view.num_images, checkpoint=view.checkpoint, per_class=view.per_class)
-        job.finished.set_result(None)
-        return job
-
-    def view(self) -> JobView:
-        return JobView(
-            job_id=self.job_id, status=self.state, steps_done=self.steps_done, steps_total=self.steps_total,
-            skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
-            augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
-            cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
-            finished_at=self.finished_at, checkpoint=self.checkpoint, per_class=list(self.per_class),
-        )
+ServedSnapshot = tuple[TrainerState, int]  # the trainer's weights (EMA and raw), optimizer state; steps
 
 
 class FinetuneWorker:
@@ -105,19 +73,25 @@ class FinetuneWorker:
         host: where new versions are published.
         trainer: owns the training copy of the weights (equal to `host.current` on entry).
         store: checkpoint store, or None to run without checkpoints.
+        validation: the validation set (held-out images of accepted jobs join it).
         saved_version: the version already on disk (the checkpoint the process started from).
+        replay: the replay memory (only the trainer thread uses it), or None: no replay.
     """
 
     def __init__(
-        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, settings: Settings,
-        metrics: Metrics, saved_version: int | None,
+        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, validation: ValidationSet,
+        settings: Settings, metrics: Metrics, saved_version: int | None, replay: ReplayMemory | None = None,
     ) -> None:
         self.host = host
         self.trainer = trainer
-        self.store = store
+        self.validation = validation
+        self.replay = replay
+        self.gatekeeper = Gatekeeper(host, validation, trainer.criterion, settings, metrics)
         self.settings = settings
         self.metrics = metrics
-        self._saved_version = saved_version
+        self.saver = VersionSaver(store, host, settings, metrics, saved_version)
+        self._served: ServedSnapshot | None = None  # during a gated job: the served version's trainer state
+        self._diverged = False  # the trainer's weights differ from `_served`
         self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
@@ -185,7 +159,9 @@ class FinetuneWorker:
             return
         restored = self.host.current.version
         with self._jobs_lock:
-            for view in self._journal.replay()[-self.settings.job_history :]:
+            views = self._journal.replay()[-self.settings.job_history :]
+            self.gatekeeper.restore_history(views)
+            for view in views:
                 if not view.status.finished:
                     view = view.model_copy(update={
                         "status": JobState.failed, "error": INTERRUPTED, "model_version": restored,
@@ -196,15 +172,25 @@ class FinetuneWorker:
 
     # ---- jobs
 
-    def submit(self, samples: list[Sample], steps: int, learning_rate: float | None, augment: bool) -> Job:
-        """Queue a job; 429 when the queue is full, 422 for too many steps."""
+    def submit(
+        self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
+        force: bool = False, replay: float | None = None,
+    ) -> Job:
+        """Queue a job on `samples` (decoded from `images`, the bytes as sent); 429 when the queue is
+        full, 422 for too many steps or too high a learning rate. `replay`: replayed images per new
+        image (None: SSD_REPLAY_RATIO)."""
         if steps > self.settings.finetune_max_steps:
             raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
                            f"{self.settings.finetune_max_steps}", "steps")
+        if learning_rate is not None and learning_rate > self.settings.max_learning_rate:
+            raise ApiError(422, "invalid_value", f"learning_rate: {learning_rate} exceeds the limit of "
+                           f"{self.settings.max_learning_rate} (SSD_MAX_LEARNING_RATE)", "learning_rate")
         if len(samples) < self.min_images:
             raise ApiError(422, "invalid_value", f"images: {self.settings.model} has BatchNorm layers and needs at "
                            f"least {self.min_images} images per fine-tune job", "images")
-        job = Job(samples, steps, learning_rate, augment, num_images=len(samples))
+        ratio = self.settings.replay_ratio if replay is None else replay
+        job = Job(samples, steps, learning_rate, augment, images=images, force=force, num_images=len(samples),
+                  replay_ratio=ratio)
         with self._jobs_lock:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the server is shutting down")
@@ -242,7 +228,7 @@ class FinetuneWorker:
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
-        job.state, job.error, job.finished_at, job.samples = state, error, time.time(), None
+        job.state, job.error, job.finished_at, job.samples, job.images = state, error, time.time(), None, None
         self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
         self.metrics.finetune_jobs.labels(state=state.value).inc()
         job.finished.set_result(None)
@@ -272,32 +258,163 @@ class FinetuneWorker:
                 self._finish(job, state, error)
 
     def _train(self, job: Job) -> tuple[JobState, str | None]:
-        """Run the job's steps; returns its final state and error message."""
-        assert job.samples is not None
-        spec = self.host.spec
-        augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
-        criterion = self.trainer.criterion
-        class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
-            [s.labelled_classes for s in job.samples], criterion.num_classes, criterion.background_label)
+        """Screen (gated), split off the holdout, run the job's steps; returns its final state and error.
+        An accepted job's held-out images join the validation set, a rejected job's enter no store."""
+        assert job.samples is not None and job.images is not None
+        gated = self.settings.publish == "gated"
+        held: list[tuple[bytes, Sample]] = []
         try:
-            fixed = None if augment else collate(job.samples, spec)  # the same batch every step
-            for step in range(1, job.steps_total + 1):
-                if job.cancel_requested:
-                    return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
-                images, targets = fixed or collate(job.samples, spec, augment)  # [B, 3, S, S], list[[n, 6]]
-                with self._train_lock:
-                    result = self.trainer.step(images, targets, lr=job.learning_rate, class_mask=class_mask)
-                    served = self.host.current if result.skipped else self.host.publish(
-                        self.trainer.model, self.trainer.steps)
-                self._record(job, step, result, served)
+            if gated:
+                verdict, job.screening = self.gatekeeper.screen(job.samples, job.force)
+                if not verdict.passed and not job.force:
+                    return JobState.rejected, verdict.reason
+            split = split_holdout(job.images, self.settings.holdout_fraction, self.min_images)
+            job.held_out = len(split.held_out)
+            held = [(job.images[i], job.samples[i]) for i in split.held_out]
+            train = [job.samples[i] for i in split.train]
+            state, error = self._steps(job, train, gated)
         except Exception as error:  # a failing job must not take the trainer thread down
             logger.exception("fine-tune job %s failed", job.job_id)
             return JobState.failed, describe(error)
-        if job.skipped_steps == job.steps_total:
-            return JobState.failed, "every step was skipped: non-finite loss or gradients"
-        return JobState.succeeded, None
+        if state == JobState.succeeded:
+            if held:
+                self.validation.add(held, {"job": job.job_id})
+                self.metrics.validation_images.set(len(self.validation))
+            if job.screening is not None:
+                self.gatekeeper.history.accept(job.screening.loss_l or 0.0, job.screening.loss_c or 0.0)
+            self._remember(job, train)
+        return state, error
 
-    def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion) -> None:
+    def _steps(self, job: Job, samples: list[Sample], gated: bool) -> tuple[JobState, str | None]:
+        """The optimizer steps on `samples` (none when every image was held out), published per step
+        or through the gate; a gated job that does not end published leaves the trainer as served."""
+        if not samples:
+            return JobState.succeeded, None
+        spec = self.host.spec
+        augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        per_step = self._replay_per_step(job, len(samples))
+        criterion = self.trainer.criterion
+        fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step
+        every = self.settings.publish_every_steps
+        if gated:
+            with self._train_lock:
+                self._served, self._diverged = self._trainer_state(), False
+        try:
+            for step in range(1, job.steps_total + 1):
+                if job.cancel_requested:
+                    return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
+                replayed = self._draw_replay(job, per_step)
+                batch = samples + replayed
+                images, targets = fixed or collate(batch, spec, augment)  # [B, 3, S, S], list[[n, 6]]
+                class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
+                    [s.labelled_classes for s in batch], criterion.num_classes, criterion.background_label)
+                with self._train_lock:
+                    result = self.trainer.step(images, targets, lr=self._learning_rate(job), class_mask=class_mask)
+                    self._diverged |= not result.skipped
+                    served = self.host.current if result.skipped or gated else self.host.publish(
+                        self.trainer.published, self.trainer.steps)
+                self._record(job, step, result, served, len(replayed))
+                if gated and self._diverged and (step == job.steps_total or (every and step % every == 0)):
+                    rejection = self._judge(job)
+                    if rejection is not None:
+                        return JobState.rejected, rejection
+            if job.skipped_steps == job.steps_total:
+                return JobState.failed, "every step was skipped: non-finite loss or gradients"
+            return JobState.succeeded, None
+        finally:
+            if gated:
+                with self._train_lock:
+                    if self._diverged:  # cancelled or failed: nothing of the job is served
+                        self._restore_served()
+                    self._served = None
+
+    def _judge(self, job: Job) -> str | None:
+        """Run the gate on the trainer's weights: publish them, or restore the served state and return why not."""
+        with self._train_lock:
+            decision, job.evaluation, score, digest = self.gatekeeper.evaluate(
+                self.trainer.published, self.trainer.device)
+            self.gatekeeper.record(decision)
+            if decision.decision == "rejected":
+                self._restore_served()
+                return decision.reason
+            published = self.host.publish(self.trainer.published, self.trainer.steps)
+            self.gatekeeper.published(published, score, digest)
+            self._served, self._diverged = self._trainer_state(), False
+        job.model_version = published.version
+        return None
+
+    def _learning_rate(self, job: Job) -> float | None:
+        """The job's rate scaled by the warm-up of a fresh model; None: the trainer's own schedule."""
+        if job.learning_rate is None:
+            return None
+        return job.learning_rate * self.trainer.config.warmup_factor(self.trainer.steps)
+
+    def _trainer_state(self) -> ServedSnapshot:
+        """A copy of the trainer's weights and buffers (published and, EMA on, raw), optimizer state and
+        step count (caller holds `_train_lock`)."""
+        state = self.trainer.state()
+        raw = None if state.training_weights is None else _clone(state.training_weights)
+        return TrainerState(_clone(state.weights), copy.deepcopy(state.optimizer_state), raw), self.trainer.steps
+
+    def _restore_served(self) -> None:
+        """Put the trainer back to `_served`, bitwise (caller holds `_train_lock`)."""
+        assert self._served is not None
+        state, steps = self._served
+        # the optimizer keeps what it loads
+        self.trainer.restore(state.weights, copy.deepcopy(state.optimizer_state), steps, state.training_weights)
+        self._diverged = False
+
+    # ---- the replay memory (trainer thread only)
+
+    def _replay_per_step(self, job: Job, new_images: int) -> int:
+        """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0)."""
+        if self.replay is None or not len(self.replay) or job.replay_ratio == 0:
+            return 0
+        job.replay = JobReplay(ratio=job.replay_ratio, memory_images=len(self.replay), images=0, per_class={},
+                               keys=[])
+        return max(1, round(job.replay_ratio * new_images))
+
+    def _draw_replay(self, job: Job, count: int) -> list[Sample]:
+        """Draw `count` images class-balanced and note them in the job's view."""
+        if count == 0:
+            return []
+        assert self.replay is not None and job.replay is not None
+        draw = self.replay.draw(count)
+        view = job.replay
+        view.images += len(draw.samples)
+        for sample in draw.samples:
+            for name in self._class_names(sample.labels.tolist()):
+                view.per_class[name] = view.per_class.get(name, 0) + 1
+        shown = set(view.keys)
+        view.keys.extend(k for k in dict.fromkeys(draw.keys) if k not in shown)
+        del view.keys[REPLAY_KEYS_SHOWN:]
+        self.metrics.replayed_images_per_step.observe(len(draw.samples))
+        return draw.samples
+
+    def _class_names(self, labels: list[int]) -> list[str]:
+        return sorted({self.settings.class_name(label) for label in labels}) or ["no_object"]
+
+    def _remember(self, job: Job, samples: list[Sample]) -> None:
+        """Offer an accepted job's training images to the replay memory; a failed write is logged, never raised."""
+        if self.replay is None or not samples:
+            return
+        try:
+            self.replay.add(samples, {"job_id": job.job_id})
+        except Exception:
+            logger.exception("storing job %s's images in the replay memory failed", job.job_id)
+        self.update_replay_metrics()
+
+    def update_replay_metrics(self) -> None:
+        """Set the replay-memory gauges (images in total and per class) from the memory."""
+        if self.replay is None:
+            return
+        self.metrics.replay_images.set(len(self.replay))
+        counts = self.replay.class_counts()
+        names = ["no_object", *(self.settings.class_name(label) for label in range(self.settings.num_classes - 1))]
+        for label, name in zip([NO_OBJECT, *range(self.settings.num_classes - 1)], names, strict=True):
+            self.metrics.replay_class_images.labels(**{"class": name}).set(counts.get(label, 0))
+
+    def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion, replayed: int) -> None:
         metrics = self.metrics
         metrics.learning_rate.set(result.lr)
         metrics.images_processed.labels(route="/finetune").inc(job.num_images)
@@ -311,94 +428,77 @@ class FinetuneWorker:
             job.class_totals = step_classes if job.class_totals is None else job.class_totals + step_classes
             job.per_class = [ClassLoss(**row) for row in job.class_totals.rows(self.settings.object_class_names())]
         job.losses.append(StepLoss(
-            step=step, loss_l=_finite_or_none(result.loss_l), loss_c=_finite_or_none(result.loss_c),
-            skipped=result.skipped, learning_rate=result.lr, model_version=served.version,
+            step=step, loss_l=finite_or_none(result.loss_l), loss_c=finite_or_none(result.loss_c),
+            skipped=result.skipped, learning_rate=result.lr, model_version=served.version, replayed=replayed,
         ))
         job.steps_done = step
         job.model_version = served.version
 
-    # ---- checkpoints and rollback (callers outside the trainer thread)
+    # ---- checkpoints, rollback and pins (app.checkpointing; callers outside the trainer thread)
+
+    def _served_version_state(self) -> TrainerState:
+        """The trainer state of the served version (caller holds `_train_lock`)."""
+        return self.trainer.state() if self._served is None else self._served[0]
 
     def checkpoint(self) -> tuple[CheckpointInfo, bool]:
         """Save the current version now. Returns (its checkpoint, whether it was written just now)."""
         with self._train_lock:
-            return self._checkpoint()
+            return self.saver.save(self._served_version_state())
 
     def rollback(self, version: int) -> ModelVersion:
         """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
 
         409 while a job is running (it would continue from different weights), 404 for an unknown version.
         """
-        store = self._require_store()
+        store = self.saver.require_store()
         with self._train_lock:
             with self._jobs_lock:
                 if self._running is not None:
                     raise ApiError(409, "trainer_busy", f"job {self._running.job_id} is running; "
                                    "cancel it or wait before rolling back", "version")
             try:
-                state_dict, meta, optimizer_state = store.load(version)
+                saved = store.load(version)
             except CheckpointError as error:
                 raise ApiError(404, "not_found", f"no loadable saved version {version}: {without_paths(str(error))}",
                                "version") from None
-            self.trainer.restore(state_dict, optimizer_state, int(meta.get("step", 0)))
-            published = self.host.publish(self.trainer.model, self.trainer.steps, restored_from=version)
-            self._checkpoint()
+            restore_trainer(self.trainer, saved)
+            published = self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
+            self.saver.save(self._served_version_state())
         return published
 
-    def _require_store(self) -> CheckpointStore:
-        if self.store is None:
-            raise ApiError(409, "no_checkpoint_dir", "no checkpoint directory is configured (SSD_CHECKPOINT_DIR)")
-        return self.store
-
-    def _checkpoint(self) -> tuple[CheckpointInfo, bool]:
-        """Write the current version unless it is on disk already (caller holds `_train_lock`)."""
-        store = self._require_store()
-        current = self.host.current
-        if current.version == self._saved_version:
-            for info in reversed(store.versions()):
-                if info.version == current.version:
-                    return info, False
-        state_dict, optimizer_state = self.trainer.state()
-        meta = {
-            "version": current.version, "step": current.step, "model": self.settings.model,
-            "num_classes": self.settings.num_classes, "priors": self.host.spec.prior_set,
-            "class_names": self.settings.class_names,
-            "restored_from": current.restored_from,
-        }
-        try:
-            info = store.save(state_dict, meta, optimizer_state)
-        except Exception:
-            self.metrics.checkpoints.labels(outcome="failed").inc()
-            raise
-        self.metrics.checkpoints.labels(outcome="saved").inc()
-        self._saved_version = current.version
-        return info, True
+    def pin(self, version: int, pinned: bool) -> set[int]:
+        """Pin or unpin a saved version (serialised with saves: a pin never races a prune)."""
+        with self._train_lock:
+            return self.saver.pin(version, pinned)
 
     def _save_for_job(self) -> JobCheckpoint | None:
-        """Checkpoint the version a job left; whether it is on disk (None without a checkpoint directory)."""
         with self._train_lock:
-            if self.store is None:
-                return None
-            version = self.host.current.version
-            error = self._save_unsaved()
-            return JobCheckpoint(saved=self._saved_version == version, version=version, error=error)
+            return self.saver.job_checkpoint(self._served_version_state())
 
     def save_if_unsaved(self) -> None:
-        """Checkpoint the current version unless it is on disk (at start, at shutdown); a failure
-        (full or read-only disk) is logged and counted, never raised. After a job: `_save_for_job`."""
+        """Checkpoint the current version unless it is on disk (at start, at shutdown); failures are logged
+        and counted, never raised. After a job: `_save_for_job`."""
         with self._train_lock:
-            self._save_unsaved()
+            self.saver.save_unsaved(self._served_version_state())
 
-    def _save_unsaved(self) -> str | None:
-        """`save_if_unsaved` under `_train_lock`; returns the error message of a failed write."""
-        if self.store is None or self.host.current.version == self._saved_version:
-            return None
-        try:
-            self._checkpoint()
-        except Exception as error:
-            logger.exception("checkpoint of version %d failed", self.host.current.version)
-            return describe(error)
-        return None
+
+def _clone(tensors: dict) -> dict:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    """The service trainer's optimizer, warm-up, clipping and EMA (README, "The online recipe")."""
+    return TrainConfig(
+        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=settings.warmup_steps,
+        clip_grad_norm=settings.clip_grad_norm,
+        verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
+    )
+
+
+def restore_trainer(trainer: Trainer, checkpoint: LoadedCheckpoint) -> None:
+    """Resume `trainer` from a checkpoint: served (EMA) weights, raw weights, optimizer, step count."""
+    trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)),
+                    checkpoint.training_weights)
 
 
 def start_worker(
@@ -408,12 +508,18 @@ def start_worker(
     """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
     from `checkpoint`, and start the trainer thread."""
     criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
-    trainer = Trainer(model, criterion, TrainConfig(lr=settings.learning_rate, verify_update=True), host.device)
+    trainer = Trainer(model, criterion, train_config(settings), host.device)
     saved_version = None
     if checkpoint is not None:
-        trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)))
+        restore_trainer(trainer, checkpoint)
         saved_version = int(checkpoint.meta["version"])
-    worker = FinetuneWorker(host, trainer, store, settings, metrics, saved_version)
+    validation = ValidationSet(settings, store.directory if store is not None else None)
+    replay = None
+    if store is not None:
+        replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
+                              settings.max_image_pixels)
+    worker = FinetuneWorker(host, trainer, store, validation, settings, metrics, saved_version, replay)
+    worker.update_replay_metrics()
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
     worker.load_journal()
     worker.start()

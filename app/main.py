@@ -26,7 +26,7 @@ from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.model_host import ModelHost, initial_model
 from app.openapi import install_openapi
 from app.replica import start_watcher
-from app.routes import detect, finetune, health, model, score_loss, v2
+from app.routes import detect, finetune, health, model, score_loss, v2, validation
 from app.settings import Settings, load_settings
 from ssd_core.checkpoint import CheckpointStore
 
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     metrics.build.info({"version": app.version, "torch": torch.__version__})
     app.state.settings = settings
     app.state.metrics = metrics
-    routers = (score_loss.router, finetune.router, detect.router, model.router, health.router, v2.router)
+    routers = (score_loss.router, finetune.router, validation.router, detect.router, model.router, health.router,
+               v2.router)
     routes = [route for route in app.routes if isinstance(route, Route | Mount)]  # /docs, its assets, ...
     for router in routers:
         app.include_router(router)

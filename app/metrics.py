@@ -34,6 +34,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # log-spaced
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
 IOU_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1 .. 1.0, linear
+REPLAY_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # replayed images per step
+EVALUATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # images per forward pass
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -145,6 +147,17 @@ class Metrics:
             registry=registry,
         )
         self.checkpoints = Counter("ssd_checkpoints", "Checkpoint writes.", ("outcome",), registry=registry)
+        self.replay_images = Gauge(
+            "ssd_replay_images", "Images in the replay memory.", registry=registry, multiprocess_mode="mostrecent"
+        )
+        self.replay_class_images = Gauge(
+            "ssd_replay_class_images", "Replay-memory images containing each class (no_object: images without "
+            "objects).", ("class",), registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.replayed_images_per_step = _histogram(
+            registry, "ssd_replayed_images_per_step", "Replayed images mixed into each training step.", (),
+            REPLAY_BUCKETS,
+        )
         http = ("route", "method")
         self.http_requests = Counter(
             "ssd_http_requests", "HTTP requests (route = path template).", (*http, "status"), registry=registry
@@ -179,11 +192,39 @@ class Metrics:
             "ssd_inference_cancelled_images", "Queued images dropped because their client disconnected.", route,
             registry=registry,
         )
+        self.validation_images = Gauge(
+            "ssd_validation_images", "Images in the validation set.", registry=registry, multiprocess_mode="mostrecent"
+        )
+        self.validation_map_50 = Gauge(
+            "ssd_validation_map_50", "mAP@0.5 of the served version on the validation set (ratio), as of the last "
+            "evaluation.", registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.validation_loss = Gauge(
+            "ssd_validation_loss", "Mean MultiBoxLoss of the served version on the validation set.",
+            registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.validation_ap_50 = Gauge(  # label values: the class names (bounded)
+            "ssd_validation_ap_50", "AP@0.5 per class of the served version on the validation set (ratio).",
+            ("class",), registry=registry, multiprocess_mode="mostrecent",
+        )
+        self.gate_decisions = Counter(
+            "ssd_gate_decisions", "Publish gate decisions on fine-tune jobs.", ("decision",), registry=registry
+        )
+        self.screening_rejections = Counter(
+            "ssd_screening_rejections", "Fine-tune jobs rejected by screening before their first step.",
+            registry=registry,
+        )
+        self.evaluation_seconds = _histogram(
+            registry, "ssd_evaluation_seconds", "Time the publish gate spent evaluating one job.", (),
+            EVALUATION_BUCKETS,
+        )
         self.build = Info("ssd_build", "Build information.", registry=registry)
         self.model = Info("ssd_model", "Hosted model.", registry=registry)
         # label sets known up front appear at zero before their first event
-        for state in ("succeeded", "failed", "cancelled"):
+        for state in ("succeeded", "failed", "cancelled", "rejected"):
             self.finetune_jobs.labels(state=state)
+        for decision in ("published", "rejected", "ungated"):
+            self.gate_decisions.labels(decision=decision)
         for outcome in ("saved", "failed"):
             self.checkpoints.labels(outcome=outcome)
         for outcome in ("loaded", "failed"):

@@ -23,6 +23,7 @@ def _strip_data_url(value: object) -> object:
 
 # base64 image bytes, with or without a data URL prefix (the decoder tells PNG from JPEG by content)
 ImageBase64 = Annotated[Base64Bytes, BeforeValidator(_strip_data_url)]
+REPLAY_KEYS_SHOWN = 100  # bounds a job's view (and journal record) whatever the memory's size
 
 
 class JobState(StrEnum):
@@ -31,10 +32,11 @@ class JobState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    rejected = "rejected"  # by screening before the first step, or by the publish gate
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected)
 
 
 class Request(BaseModel):
@@ -107,11 +109,26 @@ class LabelledImage(ImageAnnotation):
 
 class FinetuneOptions(Request):
     steps: int = Field(1, ge=1)
-    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE")
+    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE; at most "
+                                        "SSD_MAX_LEARNING_RATE")
     augment: bool = False
+    replay: float | None = Field(
+        None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
+    )
+    force: bool = Field(False, description="skip screening (the publish gate still applies)")
     labelled_classes: LabelledClasses = Field(
         None, description="the default of every image that gives none itself (an image's own overrides it); "
         f"{LABELLED_CLASSES_DOC}")
+
+
+class ValidationOptions(Request):
+    """`POST /validation` has no options besides its images (the multipart form's fields)."""
+
+
+class ValidationRequest(ValidationOptions):
+    """`POST /validation` as JSON: labelled images for the validation set."""
+
+    images: list[LabelledImage]
 
 
 class FinetuneRequest(FinetuneOptions):
@@ -198,6 +215,7 @@ class StepLoss(BaseModel):
     skipped: bool = Field(description="non-finite loss or gradients: weights left unchanged")
     learning_rate: float | None
     model_version: int = Field(description="version published by this step (unchanged when skipped)")
+    replayed: int = Field(0, description="replayed images trained with the job's images in this step")
 
 
 class JobCheckpoint(BaseModel):
@@ -206,6 +224,58 @@ class JobCheckpoint(BaseModel):
     saved: bool = Field(description="false: the steps are served but not yet durable (the write failed)")
     version: int = Field(description="the model version when the job ended: the one written, or that failed")
     error: str | None = Field(description="why the write failed, else null")
+
+
+class JobReplay(BaseModel):
+    """What a job replayed from the replay memory (earlier accepted jobs' training images)."""
+
+    ratio: float = Field(description="replayed images per new image asked for")
+    memory_images: int = Field(description="images in the replay memory when the job started")
+    images: int = Field(description="replayed images over all steps (an image drawn twice counts twice)")
+    per_class: dict[str, int] = Field(description="replayed images containing each class (no_object: none)")
+    keys: list[str] = Field(description=f"content keys (sha256 of the stored PNG) of the distinct replayed "
+                            f"images, the first {REPLAY_KEYS_SHOWN}")
+
+
+class JobScreening(BaseModel):
+    """The served model's loss on the job's batch before its first step, against accepted jobs'."""
+
+    model_version: int
+    loss: float | None = Field(description="loss_l + loss_c (null when not finite)")
+    loss_l: float | None
+    loss_c: float | None
+    median: float | None = Field(description="median pre-training loss of the last accepted jobs; null while "
+                                 "fewer than 5 are known")
+    threshold: float | None = Field(description="SSD_SCREEN_RATIO x median: the most a batch may score")
+    jobs: int = Field(description="accepted jobs the median is over")
+    passed: bool
+    forced: bool = Field(description='"force": true: the verdict was not applied')
+
+
+class ServedFigures(BaseModel):
+    version: int
+    map_50: float = Field(description="mAP@0.5 on the validation set (torchmetrics)")
+    loss: float = Field(description="mean MultiBoxLoss (loss_l + loss_c) per image")
+
+
+class CandidateFigures(BaseModel):
+    map_50: float
+    loss: float | None = Field(description="null when not finite")
+
+
+class JobEvaluation(BaseModel):
+    """The publish gate's evaluation of a job's weights (the last one, for SSD_PUBLISH_EVERY_STEPS)."""
+
+    validation_images: int
+    validation_hash: str = Field(description="sha256 over the validation set's images and annotations")
+    served: ServedFigures | None = Field(description="null when ungated")
+    candidate: CandidateFigures | None
+    decision: Literal["published", "rejected", "ungated"]
+    margin: float | None = Field(description="mAP@0.5 the candidate could lose and still publish: "
+                                 "SSD_GATE_TOLERANCE + SSD_GATE_NOISE_Z x the bootstrap SE")
+    noise: float | None = Field(description="bootstrap standard error of the candidate - served mAP@0.5")
+    reason: str | None
+    seconds: float = Field(description="time spent evaluating")
 
 
 class JobView(BaseModel):
@@ -227,6 +297,12 @@ class JobView(BaseModel):
     checkpoint: JobCheckpoint | None = Field(
         None, description="set when the job ends and a checkpoint directory is configured: whether the "
         "model version it left is saved")
+    replay: JobReplay | None = Field(None, description="null: the job replayed nothing (ratio 0 or empty memory)")
+    force: bool = False
+    held_out: int = Field(0, description="images kept for validation instead of training (join the validation "
+                          "set once the job is accepted)")
+    screening: JobScreening | None = None
+    evaluation: JobEvaluation | None = None
     per_class: list[ClassLoss] = Field(
         default_factory=list, description="per object class over the job's completed steps, pooled: counts and "
         "loss sums added up over the steps, losses divided by the summed N (empty before the first step)")
@@ -250,12 +326,44 @@ class VersionInfo(BaseModel):
     version: int
     step: int
     created: str
+    pinned: bool = Field(False, description="protected from pruning (POST /model/versions/{version}/pin)")
 
 
 class VersionsResponse(BaseModel):
     current: int
     versions: list[VersionInfo] = Field(description="saved checkpoints whose files verify (size and sha256), "
                                         "oldest first: the rollback targets")
+
+
+class PinResponse(BaseModel):
+    version: int
+    pinned: bool
+    pins: list[int] = Field(description="every pinned version")
+
+
+class ValidationEntry(BaseModel):
+    key: str = Field(description="sha256 of the image bytes as sent")
+    bytes: int
+    boxes: dict[str, int] = Field(description="boxes per class name")
+
+
+class ValidationView(BaseModel):
+    images: int
+    bytes: int
+    hash: str = Field(description="sha256 over the images and annotations: changes when the set does")
+    boxes: dict[str, int] = Field(description="boxes per class name over the whole set")
+    max_images: int
+    max_bytes: int
+    corrupt_dropped: int = Field(description="torn or corrupt entries dropped since the server started")
+    entries: list[ValidationEntry]
+
+
+class ValidationAdded(BaseModel):
+    added: int = Field(description="images stored now (already present ones are updated and counted)")
+    dropped: int = Field(description="images the bounded set did not keep (reservoir sampling once full)")
+    replaced: int = Field(description="entries evicted to make room")
+    images: int
+    hash: str
 
 
 class CheckpointResponse(BaseModel):

@@ -64,9 +64,41 @@ class Settings(BaseSettings):
     # fine-tuning
     finetune_queue_size: int = Field(8, ge=1)
     finetune_max_steps: int = Field(1000, ge=1, description="most steps one job may ask for")
+    # the online recipe (README, "The online recipe"): chosen by benchmarks/bench_recipe.py
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="the fine-tune optimizer; sgd (momentum 0.9) for pretrained SSD300 weights"
+    )
     learning_rate: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(
+        0.99, ge=0, lt=1, description="decay of the served EMA of the trainer's weights; 0: serve the raw weights"
+    )
+    ema_tau: float = Field(50.0, gt=0, description="steps of the EMA's decay ramp d * (1 - exp(-updates / tau))")
+    replay_ratio: float = Field(
+        1.0, ge=0, le=8, description="replayed images per new image in each fine-tune step; 0: no replay"
+    )
+    replay_max_images: int = Field(2000, ge=1, description="images the replay memory keeps (reservoir)")
+    replay_max_bytes: int = Field(512 * 2**20, ge=1, description="PNG bytes the replay memory keeps")
     job_history: int = Field(1000, ge=1, description="finished jobs kept for GET /finetune/{id}")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="wait for the running step on shutdown")
+    max_learning_rate: float = Field(0.1, gt=0, description="a job's learning_rate above this is a 422")
+    clip_grad_norm: float | None = Field(10.0, gt=0, description="clip each step's gradient L2 norm; None: off")
+    warmup_steps: int = Field(100, ge=0, description="a fresh model's first steps ramp the lr up linearly")
+
+    # online learning that never makes the served model worse (README, "Publishing")
+    publish: Literal["gated", "every_step"] = Field(
+        "gated", description="gated: publish a job's weights only if the validation gate passes; every_step: "
+        "publish after every step, unprotected")
+    publish_every_steps: int | None = Field(
+        None, ge=1, description="gated: also judge and publish every N steps of a longer job; None: at its end only")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of job images kept for validation")
+    validation_max_images: int = Field(200, ge=1)
+    validation_max_bytes: int = Field(64 * 2**20, ge=1)
+    gate_min_images: int = Field(10, ge=1, description="fewer validation images: jobs publish `ungated`")
+    gate_tolerance: float = Field(0.02, ge=0, description="mAP@0.5 a candidate may lose before the noise margin")
+    gate_noise_z: float = Field(2.0, ge=0, description="bootstrap standard errors added to the tolerance")
+    gate_bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the validation images")
+    screen_ratio: float = Field(1.5, gt=1, description="reject a batch whose loss exceeds this x the median")
+    screen_window: int = Field(20, ge=5, description="accepted jobs whose pre-training loss makes the median")
 
     # detection defaults
     score_threshold: float = Field(0.3, ge=0, lt=1)
@@ -111,6 +143,12 @@ class Settings(BaseSettings):
         if self.inference_queue_size < needed:
             raise ValueError(f"inference_queue_size={self.inference_queue_size} must be >= max_batch_images and "
                              f"max_images_per_request ({needed}): a request that fits no queue is always refused")
+        return self
+
+    @model_validator(mode="after")
+    def _learning_rate_allowed(self) -> Settings:
+        if self.learning_rate > self.max_learning_rate:
+            raise ValueError(f"learning_rate={self.learning_rate} exceeds max_learning_rate={self.max_learning_rate}")
         return self
 
     @model_validator(mode="after")

@@ -1,11 +1,15 @@
 """Checkpoints on disk: safetensors weights, optional optimizer state, and a JSON sidecar.
 
-One checkpoint version N is three files in one directory:
-  * `ckpt-{N:08d}.safetensors`        the model's state dict;
-  * `ckpt-{N:08d}.optim.safetensors`  optional optimizer tensors (e.g. momentum buffers);
-  * `ckpt-{N:08d}.json`               the sidecar: caller's meta (version, step, model, classes, ...),
-                                      creation time, the optimizer's param-group layout, and the size
-                                      and sha256 of each data file.
+One checkpoint version N is up to four files in one directory:
+  * `ckpt-{N:08d}.safetensors`           the model's state dict: the weights that were served (with an
+                                         EMA of the weights, the EMA), what every reader loads;
+  * `ckpt-{N:08d}.optim.safetensors`     optional optimizer tensors (e.g. momentum buffers);
+  * `ckpt-{N:08d}.training.safetensors`  optional raw training weights, when the optimizer trains
+                                         other weights than the served ones (an EMA: `ssd_core.ema`);
+  * `ckpt-{N:08d}.json`                  the sidecar: caller's meta (version, step, model, classes, ...),
+                                         creation time, the optimizer's param-group layout, and the
+                                         size and sha256 of each data file.
+Pinned versions (`pin`, listed in `pins.json`, written atomically) are never pruned.
 Every file is written atomically (temp file in the same directory, fsync, `os.replace`, fsync the
 directory) and the sidecar last, so a checkpoint counts only once all its bytes are on disk. Nothing
 is ever pickled: tensors go through safetensors, everything else through JSON.
@@ -33,8 +37,9 @@ __all__ = ["CheckpointError", "CheckpointInfo", "CheckpointStore", "LoadedCheckp
 logger = logging.getLogger(__name__)
 
 FORMAT = "ssd-checkpoint/1"
-_FILE_RE = re.compile(r"^ckpt-(\d{8})\.(json|safetensors|optim\.safetensors)$")
+_FILE_RE = re.compile(r"^ckpt-(\d{8})\.(json|safetensors|optim\.safetensors|training\.safetensors)$")
 _TEMP_PREFIX = ".tmp-ckpt-"
+PINS_NAME = "pins.json"
 
 
 class CheckpointError(ValueError):
@@ -52,6 +57,7 @@ class CheckpointInfo:
         sidecar: path of the JSON sidecar.
         weights: path of the weights file.
         optimizer: path of the optimizer file, or None if none was saved.
+        training_weights: path of the raw training weights, or None if none were saved.
         meta: the caller's meta dict as saved.
     """
 
@@ -61,15 +67,17 @@ class CheckpointInfo:
     sidecar: Path
     weights: Path
     optimizer: Path | None
+    training_weights: Path | None
     meta: dict[str, Any]
 
 
 class LoadedCheckpoint(NamedTuple):
-    """`(state_dict, meta, optimizer_state)`; optimizer_state is None if none was saved."""
+    """`(state_dict, meta, optimizer_state, training_weights)`; the last two are None if not saved."""
 
     state_dict: dict[str, Tensor]
     meta: dict[str, Any]
     optimizer_state: dict[str, Any] | None
+    training_weights: dict[str, Tensor] | None = None
 
 
 def _version_of(path: Path) -> int | None:
@@ -80,6 +88,16 @@ def _version_of(path: Path) -> int | None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _serialise(state_dict: dict[str, Tensor]) -> bytes:
+    """safetensors bytes of CPU, contiguous copies of `state_dict`'s tensors."""
+    return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+
+
+def _file_entry(path: Path, data: bytes) -> dict[str, Any]:
+    """The sidecar's record of one data file: name, size and sha256."""
+    return {"name": path.name, "size": len(data), "sha256": _sha256(data)}
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -163,6 +181,9 @@ class CheckpointStore:
         stem = self.directory / f"ckpt-{version:08d}"
         return Path(f"{stem}.safetensors"), Path(f"{stem}.optim.safetensors"), Path(f"{stem}.json")
 
+    def _training_path(self, version: int) -> Path:
+        return self.directory / f"ckpt-{version:08d}.training.safetensors"
+
     def _remove_temp_files(self) -> None:
         for path in self.directory.glob(_TEMP_PREFIX + "*"):
             logger.warning("removing leftover temp file %s", path)
@@ -174,14 +195,17 @@ class CheckpointStore:
         state_dict: dict[str, Tensor],
         meta: dict[str, Any],
         optimizer_state: dict[str, Any] | None = None,
+        training_weights: dict[str, Tensor] | None = None,
     ) -> CheckpointInfo:
         """Write checkpoint `meta["version"]` atomically, then prune to the newest `keep`.
 
         Args:
-            state_dict: model tensors (any device; saved from CPU copies).
+            state_dict: model tensors (any device; saved from CPU copies): the served weights.
             meta: JSON-able dict with at least `version` (int >= 0); `step`, `model`,
                 `num_classes`, `class_names`, `config` are conventional.
             optimizer_state: `optimizer.state_dict()`, or None.
+            training_weights: the raw weights the optimizer trains when they differ from
+                `state_dict` (an EMA serves), or None.
 
         Returns:
             CheckpointInfo of the saved version.
@@ -195,14 +219,17 @@ class CheckpointStore:
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 10**8:
             raise ValueError(f"meta['version'] must be an int in [0, 1e8), got {version!r}")
         weights_path, optim_path, sidecar_path = self._paths(version)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        weights = safetensors.torch.save(tensors)
-        files = {"weights": {"name": weights_path.name, "size": len(weights), "sha256": _sha256(weights)}}
+        training_path = self._training_path(version)
+        weights = _serialise(state_dict)
+        files = {"weights": _file_entry(weights_path, weights)}
         optimizer_layout = None
         if optimizer_state is not None:
             optim_tensors, optimizer_layout = _flatten_optimizer_state(optimizer_state)
             optim = safetensors.torch.save(optim_tensors)
-            files["optimizer"] = {"name": optim_path.name, "size": len(optim), "sha256": _sha256(optim)}
+            files["optimizer"] = _file_entry(optim_path, optim)
+        if training_weights is not None:
+            training = _serialise(training_weights)
+            files["training_weights"] = _file_entry(training_path, training)
         sidecar = {
             "format": FORMAT,
             "meta": meta,
@@ -216,6 +243,10 @@ class CheckpointStore:
             _atomic_write(optim_path, optim)
         else:
             optim_path.unlink(missing_ok=True)
+        if training_weights is not None:
+            _atomic_write(training_path, training)
+        else:
+            training_path.unlink(missing_ok=True)
         _atomic_write(sidecar_path, sidecar_bytes)
         self._prune()
         return self._info(sidecar_path, sidecar)
@@ -223,6 +254,7 @@ class CheckpointStore:
     def _info(self, sidecar_path: Path, sidecar: dict[str, Any]) -> CheckpointInfo:
         meta = sidecar["meta"]
         optimizer = sidecar["files"].get("optimizer")
+        training = sidecar["files"].get("training_weights")
         return CheckpointInfo(
             version=int(meta["version"]),
             step=int(meta.get("step", 0)),
@@ -230,6 +262,7 @@ class CheckpointStore:
             sidecar=sidecar_path,
             weights=self.directory / sidecar["files"]["weights"]["name"],
             optimizer=self.directory / optimizer["name"] if optimizer else None,
+            training_weights=self.directory / training["name"] if training else None,
             meta=meta,
         )
 
@@ -276,7 +309,8 @@ class CheckpointStore:
         """Load checkpoint `version`, verifying every file's size and sha256.
 
         Returns:
-            LoadedCheckpoint(state_dict (CPU tensors), meta, optimizer_state or None).
+            LoadedCheckpoint(state_dict (CPU tensors), meta, optimizer_state or None,
+            training_weights or None).
 
         Raises:
             CheckpointError: missing, truncated or corrupt files.
@@ -289,11 +323,14 @@ class CheckpointStore:
             if "optimizer" in files:
                 optim_tensors = safetensors.torch.load(self._read_verified(files["optimizer"]))
                 optimizer_state = _unflatten_optimizer_state(optim_tensors, sidecar["optimizer_layout"])
+            training_weights = None
+            if "training_weights" in files:
+                training_weights = safetensors.torch.load(self._read_verified(files["training_weights"]))
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"checkpoint {version}: cannot decode ({exc})") from exc
-        return LoadedCheckpoint(state_dict, sidecar["meta"], optimizer_state)
+        return LoadedCheckpoint(state_dict, sidecar["meta"], optimizer_state, training_weights)
 
     def load_latest(self) -> LoadedCheckpoint | None:
         """The newest checkpoint that loads and verifies; corrupt newer ones are skipped (logged).
@@ -308,14 +345,51 @@ class CheckpointStore:
                 logger.warning("skipping checkpoint %d: %s", info.version, exc)
         return None
 
+    def pinned(self) -> set[int]:
+        """The pinned versions (kept by pruning); an unreadable pins file is logged and read as none."""
+        try:
+            return {int(v) for v in json.loads((self.directory / PINS_NAME).read_bytes())["pinned"]}
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: unreadable pins file (%s)", self.directory / PINS_NAME, exc)
+            return set()
+
+    def pin(self, version: int) -> None:
+        """Protect saved `version` from pruning (persisted).
+
+        Raises:
+            CheckpointError: no checkpoint `version` (its sidecar must parse).
+            PermissionError: the store is read-only.
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: read-only checkpoint store, cannot pin")
+        if version not in {info.version for info in self.versions()}:
+            raise CheckpointError(f"no saved version {version} to pin")
+        self._write_pins(self.pinned() | {version})
+
+    def unpin(self, version: int) -> bool:
+        """Let `version` be pruned again (at the next save); False when it was not pinned."""
+        if self.read_only:
+            raise PermissionError(f"{self.directory}: read-only checkpoint store, cannot unpin")
+        pins = self.pinned()
+        if version not in pins:
+            return False
+        self._write_pins(pins - {version})
+        return True
+
+    def _write_pins(self, pins: set[int]) -> None:
+        _atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode())
+
     def _prune(self) -> None:
-        """Delete every file of versions older than the newest `keep` valid ones."""
+        """Delete every file of versions older than the newest `keep` valid ones, except pinned ones."""
         infos = self.versions()
         if len(infos) <= self.keep:
             return
         cutoff = infos[-self.keep].version
+        pinned = self.pinned()
         # sidecars first, so a half-deleted version is never listed
         for path in sorted(self.directory.glob("ckpt-*"), key=lambda p: p.suffix != ".json"):
             version = _version_of(path)
-            if version is not None and version < cutoff:
+            if version is not None and version < cutoff and version not in pinned:
                 path.unlink(missing_ok=True)

@@ -224,7 +224,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
             raise ValueError(f"--resume: the checkpoint has priors {recorded_priors(loaded.meta)!r}, this run "
                              f"{model.spec.prior_set!r}; pass --priors {recorded_priors(loaded.meta)}")
         if loaded is not None:
-            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"])
+            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"], loaded.training_weights)
     val_set = None
     if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
         val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
@@ -236,7 +236,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
         history.write(directory)
         if store.versions() and store.versions()[-1].step == trainer.steps:
             return  # already saved at this step (--save-every divides the step count)
-        state_dict, optimizer_state = trainer.state()
+        state = trainer.state()
         meta = _meta(
             model,
             dataset.class_names,
@@ -244,7 +244,7 @@ def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
             trainer.steps,
             {"config": _config(args), "world_size": context.world_size},
         )
-        store.save(state_dict, meta, optimizer_state)
+        store.save(state.weights, meta, state.optimizer_state, state.training_weights)
 
     generator = torch.Generator().manual_seed(args.seed + context.rank)
     batches = _batches(dataset, model, args, generator, distributed_sampler(dataset, context, args.seed))

@@ -20,7 +20,7 @@ from ssd_core.images import to_model_input
 from ssd_core.models import ModelSpec
 from ssd_core.postprocess import Detections, detect
 
-__all__ = ["evaluate", "mean_average_precision", "model_inputs", "predict"]
+__all__ = ["average_precision_50", "evaluate", "mean_average_precision", "model_inputs", "predict"]
 
 
 def model_inputs(images: Sequence[Tensor], spec: ModelSpec) -> Tensor:
@@ -120,6 +120,30 @@ def mean_average_precision(
     metric = _metric(max_detections)
     _update(metric, detections, samples)
     return _result(metric)
+
+
+def average_precision_50(
+    detections: Sequence[Detections], samples: Sequence[Sample], max_detections: int = 100
+) -> tuple[float, dict[int, float]]:
+    """AP at IoU 0.5 overall and per class (torchmetrics at the one threshold 0.5).
+
+    Args:
+        detections: per image, pixel (x1, y1, x2, y2) boxes with scores and 0-based labels.
+        samples: the same images' truths.
+
+    Returns:
+        (mAP@0.5 (-1.0 without truths), {0-based label: AP@0.5} for every class with a truth or a detection;
+        -1.0 for a class without truths).
+    """
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5], max_detection_thresholds=[1, 10, max_detections],
+        class_metrics=True, sync_on_compute=False,
+    )
+    _update(metric, detections, samples)
+    result = metric.compute()
+    classes = result["classes"].reshape(-1).tolist()  # [K]
+    per_class = result["map_per_class"].reshape(-1).tolist()  # [K]
+    return float(result["map_50"]), {int(c): float(ap) for c, ap in zip(classes, per_class, strict=True)}
 
 
 def evaluate(

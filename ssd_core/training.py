@@ -1,4 +1,5 @@
-"""The training step: SGD with warm-up, optional gradient clipping and bfloat16 autocast on CUDA.
+"""The training step: SGD or AdamW with warm-up, optional gradient clipping, an optional EMA of the
+weights and bfloat16 autocast on CUDA.
 
 A step whose loss or gradient norm is not finite changes nothing: the optimizer does not step
 (weights and momentum buffers stay bitwise as they were) and the BatchNorm running statistics the
@@ -8,22 +9,30 @@ A finite gradient can still wreck the weights (an extreme learning rate turns th
 predictions overflow). With `TrainConfig.verify_update` the updated model scores the batch once more
 (eval mode, no gradients) and a non-finite loss undoes the update the same way; the service, which
 publishes every step to clients, turns this on.
+
+With `TrainConfig.ema` enabled the trainer keeps an exponential moving average of its weights
+(`ssd_core.ema`), updated after every completed step (never by a skipped one): `published` is the
+network to evaluate and serve, while the optimizer keeps training `module`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ssd_core.ema import EMAConfig, ModelEMA
 from ssd_core.stats import MatchStats
 
-__all__ = ["LossCriterion", "StepResult", "TrainConfig", "Trainer"]
+__all__ = ["LossCriterion", "StepResult", "TrainConfig", "Trainer", "TrainerState"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,9 @@ class TrainConfig:
 
     Attributes:
         lr: base learning rate, reached after the warm-up.
-        momentum, weight_decay: SGD's (SSD paper: 0.9, 5e-4).
+        optimizer: "sgd" (momentum SGD, the SSD paper's) or "adamw" (`torch.optim.AdamW`, default betas).
+        momentum: SGD's momentum (SSD paper: 0.9); unused by AdamW.
+        weight_decay: SGD's L2 penalty (SSD paper: 5e-4) or AdamW's decoupled decay.
         warmup_steps: the lr rises linearly from lr / warmup_steps (step 0) to lr (step
             warmup_steps - 1); 0 disables the warm-up.
         clip_grad_norm: clip the global gradient L2 norm to this value; None disables clipping.
@@ -40,17 +51,22 @@ class TrainConfig:
         verify_update: score the batch again after the update and skip the step (weights, buffers
             and optimizer state restored) when that loss is not finite; costs a copy of the weights
             and optimizer state and one forward pass per step.
+        ema: the moving average of the weights that `Trainer.published` serves; off by default.
     """
 
     lr: float = 1e-3
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     clip_grad_norm: float | None = None
     amp: bool = False
     verify_update: bool = False
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -60,9 +76,12 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of completed-step count `step` (linear warm-up, then constant)."""
-        if step >= self.warmup_steps:
-            return self.lr
-        return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * self.warmup_factor(step)
+
+    def warmup_factor(self, step: int) -> float:
+        """The warm-up's share of the base rate at completed-step count `step`: (step + 1) / warmup_steps, then 1.
+        A caller with its own base rate (a fine-tune job's learning_rate) multiplies it by this."""
+        return 1.0 if step >= self.warmup_steps else (step + 1) / self.warmup_steps
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,21 @@ class StepResult:
     lr: float
 
 
+class TrainerState(NamedTuple):
+    """What a checkpoint holds of a trainer (`Trainer.state`, `Trainer.restore`).
+
+    Attributes:
+        weights: the published network's state dict (the EMA when enabled): what is served.
+        optimizer_state: `optimizer.state_dict()`.
+        training_weights: the optimizer's (raw) weights when they differ from `weights` (EMA on),
+            else None.
+    """
+
+    weights: dict[str, Tensor]
+    optimizer_state: dict[str, Any]
+    training_weights: dict[str, Tensor] | None
+
+
 class LossCriterion(Protocol):
     """What the trainer needs from `MultiBoxLoss`."""
 
@@ -92,6 +126,14 @@ class LossCriterion(Protocol):
         """-> LossOutput(loss_l, loss_c, stats)."""
 
 
+def _same_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Whether `state` (an `optimizer.state_dict()`) comes from the same kind of optimizer: the same
+    hyper-parameter names in its param groups (SGD has `momentum`, AdamW `betas`)."""
+    def names(groups: list[dict[str, Any]]) -> set[str]:
+        return {key for group in groups for key in group if key != "params"}
+    return names(state["param_groups"]) == names(optimizer.state_dict()["param_groups"])
+
+
 def _to_device(targets: Tensor | list[Tensor], device: torch.device) -> Tensor | list[Tensor]:
     if isinstance(targets, Tensor):
         return targets.to(device)
@@ -99,10 +141,10 @@ def _to_device(targets: Tensor | list[Tensor], device: torch.device) -> Tensor |
 
 
 class Trainer:
-    """Owns a model and its SGD optimizer and runs training steps.
+    """Owns a model and its optimizer (and the EMA of its weights) and runs training steps.
 
     Public attributes (nothing else holds state): `model`, `module`, `criterion`, `config`,
-    `device`, `optimizer`, `steps` (completed steps), `skipped_steps`.
+    `device`, `optimizer`, `ema` (a `ModelEMA` or None), `steps` (completed steps), `skipped_steps`.
 
     Args:
         model: an SSD (forward [B, 3, S, S] -> (loc, conf, priors)), or a wrapper of one such as
@@ -134,11 +176,22 @@ class Trainer:
         self.criterion = criterion
         self.config = config
         self._all_finite = bool if all_finite is None else all_finite
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        if config.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+        self.ema = ModelEMA(self.module, config.ema) if config.ema.enabled else None
         self.steps = 0
         self.skipped_steps = 0
+
+    @property
+    def published(self) -> nn.Module:
+        """The network to evaluate and serve: the EMA when enabled, else `module` itself."""
+        return self.module if self.ema is None else self.ema.module
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.amp and self.device.type == "cuda":
@@ -190,6 +243,8 @@ class Trainer:
                 finite = False
             else:
                 self.steps += 1
+                if self.ema is not None:
+                    self.ema.update(self.module)
         if not finite:
             self._undo_forward(buffers)
             self.skipped_steps += 1
@@ -244,18 +299,39 @@ class Trainer:
                 buffer.copy_(saved)
 
     def weights(self) -> dict[str, Tensor]:
-        """A detached CPU copy of `module`'s state dict (e.g. to publish a new serving version)."""
-        return {name: t.detach().to("cpu", copy=True) for name, t in self.module.state_dict().items()}
+        """A detached CPU copy of `published`'s state dict (e.g. to publish a new serving version)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self.published.state_dict().items()}
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """`(module state_dict, optimizer state_dict)` for `CheckpointStore.save`; `steps` goes in meta."""
-        return self.module.state_dict(), self.optimizer.state_dict()
+    def state(self) -> TrainerState:
+        """The published weights, optimizer state and (EMA on) the raw weights, for `CheckpointStore.save`;
+        `steps` goes in meta. Live tensors: the store copies them."""
+        training_weights = None if self.ema is None else self.module.state_dict()
+        return TrainerState(self.published.state_dict(), self.optimizer.state_dict(), training_weights)
 
     def restore(
-        self, state_dict: dict[str, Tensor], optimizer_state: dict[str, Any] | None, steps: int
+        self,
+        weights: dict[str, Tensor],
+        optimizer_state: dict[str, Any] | None,
+        steps: int,
+        training_weights: dict[str, Tensor] | None = None,
     ) -> None:
-        """Resume from a checkpoint: `module` weights, optional optimizer state, completed step count."""
-        self.module.load_state_dict(state_dict)
-        if optimizer_state is not None:
+        """Resume from a checkpoint (`TrainerState`'s fields) and its completed step count.
+
+        With the EMA on, the average resumes from `weights` and `module` from `training_weights`
+        (from `weights` when the checkpoint has none, e.g. one written with the EMA off); the ramp
+        resumes at `steps`. With the EMA off `module` takes `weights`, the published ones, and
+        `training_weights` is ignored, so the trainer continues from what is served. An optimizer state
+        of another kind of optimizer (an SGD checkpoint resumed with AdamW) is not loaded: the
+        optimizer starts fresh (logged).
+        """
+        if self.ema is None:
+            self.module.load_state_dict(weights)
+        else:
+            self.module.load_state_dict(weights if training_weights is None else training_weights)
+            self.ema.load_state_dict(weights, updates=steps)
+        if optimizer_state is not None and _same_optimizer(self.optimizer, optimizer_state):
             self.optimizer.load_state_dict(optimizer_state)
+        elif optimizer_state is not None:
+            logger.warning("the checkpoint's optimizer state belongs to another optimizer than %s: starting it "
+                           "fresh", type(self.optimizer).__name__)
         self.steps = steps

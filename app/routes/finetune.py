@@ -40,6 +40,8 @@ MULTIPART_SCHEMA = {
         "steps": {"type": "integer", "minimum": 1, "default": 1},
         "learning_rate": {"type": "number", "exclusiveMinimum": 0},
         "augment": {"type": "boolean", "default": False},
+        "force": {"type": "boolean", "default": False, "description": "skip screening (the gate still applies)"},
+        "replay": {"type": "number", "minimum": 0, "maximum": 8, "description": "default: SSD_REPLAY_RATIO"},
     },
 }
 _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune queue is full"}}
@@ -57,7 +59,7 @@ _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune 
 )
 async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep, wait: bool = False) -> JSONResponse:
     """Images with pixel boxes train the hosted model for `steps` steps; 202 with the queued job, or
-    with `?wait=true` 200 with the job once it has finished."""
+    with `?wait=true` 200 with the job once it has finished (after the publish gate's decision)."""
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
         options, items = await multipart_request(request, FinetuneOptions, settings, annotated=True)
@@ -67,7 +69,8 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
         items = [(item.image, item) for item in options.images]
         samples = await run_in_threadpool(labelled_samples, items, settings, False, options.labelled_classes)
     # off the event loop: acceptance fsyncs the job journal
-    job = await run_in_threadpool(worker.submit, samples, options.steps, options.learning_rate, options.augment)
+    job = await run_in_threadpool(worker.submit, samples, [image for image, _ in items], options.steps,
+                                  options.learning_rate, options.augment, options.force, options.replay)
     if wait:
         await asyncio.shield(asyncio.wrap_future(job.finished))  # a client hang-up leaves the job running
         return JSONResponse(job.view().model_dump(mode="json"), status_code=200)

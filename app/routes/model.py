@@ -1,5 +1,5 @@
 """The hosted model: `GET /model`, `GET /model/versions`, `GET /model/export`, `POST /model/checkpoint`,
-`POST /model/rollback`."""
+`POST /model/rollback`, `POST`/`DELETE /model/versions/{version}/pin`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ from app.errors import ApiError, ErrorResponse, describe
 from app.model_host import ModelHost
 from app.openapi import AUTH_RESPONSES
 from app.replica import TrainerRole
-from app.schemas import CheckpointResponse, ModelInfo, RollbackRequest, VersionInfo, VersionsResponse
+from app.schemas import (
+    CheckpointResponse,
+    ModelInfo,
+    PinResponse,
+    RollbackRequest,
+    VersionInfo,
+    VersionsResponse,
+)
 from app.settings import Settings
 from ssd_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
 from ssd_core.export import SUFFIXES, export_model, metadata
@@ -69,9 +76,11 @@ async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
     """Only checkpoints that verify (size and sha256 of each file) are listed: each one is a valid
     `POST /model/rollback` target. A torn or corrupt checkpoint is left out."""
     saved = await run_in_threadpool(intact_versions, store) if store is not None else []
+    pins = await run_in_threadpool(store.pinned) if store is not None else set()
     return VersionsResponse(
         current=host.current.version,
-        versions=[VersionInfo(version=i.version, step=i.step, created=i.created) for i in saved],
+        versions=[VersionInfo(version=i.version, step=i.step, created=i.created, pinned=i.version in pins)
+                  for i in saved],
     )
 
 
@@ -112,6 +121,24 @@ async def export(
         path, media_type="application/octet-stream", filename=path.name, headers={"X-Model-Version": str(version)},
         background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True),
     )
+
+
+_PIN_RESPONSES = {**AUTH_RESPONSES, **_CONFLICT, 404: {"model": ErrorResponse, "description": "No such saved version"}}
+
+
+@router.post("/versions/{version}/pin", response_model=PinResponse, dependencies=[TrainerRole, Authorized],
+             responses=_PIN_RESPONSES, summary="Protect a saved version from pruning")
+async def pin_version(version: int, worker: WorkerDep) -> PinResponse:
+    """A pinned checkpoint is kept beyond SSD_CHECKPOINT_KEEP until unpinned; pins survive restarts."""
+    pins = await run_in_threadpool(worker.pin, version, True)
+    return PinResponse(version=version, pinned=True, pins=sorted(pins))
+
+
+@router.delete("/versions/{version}/pin", response_model=PinResponse, dependencies=[TrainerRole, Authorized],
+               responses=_PIN_RESPONSES, summary="Let a pinned version be pruned again")
+async def unpin_version(version: int, worker: WorkerDep) -> PinResponse:
+    pins = await run_in_threadpool(worker.pin, version, False)
+    return PinResponse(version=version, pinned=False, pins=sorted(pins))
 
 
 @router.post(

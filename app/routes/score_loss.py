@@ -26,10 +26,9 @@ from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost
 from app.openapi import ERROR_RESPONSES, request_body
 from app.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
+from app.scoring import loss_inputs, score_predictions
 from app.settings import Settings
-from ssd_core.datasets import collate
 from ssd_core.loss import LossOutput, MultiBoxLoss
-from ssd_core.partial_labels import labelled_class_mask
 
 router = APIRouter(tags=["loss"])
 
@@ -72,25 +71,18 @@ async def score_images(
     """The image form: decode, run the current model version (batched with other requests), score its predictions."""
     assert parsed.images is not None
     check_bkg_label(parsed.options, settings)  # before any decoding
+    criterion = criterion_for(parsed.options, settings.num_classes)
 
     def prepare() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         samples = labelled_samples([(item.image, item) for item in parsed.images], settings)
-        images, targets = collate(samples, host.spec)  # [B, 3, S, S], list[[n, 6]] normalised
-        class_mask = labelled_class_mask([s.labelled_classes for s in samples], settings.num_classes,
-                                         parsed.options.bkg_label)  # [B, C] or None
-        return images, targets, class_mask
+        return loss_inputs(samples, host.spec, criterion)  # [B, 3, S, S], list[[n, 6]], [B, C] or None
 
     images, targets, class_mask = await run_in_threadpool(prepare)
     served = host.current
     loc, conf = await forward(request, inference, images, served, "/score-loss")  # [B, P, 4], [B, P, C]
     metrics.images_processed.labels(route="/score-loss").inc(len(images))
-
-    def score() -> LossOutput:
-        with torch.inference_mode():
-            return criterion_for(parsed.options, settings.num_classes).compute(
-                (loc, conf, host.priors), targets, class_mask)
-
-    return await run_in_threadpool(score), served.version
+    output = await run_in_threadpool(score_predictions, loc, conf, host.priors, targets, class_mask, criterion)
+    return output, served.version
 
 
 def check_form(request: ScoreLossRequest) -> None:

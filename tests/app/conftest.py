@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from safetensors.torch import save_file
 
 from app.main import create_app
 from app.settings import Settings
+from ssd_core.datasets import collate
 from ssd_core.images import encode_png
+from ssd_core.loss import MultiBoxLoss
+from ssd_core.models import build_model
 from ssd_core.synthetic import ShapesDataset
+from ssd_core.training import TrainConfig, Trainer
 
 TOKEN = "s3cret-token"
 
@@ -24,6 +30,10 @@ def make_settings(tmp_path, **overrides) -> Settings:
         model="ssd-small", num_classes=4, class_names=["rectangle", "ellipse", "triangle"],
         checkpoint_dir=tmp_path / "checkpoints", max_images_per_request=4, max_image_pixels=200 * 200,
         max_body_bytes=4 * 2**20, finetune_queue_size=2, finetune_max_steps=200,
+        # the queue, journal, checkpoint and rollback tests run the unprotected mode, where every step
+        # publishes and every image trains at the job's rate; the gated default, the holdout and the
+        # warm-up are tested in test_gate.py
+        publish="every_step", holdout_fraction=0.0, warmup_steps=0,
     )
     values.update(overrides)
     return Settings(**values)
@@ -76,8 +86,8 @@ def shapes() -> ShapesDataset:
     return ShapesDataset(8, image_size=64, seed=3)
 
 
-def labelled(dataset: ShapesDataset, indices=(0, 1)) -> list[dict]:
-    """JSON image items: base64 PNG, pixel boxes, labels."""
+def labelled(dataset, indices=(0, 1)) -> list[dict]:
+    """JSON image items: base64 PNG, pixel boxes, labels (`dataset`: a ShapesDataset or a list of Samples)."""
     items = []
     for i in indices:
         sample = dataset[i]
@@ -128,3 +138,22 @@ def assert_error(response, status: int, field: str | None, code: str | None = No
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+# the images the `trained_weights` model was overfit on: it detects them with mAP@0.5 1.0, so damage shows
+OVERFIT = ShapesDataset(4, image_size=64, seed=11, min_objects=1, max_objects=2, min_size=0.3)
+
+
+@pytest.fixture(scope="session")
+def trained_weights(tmp_path_factory) -> Path:
+    """safetensors of ssd-small after 60 steps on the OVERFIT images (~20 s on one core, once per session)."""
+    torch.manual_seed(0)
+    model = build_model("ssd-small", 4)
+    trainer = Trainer(model, MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False),
+                      TrainConfig(lr=0.05, warmup_steps=10, clip_grad_norm=10.0), "cpu")
+    images, targets = collate([OVERFIT[i] for i in range(len(OVERFIT))], model.spec)
+    for _ in range(60):
+        trainer.step(images, targets)
+    path = tmp_path_factory.mktemp("trained") / "ssd-small.safetensors"
+    save_file(trainer.weights(), path)
+    return path

@@ -3,12 +3,16 @@ multipart, auth and every bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
 import pytest
 import torch
 
+import app.publishing
+from ssd_core.checkpoint import CheckpointStore
+from ssd_core.gate import GateDecision
 from tests.app.conftest import (
     TOKEN,
     CriterionSpy,
@@ -111,7 +115,12 @@ def test_unknown_job(client):
     assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
 
 
-def test_skipped_non_finite_steps(client, shapes):
+def test_skipped_non_finite_steps(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, max_learning_rate=1e13)) as client:
+        _check_skipped_steps(client, shapes)
+
+
+def _check_skipped_steps(client, shapes):
     job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3,
                                                    "learning_rate": 1e12}).json()
     assert job["skipped_steps"] >= 1
@@ -184,14 +193,20 @@ def test_mutating_endpoints_need_the_token(secured, shapes, headers):
         ("DELETE", "/finetune/whatever", None),
         ("POST", "/model/checkpoint", None),
         ("POST", "/model/rollback", {"version": 0}),
+        ("POST", "/model/versions/0/pin", None),
+        ("DELETE", "/model/versions/0/pin", None),
+        ("POST", "/validation", {"images": items}),
+        ("DELETE", "/validation", None),
     ]:
         response = secured.request(method, path, json=body, headers=headers)
         error = assert_error(response, 401, "Authorization", "unauthorized")
         assert response.headers["WWW-Authenticate"] == "Bearer", error
     assert secured.version == 0
     assert secured.sample("ssd_finetune_queue_depth") == 0
-    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "created": secured.get(
+    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "pinned": False,
+                                                                  "created": secured.get(
         "/model/versions").json()["versions"][0]["created"]}]
+    assert secured.get("/validation").json()["images"] == 0
 
 
 def test_the_right_token_is_accepted(secured, shapes):
@@ -247,6 +262,45 @@ def test_a_queued_job_is_on_disk_before_the_202(client, shapes):
     last = {r["job_id"]: r for r in journal_records(settings)}
     assert last[cancelled["job_id"]] == cancelled  # a final state is recorded before the answer
     client.delete(f"/finetune/{running['job_id']}")
+
+
+def test_with_ema_the_served_version_is_the_average_and_a_restart_resumes_both(tmp_path, shapes):
+    settings = make_settings(tmp_path, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3}).json()
+        assert done["status"] == "succeeded" and done["model_version"] == 3
+        trainer = client.app.state.worker.trainer
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in trainer.weights().items())  # the EMA is served
+        raw = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        assert not torch.equal(served["loc.0.weight"], raw["loc.0.weight"])
+        ema = {k: v.clone() for k, v in trainer.weights().items()}
+    info = CheckpointStore(settings.checkpoint_dir).versions()[-1]
+    assert info.version == 3 and info.training_weights is not None
+    with start_client(settings) as client:
+        trainer = client.app.state.worker.trainer
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert all(torch.equal(ema[k], v) for k, v in client.app.state.host.current.model.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 3
+
+
+def test_a_rejected_job_puts_the_ema_and_the_raw_weights_back_bitwise(tmp_path, shapes, monkeypatch):
+    settings = make_settings(tmp_path, publish="gated", gate_min_images=1, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        assert client.post("/validation", json={"images": labelled(shapes, (6, 7))}).status_code == 200
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("published"))
+        assert client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 2}).json()[
+            "status"] == "succeeded"
+        trainer = client.app.state.worker.trainer
+        ema, raw = copy.deepcopy(trainer.weights()), copy.deepcopy(trainer.module.state_dict())
+        monkeypatch.setattr(app.publishing, "decide", lambda *args: GateDecision("rejected", reason="forced"))
+        job = client.post("/finetune?wait=true", json={"images": labelled(shapes, (2, 3)), "steps": 2}).json()
+        assert job["status"] == "rejected" and job["steps_done"] == 2, job
+        assert all(torch.equal(ema[k], v) for k, v in trainer.weights().items())
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 2
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(ema[k], v) for k, v in served.items())  # the EMA was what the gate published
 
 
 def test_job_view_pools_per_class_statistics_over_its_steps(client, shapes):

@@ -28,7 +28,9 @@ def free_port() -> int:
 def start_server(checkpoint_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "SSD_MODEL": "ssd-small", "SSD_NUM_CLASSES": "4", "SSD_CHECKPOINT_DIR": str(checkpoint_dir),
-           "SSD_PORT": str(port), "SSD_HOST": "127.0.0.1", "SSD_TORCH_THREADS": "1", "SSD_SHUTDOWN_TIMEOUT_S": "20"}
+           "SSD_PORT": str(port), "SSD_HOST": "127.0.0.1", "SSD_TORCH_THREADS": "1", "SSD_SHUTDOWN_TIMEOUT_S": "20",
+           # the unprotected mode: every step publishes (the gated default: test_gate_server.py)
+           "SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0"}
     process = subprocess.Popen(  # `python -m app` runs uvicorn.run("app.main:app", ...)
         [sys.executable, "-m", "app"],
         cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """A real Prometheus server (Debian's `prometheus`) scrapes the live service every second.
 
-The test drives score, fine-tune and detect traffic (plus one rejected request and a checkpoint) in two
-phases separated by a scrape, so every rate() in the dashboard has an increase inside its window. Then:
+The test fills the validation set, then drives score, fine-tune (gated) and detect traffic (plus one
+rejected request and a checkpoint) in two phases separated by a scrape, so every rate() in the dashboard has an increase inside its window. Then:
 Prometheus's query API returns the loss and match series with the values the service's own responses
 imply, and every PromQL expression of the Grafana dashboard is accepted and returns finite data.
 """
@@ -28,6 +28,7 @@ from tests.integration.live import (
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration-prometheus")]
 
 FINETUNE_STEPS = (2, 1)  # steps of the job in each phase
+VALIDATION_IMAGES = 3  # the live service's gate judges from 2
 LEARNING_RATE = 1e-3
 
 
@@ -57,7 +58,8 @@ class Traffic:
         response = self.client.post("/finetune", params={"wait": "true"}, json=body)
         assert response.status_code == 200, response.text
         job = response.json()
-        assert (job["status"], job["steps_done"], job["skipped_steps"]) == ("succeeded", steps, 0), job
+        assert (job["steps_done"], job["skipped_steps"]) == (steps, 0), job
+        assert job["status"] in ("succeeded", "rejected") and job["evaluation"]["decision"] != "ungated", job
         self.finetune_jobs.append(job)
         self.finetune_boxes_per_step += [sum(len(image["boxes"]) for image in images)] * steps
 
@@ -111,6 +113,8 @@ def scraped(
         base_url=live_service.url, timeout=180
     ) as client:
         prometheus.wait_for_scrape_after(time.time(), timeout_s=60)
+        validation = client.post("/validation", json={"images": labelled_images(VALIDATION_IMAGES, seed=300)})
+        assert validation.status_code == 200, validation.text
         traffic = Traffic(client)
         traffic.phase(seed=100, finetune_steps=FINETUNE_STEPS[0])
         checkpoint = client.post("/model/checkpoint")
@@ -178,7 +182,7 @@ def test_prometheus_holds_finetune_series_matching_the_jobs(scraped):
     assert value(prometheus, 'ssd_finetune_jobs_total{state="succeeded"}') == len(FINETUNE_STEPS)
     assert value(prometheus, 'ssd_finetune_jobs_total{state="failed"}') == 0
     assert value(prometheus, "ssd_finetune_queue_depth") == 0
-    assert value(prometheus, "ssd_model_version") == last_job["model_version"] == last_step["model_version"]
+    assert value(prometheus, "ssd_model_version") == max(job["model_version"] for job in traffic.finetune_jobs)
     assert value(prometheus, "ssd_learning_rate") == pytest.approx(last_step["learning_rate"], rel=1e-9)
     assert value(prometheus, 'ssd_loss_loc_count{source="finetune"}') == steps
     losses_l = [step["loss_l"] for job in traffic.finetune_jobs for step in job["losses"]]
@@ -187,6 +191,28 @@ def test_prometheus_holds_finetune_series_matching_the_jobs(scraped):
     assert boxes == sum(traffic.finetune_boxes_per_step)
     assert value(prometheus, 'ssd_checkpoints_total{outcome="saved"}') >= 1
     assert value(prometheus, 'ssd_model_info{architecture="ssd-small",num_classes="4",device="cpu"}') == 1
+
+
+def test_prometheus_holds_validation_and_gate_series_matching_the_jobs(scraped):
+    prometheus, traffic = scraped
+    jobs = traffic.finetune_jobs
+    decisions = [job["evaluation"]["decision"] for job in jobs]
+    for decision in ("published", "rejected", "ungated"):
+        assert value(prometheus, f'ssd_gate_decisions_total{{decision="{decision}"}}') == decisions.count(decision)
+    assert value(prometheus, 'ssd_finetune_jobs_total{state="rejected"}') == decisions.count("rejected")
+    assert value(prometheus, "ssd_screening_rejections_total") == 0  # fewer than 5 accepted jobs: not judged
+    assert value(prometheus, "ssd_validation_images") == VALIDATION_IMAGES
+    assert value(prometheus, "ssd_evaluation_seconds_count") == len(jobs)
+    seconds = sum(job["evaluation"]["seconds"] for job in jobs)
+    assert value(prometheus, "ssd_evaluation_seconds_sum") == pytest.approx(seconds, rel=0.2, abs=0.5)
+    # the gauges: the served version's figures of the last evaluation (a published candidate's own)
+    last = jobs[-1]["evaluation"]
+    served = last["candidate"] if last["decision"] == "published" else last["served"]
+    assert value(prometheus, "ssd_validation_map_50") == pytest.approx(served["map_50"], abs=1e-6)
+    assert value(prometheus, "ssd_validation_loss") == pytest.approx(served["loss"], rel=1e-5)
+    per_class = prometheus.query("ssd_validation_ap_50")
+    assert per_class and all(series["metric"]["class"].startswith("class_") for series in per_class)
+    assert all(0 <= float(series["value"][1]) <= 1 for series in per_class)
 
 
 def test_prometheus_holds_request_series(scraped):

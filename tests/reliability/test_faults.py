@@ -151,7 +151,8 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
 @pytest.mark.xdist_group("reliability-faults")
 def test_kill_9_loses_no_job_record(tmp_path):
     """A job that succeeded, one running and one queued (both acknowledged with 202) at kill -9: after a
-    restart every id answers; the unfinished two read `failed` ("interrupted") with the restored version."""
+    restart every id answers; the unfinished two read `failed` ("interrupted") with the restored version, and
+    the replay memory holds the succeeded job's images only."""
     items = labelled_images(2, seed=4, image_size=64)
     with run_service(tmp_path, module=True) as service:
         http = httpx.Client(base_url=service.url, timeout=60)
@@ -176,6 +177,8 @@ def test_kill_9_loses_no_job_record(tmp_path):
             job = http.get(f"/finetune/{job_id}").json()
             assert job["status"] == "failed" and job["error"].startswith("interrupted"), job
             assert job["model_version"] == restored, job
+        # the replay memory kept the succeeded job's images, and only those
+        assert scrape(service.url).value("ssd_replay_images") == len(items)
 
 
 # ---- kill -9 while checkpoints are being written

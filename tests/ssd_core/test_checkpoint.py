@@ -74,9 +74,10 @@ def test_round_trip_weights_meta_and_optimizer(tmp_path):
 
     loaded = CheckpointStore(tmp_path).load_latest()
     assert loaded is not None
-    state_dict, loaded_meta, optimizer_state = loaded
+    state_dict, loaded_meta, optimizer_state, training_weights = loaded
     _assert_state_equal(state_dict, model.state_dict())  # includes BatchNorm's int64 num_batches_tracked
     assert loaded_meta == meta
+    assert training_weights is None
     original = optimizer.state_dict()
     assert optimizer_state["param_groups"] == original["param_groups"]
     assert optimizer_state["state"].keys() == original["state"].keys()
@@ -90,6 +91,31 @@ def test_weights_only_checkpoint_has_no_optimizer(tmp_path):
     assert info.optimizer is None
     assert not (tmp_path / "ckpt-00000001.optim.safetensors").exists()
     assert store.load(1).optimizer_state is None
+
+
+def test_training_weights_round_trip_are_verified_and_pruned(tmp_path):
+    """An EMA checkpoint: served weights in the main file, the raw training weights beside them."""
+    store = CheckpointStore(tmp_path, keep=1)
+    served, raw = _model(seed=1).state_dict(), _model(seed=2).state_dict()
+    info = store.save(served, {"version": 1}, training_weights=raw)
+    assert info.training_weights == tmp_path / "ckpt-00000001.training.safetensors"
+    sidecar = json.loads((tmp_path / "ckpt-00000001.json").read_text())
+    assert sidecar["files"]["training_weights"]["size"] == os.path.getsize(info.training_weights)
+    loaded = store.load(1)
+    _assert_state_equal(loaded.state_dict, served)
+    _assert_state_equal(loaded.training_weights, raw)
+
+    store.save(served, {"version": 2}, training_weights=raw)
+    flipped = bytearray((tmp_path / "ckpt-00000002.training.safetensors").read_bytes())
+    flipped[-1] ^= 1
+    (tmp_path / "ckpt-00000002.training.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="sha256"):
+        store.load(2)
+    assert not (tmp_path / "ckpt-00000001.training.safetensors").exists()  # pruned with its version
+
+    store.save(served, {"version": 2})  # rewritten without: no stale raw weights left behind
+    assert store.load(2).training_weights is None
+    assert not (tmp_path / "ckpt-00000002.training.safetensors").exists()
 
 
 def test_empty_directory_loads_none_and_missing_version_raises(tmp_path):
@@ -255,7 +281,7 @@ def test_resumed_optimizer_continues_exactly(tmp_path):
 
     resumed = _model(seed=99)  # different init: everything must come from the checkpoint
     resumed_optimizer = _sgd(resumed)
-    state_dict, meta, optimizer_state = CheckpointStore(tmp_path).load_latest()
+    state_dict, meta, optimizer_state, _ = CheckpointStore(tmp_path).load_latest()
     resumed.load_state_dict(state_dict)
     resumed_optimizer.load_state_dict(optimizer_state)
     _train(resumed, resumed_optimizer, batches[meta["step"] :])
@@ -263,3 +289,24 @@ def test_resumed_optimizer_continues_exactly(tmp_path):
     _assert_state_equal(resumed.state_dict(), uninterrupted.state_dict())
     for index, values in optimizer.state_dict()["state"].items():
         _assert_state_equal(resumed_optimizer.state_dict()["state"][index], values)
+
+
+def test_pinned_versions_survive_pruning_and_reopening(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    state = _model().state_dict()
+    for version in range(2):
+        store.save(state, {"version": version})
+    store.pin(0)
+    for version in range(2, 6):
+        store.save(state, {"version": version})
+    assert [info.version for info in store.versions()] == [0, 4, 5]
+    reopened = CheckpointStore(tmp_path, keep=2)
+    assert reopened.pinned() == {0}
+    reopened.load(0)  # intact
+    assert reopened.unpin(0) and not reopened.unpin(0)
+    reopened.save(state, {"version": 6})
+    assert [info.version for info in reopened.versions()] == [5, 6]
+    with pytest.raises(CheckpointError, match="no saved version 1 to pin"):
+        reopened.pin(1)
+    with pytest.raises(PermissionError):
+        CheckpointStore(tmp_path, keep=2, read_only=True).pin(6)

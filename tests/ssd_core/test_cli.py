@@ -116,7 +116,7 @@ def test_import_writes_a_checkpoint_from_an_ssd_pytorch_base(tmp_path, capsys):
     assert main([*argv, "--class-names", "cat", "dog", "bird"]) == 0
     out = capsys.readouterr().out
     assert f"imported {len(base)} of" in out and "(coco priors)" in out
-    state_dict, meta, optimizer_state = CheckpointStore(directory).load_latest()
+    state_dict, meta, optimizer_state, _ = CheckpointStore(directory).load_latest()
     assert (meta["model"], meta["num_classes"], meta["class_names"]) == ("ssd300", 4, ["cat", "dog", "bird"])
     assert meta["priors"] == "coco"  # ssd.pytorch's rule: COCO priors for every class count but 21
     assert main([*argv, "--class-names", "cat", "dog", "bird", "--priors", "voc"]) == 0

@@ -113,8 +113,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     skipped = trainer.step(images, targets).skipped
     unchanged = all(torch.equal(before[k], v) for k, v in trainer.weights().items())
 
-    state_dict, optimizer_state = trainer.state()
-    trainer.restore(state_dict, optimizer_state, trainer.steps)  # single-process keys back into DDP
+    state = trainer.state()
+    trainer.restore(state.weights, state.optimizer_state, trainer.steps)  # single-process keys back into DDP
     restored = all(torch.equal(before[k], v) for k, v in trainer.weights().items())
     context.check_same(7, "a constant")
     try:

@@ -193,15 +193,15 @@ def test_recovers_from_truncated_newest_checkpoint(tmp_path):
     trainer = _trainer(TrainConfig(lr=0.01, warmup_steps=3))
     for version in (1, 2):
         trainer.step(images, targets)
-        state_dict, optimizer_state = trainer.state()
-        store.save(state_dict, {"version": version, "step": trainer.steps}, optimizer_state)
+        state = trainer.state()
+        store.save(state.weights, {"version": version, "step": trainer.steps}, state.optimizer_state)
         if version == 1:
             uninterrupted = copy.deepcopy(trainer)
     weights = tmp_path / "ckpt-00000002.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # crash mid-write of the newest weights
 
     resumed = _trainer(TrainConfig(lr=0.01, warmup_steps=3), seed=7)
-    state_dict, meta, optimizer_state = CheckpointStore(tmp_path).load_latest()
+    state_dict, meta, optimizer_state, _ = CheckpointStore(tmp_path).load_latest()
     assert meta["version"] == 1
     resumed.restore(state_dict, optimizer_state, meta["step"])
     for _ in range(2):

@@ -1,0 +1,134 @@
+"""Screening and the publish gate, as the trainer thread uses them (the rules: ssd_core.screening,
+ssd_core.gate). Keeps the served version's validation figures cached per (version, validation-set
+hash), the screening window of accepted jobs, and the validation gauges."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from torch import nn
+
+from app.jobs import finite_or_none
+from app.metrics import Metrics
+from app.model_host import ModelHost, ModelVersion
+from app.schemas import CandidateFigures, JobEvaluation, JobScreening, JobView, ServedFigures
+from app.scoring import score_samples
+from app.settings import Settings
+from app.validation import ValidationSet
+from ssd_core.datasets import Sample
+from ssd_core.gate import GateConfig, GateDecision, ValidationScore, decide, score_model, ungated
+from ssd_core.loss import MultiBoxLoss
+from ssd_core.screening import ScreeningConfig, ScreeningHistory, ScreeningVerdict
+
+SCREEN_MIN_JOBS = 5  # accepted jobs before screening judges (the issue's "at least 5")
+_CACHED_VERSIONS = 4
+
+
+class Gatekeeper:
+    """Args: host (the served versions), validation (the set), criterion (the trainer's loss)."""
+
+    def __init__(
+        self, host: ModelHost, validation: ValidationSet, criterion: MultiBoxLoss, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.host = host
+        self.validation = validation
+        self.criterion = criterion
+        self.settings = settings
+        self.metrics = metrics
+        self.config = GateConfig(settings.gate_tolerance, settings.gate_noise_z, settings.gate_min_images,
+                                 settings.gate_bootstrap)
+        self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
+        self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
+        metrics.validation_images.set(len(validation))
+
+    def restore_history(self, views: list[JobView]) -> None:
+        """Refill the screening window from journalled jobs (oldest first): the accepted ones' pre-training loss."""
+        for view in views:
+            if view.status == "succeeded" and view.screening is not None and view.screening.loss is not None:
+                self.history.accept(view.screening.loss_l or 0.0, view.screening.loss_c or 0.0)
+
+    # ---- screening
+
+    def screen(self, samples: list[Sample], force: bool) -> tuple[ScreeningVerdict, JobScreening]:
+        """Score the batch with the served model (the image form of /score-loss) and judge it."""
+        output, served = score_samples(samples, self.host, self.criterion)
+        verdict = self.history.judge(float(output.loss_l), float(output.loss_c))
+        if not verdict.passed and not force:
+            self.metrics.screening_rejections.inc()
+        view = JobScreening(
+            model_version=served.version, loss=finite_or_none(verdict.loss), loss_l=finite_or_none(verdict.loss_l),
+            loss_c=finite_or_none(verdict.loss_c), median=verdict.median, threshold=verdict.threshold, jobs=verdict.jobs,
+            passed=verdict.passed, forced=force,
+        )
+        return verdict, view
+
+    # ---- the gate
+
+    def evaluate(self, candidate: nn.Module, device) -> tuple[GateDecision, JobEvaluation, ValidationScore | None, str]:
+        """Judge `candidate` (the trainer's network) against the served version.
+
+        Returns:
+            (decision, the job's `evaluation`, the candidate's score (None when ungated), the set's digest).
+        """
+        started = time.perf_counter()
+        samples, digest = self.validation.snapshot()
+        self.metrics.validation_images.set(len(samples))
+        if not self.config.judges(len(samples)):
+            decision = ungated(len(samples), self.config)
+            return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
+        served_version = self.host.current
+        served = self._served_score(served_version, samples, digest)
+        score = self._score(candidate, samples, device)
+        decision = decide(served, score, len(samples), self.config)
+        self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
+        view = self._view(decision, len(samples), digest, served_version, served, score, started)
+        return decision, view, score, digest
+
+    def record(self, decision: GateDecision) -> None:
+        self.metrics.gate_decisions.labels(decision=decision.decision).inc()
+
+    def published(self, version: ModelVersion, score: ValidationScore | None, digest: str) -> None:
+        """`version` was published from a candidate scored `score` on the set of `digest`: cache it as served."""
+        if score is not None:
+            self._remember(version.version, digest, score)
+            self._set_gauges(score)
+
+    def _served_score(self, served: ModelVersion, samples: list[Sample], digest: str) -> ValidationScore:
+        key = (served.version, digest)
+        if key not in self._scores:
+            self._remember(served.version, digest, self._score(served.model, samples, self.host.device))
+        score = self._scores[key]
+        self._set_gauges(score)
+        return score
+
+    def _remember(self, version: int, digest: str, score: ValidationScore) -> None:
+        self._scores[(version, digest)] = score
+        while len(self._scores) > _CACHED_VERSIONS:
+            self._scores.popitem(last=False)
+
+    def _score(self, model: nn.Module, samples: list[Sample], device) -> ValidationScore:
+        return score_model(model, samples, self.criterion, num_classes=self.settings.num_classes - 1, device=device,
+                           max_detections=self.settings.max_detections)
+
+    def _set_gauges(self, score: ValidationScore) -> None:
+        self.metrics.validation_map_50.set(score.map_50)
+        self.metrics.validation_loss.set(score.loss)
+        for label, ap in score.per_class.items():
+            if ap >= 0:
+                self.metrics.validation_ap_50.labels(**{"class": self.settings.class_name(label)}).set(ap)
+
+    @staticmethod
+    def _view(
+        decision: GateDecision, images: int, digest: str, served_version: ModelVersion | None,
+        served: ValidationScore | None, candidate: ValidationScore | None, started: float,
+    ) -> JobEvaluation:
+        return JobEvaluation(
+            validation_images=images, validation_hash=digest,
+            served=None if served is None or served_version is None else ServedFigures(
+                version=served_version.version, map_50=served.map_50, loss=served.loss),
+            candidate=None if candidate is None else CandidateFigures(map_50=candidate.map_50,
+                                                                      loss=finite_or_none(candidate.loss)),
+            decision=decision.decision, margin=decision.margin, noise=decision.noise, reason=decision.reason,
+            seconds=time.perf_counter() - started,
+        )

@@ -1,0 +1,77 @@
+"""The paired bootstrap's mAP@0.5: all-ones weights reproduce torchmetrics; resampling is a real resample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssd_core.bootstrap import bootstrap_weights, match_detections, resampled_map_50
+from ssd_core.datasets import Sample
+from ssd_core.evaluation import average_precision_50
+from ssd_core.postprocess import Detections
+
+
+def _random_case(seed: int, images: int = 12, classes: int = 3, difficult_rate: float = 0.0):
+    """Truths and noisy detections (jittered truths, label flips, spurious boxes) on 100 x 100 images."""
+    g = torch.Generator().manual_seed(seed)
+    samples, detections = [], []
+    for _ in range(images):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 60
+        boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 30], dim=1)  # [n, 4]
+        labels = torch.randint(classes, (n,), generator=g)
+        difficult = torch.rand(n, generator=g) < difficult_rate
+        samples.append(Sample(torch.zeros(3, 100, 100, dtype=torch.uint8), boxes, labels, difficult))
+        extra = int(torch.randint(0, 4, (1,), generator=g))
+        xy2 = torch.rand(extra, 2, generator=g) * 60
+        det_boxes = torch.cat([boxes + torch.randn(n, 4, generator=g) * 4,
+                               torch.cat([xy2, xy2 + 20], dim=1)]).clamp(0, 100)
+        det_labels = torch.cat([torch.where(torch.rand(n, generator=g) < 0.2, (labels + 1) % classes, labels),
+                                torch.randint(classes, (extra,), generator=g)])
+        scores = torch.rand(n + extra, generator=g)
+        order = scores.argsort(descending=True)
+        detections.append(Detections(det_boxes[order], scores[order], det_labels[order]))
+    return detections, samples
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("difficult_rate", [0.0, 0.3])
+def test_unit_weights_reproduce_torchmetrics(seed, difficult_rate):
+    detections, samples = _random_case(seed, difficult_rate=difficult_rate)
+    expected, _ = average_precision_50(detections, samples)
+    matched = match_detections(detections, samples, num_classes=3)
+    got = resampled_map_50(matched, torch.ones(1, len(samples), dtype=torch.float64))
+    assert float(got[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_weights_equal_an_explicitly_resampled_data_set():
+    """Weight 0 drops an image: the same as scoring the data set without it (slow reference: torchmetrics)."""
+    detections, samples = _random_case(7)
+    keep = [i for i in range(len(samples)) if i % 3 != 0]
+    weights = torch.zeros(1, len(samples), dtype=torch.float64)
+    weights[0, keep] = 1.0
+    expected, _ = average_precision_50([detections[i] for i in keep], [samples[i] for i in keep])
+    got = resampled_map_50(match_detections(detections, samples, 3), weights)
+    assert float(got[0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_bootstrap_weights_are_draws_with_replacement():
+    weights = bootstrap_weights(10, 500, torch.Generator().manual_seed(0))
+    assert weights.shape == (500, 10) and torch.all(weights.sum(dim=1) == 10)
+    assert torch.all(weights[0] == 1)
+    assert weights[1:].mean().item() == pytest.approx(1.0, abs=0.05)
+    assert (weights[1:] == 0).double().mean().item() == pytest.approx((0.9) ** 10, abs=0.03)  # P(not drawn)
+
+
+def test_resampled_maps_spread_around_the_point_estimate():
+    detections, samples = _random_case(3, images=30)
+    matched = match_detections(detections, samples, 3)
+    maps = resampled_map_50(matched, bootstrap_weights(30, 300, torch.Generator().manual_seed(1)))
+    assert maps.shape == (300,) and 0.0 < float(maps.std()) < 0.2
+    assert float(maps.mean()) == pytest.approx(float(maps[0]), abs=0.05)
+
+
+def test_mismatched_lengths_raise():
+    detections, samples = _random_case(0)
+    with pytest.raises(ValueError, match="got 11 detections for 12 samples"):
+        match_detections(detections[:-1], samples, 3)
