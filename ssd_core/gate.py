@@ -39,7 +39,7 @@ class GateConfig:
     min_images: validation images below which the gate does not judge; resamples: bootstrap
     resamples (0: no noise term); seed: of the resampling (a decision is reproducible)."""
 
-    tolerance: float = 0.02
+    tolerance: float = 0.01
     noise_z: float = 2.0
     min_images: int = 10
     resamples: int = 200
@@ -139,7 +139,7 @@ def decide(served: ValidationScore, candidate: ValidationScore, num_images: int,
         return GateDecision("rejected", delta, noise, margin, "the candidate's validation loss is not finite")
     if delta >= -margin:
         return GateDecision("published", delta, noise, margin)
-    reason = (f"gate: validation mAP@0.5 {candidate.map_50:.4f} is {-delta:.4f} below the served version's "
+    reason = (f"gate: validation mAP@0.5 {candidate.map_50:.4f} is {-delta:.4f} below the reference version's "
               f"{served.map_50:.4f}, more than the margin {margin:.4f} (tolerance {config.tolerance:g} + "
               f"{config.noise_z:g} x bootstrap SE {noise:.4f} over {num_images} images)")
     return GateDecision("rejected", delta, noise, margin, reason)

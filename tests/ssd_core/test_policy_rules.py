@@ -108,7 +108,7 @@ def test_gate_publishes_an_equal_candidate_and_rejects_a_damaged_one():
     served, damaged = _case(40, damage=0.6)
     decision = decide(served, damaged, 40, config)
     assert decision.decision == "rejected" and decision.delta < -decision.margin
-    assert "below the served version's" in decision.reason and decision.margin >= 0.02
+    assert "below the reference version's" in decision.reason and decision.margin >= 0.02
 
 
 def test_gate_margin_widens_with_noise_of_a_small_set():
