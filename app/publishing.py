@@ -17,7 +17,15 @@ from app.scoring import score_samples
 from app.settings import Settings
 from app.validation import ValidationSet
 from ssd_core.datasets import Sample
-from ssd_core.gate import GateConfig, GateDecision, ValidationScore, decide, score_model, ungated
+from ssd_core.gate import (
+    GateConfig,
+    GateDecision,
+    ReferenceLine,
+    ValidationScore,
+    decide,
+    score_model,
+    ungated,
+)
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.screening import ScreeningConfig, ScreeningHistory, ScreeningVerdict
 
@@ -40,8 +48,7 @@ class Gatekeeper:
                                  settings.gate_bootstrap)
         self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
-        # (validation digest, best version, its score, the versions of its line) for `_reference`
-        self._best: tuple[str, int, ValidationScore, set[int]] | None = None
+        self.line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))
 
     def restore_history(self, views: list[JobView]) -> None:
@@ -81,30 +88,12 @@ class Gatekeeper:
             return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
         served_version = self.host.current
         served = self._served_score(served_version, samples, digest)
-        reference_version, reference = self._reference(served_version.version, served, digest)
+        reference_version, reference = self.line.reference(served_version.version, served, digest)
         score = self._score(candidate, samples, device)
         decision = decide(reference, score, len(samples), self.config)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         view = self._view(decision, len(samples), digest, served_version, served, score, started)
         return decision, view.model_copy(update={"reference_version": reference_version}), score, digest
-
-    def _reference(self, version: int, served: ValidationScore, digest: str) -> tuple[int, ValidationScore]:
-        """What a candidate must not fall below: the best version the gate published on this validation
-        set since the served one's line began (so a run of small losses cannot add up), else the served one.
-        A served version the gate did not publish (a rollback, a restart) starts a new line."""
-        best = self._best
-        if best is None or best[0] != digest or version not in best[3]:
-            self._best = best = (digest, version, served, {version})
-        return best[1], best[2]
-
-    def _extend_line(self, version: int, score: ValidationScore, digest: str) -> None:
-        best = self._best
-        if best is None or best[0] != digest:
-            self._best = (digest, version, score, {version})
-        elif score.map_50 > best[2].map_50:
-            self._best = (digest, version, score, best[3] | {version})
-        else:
-            best[3].add(version)
 
     def record(self, decision: GateDecision) -> None:
         self.metrics.gate_decisions.labels(decision=decision.decision).inc()
@@ -113,7 +102,7 @@ class Gatekeeper:
         """`version` was published from a candidate scored `score` on the set of `digest`: cache it as served."""
         if score is not None:
             self._remember(version.version, digest, score)
-            self._extend_line(version.version, score, digest)
+            self.line.published(version.version, score, digest)
             self._set_gauges(score)
 
     def _served_score(self, served: ModelVersion, samples: list[Sample], digest: str) -> ValidationScore:
