@@ -115,6 +115,7 @@ def test_holdout_is_stable_under_resending_and_accepted_images_join_the_validati
         # a job left with fewer than two training images (BatchNorm) trains on none
         lone = client.post("/finetune?wait=true", json={"images": labelled(pool, held + kept[:1]), "steps": 3}).json()
         assert lone["status"] == "succeeded" and lone["steps_done"] == 0 and lone["held_out"] == 2
+        assert lone["model_version"] == client.version
         assert client.sample("ssd_validation_images") == 2
 
 
