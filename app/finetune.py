@@ -289,6 +289,7 @@ class FinetuneWorker:
         """The optimizer steps on `samples` (none when every image was held out), published per step
         or through the gate; a gated job that does not end published leaves the trainer as served."""
         if not samples:
+            job.model_version = self.host.current.version
             return JobState.succeeded, None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from torch import Tensor
@@ -474,6 +475,23 @@ def labelled_samples(
 
 
 _ANNOTATIONS = TypeAdapter(list[ImageAnnotation])
+
+
+async def labelled_request(
+    request: Request, options: type[BaseModel], body: type[BaseModel], settings: Settings
+) -> tuple[BaseModel, list[tuple[bytes, ImageAnnotation]], list[Sample]]:
+    """A labelled-image request (`/finetune`, `/validation`) as JSON (`body`, with `images`) or multipart
+    (`options`' fields, files `images`, JSON field `annotations`): (its options, (image bytes as sent,
+    annotation) per image, the decoded `Sample`s)."""
+    kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
+    if kind == MULTIPART:
+        parsed, items = await multipart_request(request, options, settings, annotated=True)
+    else:
+        parsed = await run_in_threadpool(parse_json, body, await request.body())
+        items = [(item.image, item) for item in parsed.images]
+    default_classes = getattr(parsed, "labelled_classes", None)  # a job's partial labels (/finetune)
+    samples = await run_in_threadpool(labelled_samples, items, settings, kind == MULTIPART, default_classes)
+    return parsed, items, samples
 
 
 async def multipart_request(

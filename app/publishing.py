@@ -17,7 +17,15 @@ from app.scoring import score_samples
 from app.settings import Settings
 from app.validation import ValidationSet
 from ssd_core.datasets import Sample
-from ssd_core.gate import GateConfig, GateDecision, ValidationScore, decide, score_model, ungated
+from ssd_core.gate import (
+    GateConfig,
+    GateDecision,
+    ReferenceLine,
+    ValidationScore,
+    decide,
+    score_model,
+    ungated,
+)
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.screening import ScreeningConfig, ScreeningHistory, ScreeningVerdict
 
@@ -40,6 +48,7 @@ class Gatekeeper:
                                  settings.gate_bootstrap)
         self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
+        self.line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))
 
     def restore_history(self, views: list[JobView]) -> None:
@@ -79,11 +88,12 @@ class Gatekeeper:
             return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
         served_version = self.host.current
         served = self._served_score(served_version, samples, digest)
+        reference_version, reference = self.line.reference(served_version.version, served, digest)
         score = self._score(candidate, samples, device)
-        decision = decide(served, score, len(samples), self.config)
+        decision = decide(reference, score, len(samples), self.config)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         view = self._view(decision, len(samples), digest, served_version, served, score, started)
-        return decision, view, score, digest
+        return decision, view.model_copy(update={"reference_version": reference_version}), score, digest
 
     def record(self, decision: GateDecision) -> None:
         self.metrics.gate_decisions.labels(decision=decision.decision).inc()
@@ -92,6 +102,7 @@ class Gatekeeper:
         """`version` was published from a candidate scored `score` on the set of `digest`: cache it as served."""
         if score is not None:
             self._remember(version.version, digest, score)
+            self.line.published(version.version, score, digest)
             self._set_gauges(score)
 
     def _served_score(self, served: ModelVersion, samples: list[Sample], digest: str) -> ValidationScore:

@@ -271,6 +271,9 @@ class JobEvaluation(BaseModel):
     served: ServedFigures | None = Field(description="null when ungated")
     candidate: CandidateFigures | None
     decision: Literal["published", "rejected", "ungated"]
+    reference_version: int | None = Field(None, description="the version the candidate was judged against: the "
+                                          "best the gate published on this validation set since the served "
+                                          "version's line began (the served one unless a later one scored lower)")
     margin: float | None = Field(description="mAP@0.5 the candidate could lose and still publish: "
                                  "SSD_GATE_TOLERANCE + SSD_GATE_NOISE_Z x the bootstrap SE")
     noise: float | None = Field(description="bootstrap standard error of the candidate - served mAP@0.5")

@@ -276,8 +276,9 @@ def run(args: argparse.Namespace) -> dict:
         servers = []
         for mode in ("every_step", "gated"):
             shutil.copytree(args.warm_dir / "checkpoints", work / mode / "checkpoints")
+            # no holdout: the 200 POSTed images stay the validation set, so the served figures stay cached
             servers.append(stack.enter_context(start_server(mode, work / mode / "checkpoints", args.threads,
-                                                            SSD_PUBLISH=mode)))
+                                                            SSD_PUBLISH=mode, SSD_HOLDOUT_FRACTION="0")))
         for server in servers:
             added = post_validation(server, validation_samples)
             start = measure_map(server, val, encoded)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import safetensors.torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "CheckpointInfo", "CheckpointStore", "LoadedCheckpoint"]
+__all__ = ["CheckpointError", "CheckpointInfo", "CheckpointStore", "LoadedCheckpoint", "atomic_write"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,10 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or all of the new one."""
-    fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX + path.name + ".", dir=path.parent)
+def atomic_write(path: Path, data: bytes, temp_prefix: str = _TEMP_PREFIX) -> None:
+    """Write `data` to `path` so that readers see either the old file or all of the new one (a temp
+    file `temp_prefix + name + ".*"` in the same directory, fsync'd, renamed, then the directory fsync'd)."""
+    fd, temp_name = tempfile.mkstemp(prefix=temp_prefix + path.name + ".", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from readers running as other users
         with os.fdopen(fd, "wb") as f:
@@ -238,16 +239,16 @@ class CheckpointStore:
             "optimizer_layout": optimizer_layout,
         }
         sidecar_bytes = json.dumps(sidecar, indent=2, sort_keys=True).encode()  # fails before any write
-        _atomic_write(weights_path, weights)
+        atomic_write(weights_path, weights)
         if optimizer_state is not None:
-            _atomic_write(optim_path, optim)
+            atomic_write(optim_path, optim)
         else:
             optim_path.unlink(missing_ok=True)
         if training_weights is not None:
-            _atomic_write(training_path, training)
+            atomic_write(training_path, training)
         else:
             training_path.unlink(missing_ok=True)
-        _atomic_write(sidecar_path, sidecar_bytes)
+        atomic_write(sidecar_path, sidecar_bytes)
         self._prune()
         return self._info(sidecar_path, sidecar)
 
@@ -379,7 +380,7 @@ class CheckpointStore:
         return True
 
     def _write_pins(self, pins: set[int]) -> None:
-        _atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode())
+        atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode())
 
     def _prune(self) -> None:
         """Delete every file of versions older than the newest `keep` valid ones, except pinned ones."""

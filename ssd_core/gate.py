@@ -10,6 +10,10 @@ resamples of the validation images (both models scored on the same resampled ima
 A small or noisy set widens the margin, so clean jobs are not rejected by chance; pairing keeps it
 narrow for similar models (their errors on an image go together) and a collapsed model is far
 outside it. Below `min_images` validation images the gate does not judge: `ungated`.
+
+The "served" side is the *reference* (`ReferenceLine`): the best version published on the same
+validation set since the served version's line began, so that a run of candidates each a little
+worse than the last cannot add up to more than one margin.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ssd_core.evaluation import average_precision_50
 from ssd_core.postprocess import Detections, detect
 from ssd_core.training import LossCriterion
 
-__all__ = ["GateConfig", "GateDecision", "ValidationScore", "decide", "score_model", "ungated"]
+__all__ = ["GateConfig", "GateDecision", "ReferenceLine", "ValidationScore", "decide", "score_model", "ungated"]
 
 Decision = Literal["published", "rejected", "ungated"]
 
@@ -39,7 +43,7 @@ class GateConfig:
     min_images: validation images below which the gate does not judge; resamples: bootstrap
     resamples (0: no noise term); seed: of the resampling (a decision is reproducible)."""
 
-    tolerance: float = 0.02
+    tolerance: float = 0.01
     noise_z: float = 2.0
     min_images: int = 10
     resamples: int = 200
@@ -76,6 +80,33 @@ class GateDecision:
     noise: float | None = None
     margin: float | None = None
     reason: str | None = None
+
+
+class ReferenceLine:
+    """The best-scoring version of the line of versions the gate published on one validation set.
+
+    `reference(version, score, digest)` returns what a candidate is judged against: the line's best,
+    while `version` (the one served now) belongs to the line and the set's digest is unchanged; else a
+    new line starts at `version`. `published(version, score, digest)` extends the line.
+    """
+
+    def __init__(self) -> None:
+        self._digest: str | None = None
+        self._best: tuple[int, ValidationScore] | None = None
+        self._versions: set[int] = set()
+
+    def reference(self, version: int, score: ValidationScore, digest: str) -> tuple[int, ValidationScore]:
+        if self._best is None or digest != self._digest or version not in self._versions:
+            self._digest, self._best, self._versions = digest, (version, score), {version}
+        return self._best
+
+    def published(self, version: int, score: ValidationScore, digest: str) -> None:
+        if self._best is None or digest != self._digest:
+            self._digest, self._best, self._versions = digest, (version, score), {version}
+            return
+        self._versions.add(version)
+        if score.map_50 > self._best[1].map_50:
+            self._best = (version, score)
 
 
 @torch.no_grad()
@@ -139,7 +170,7 @@ def decide(served: ValidationScore, candidate: ValidationScore, num_images: int,
         return GateDecision("rejected", delta, noise, margin, "the candidate's validation loss is not finite")
     if delta >= -margin:
         return GateDecision("published", delta, noise, margin)
-    reason = (f"gate: validation mAP@0.5 {candidate.map_50:.4f} is {-delta:.4f} below the served version's "
+    reason = (f"gate: validation mAP@0.5 {candidate.map_50:.4f} is {-delta:.4f} below the reference version's "
               f"{served.map_50:.4f}, more than the margin {margin:.4f} (tolerance {config.tolerance:g} + "
               f"{config.noise_z:g} x bootstrap SE {noise:.4f} over {num_images} images)")
     return GateDecision("rejected", delta, noise, margin, reason)

@@ -5,7 +5,7 @@ bytes exactly as they were sent. The key is the sha256 of those bytes, so the fi
 the header records the image's size and the sha256 of its own annotation, and an entry whose file is
 torn (a `kill -9` during a write), truncated or corrupt is dropped (file removed) and counted in
 `corrupt`, never raised. Every write is atomic (temp file in the same directory, fsync, `os.replace`,
-fsync the directory), as for the checkpoints. Nothing is pickled.
+fsync the directory; `checkpoint.atomic_write`), as for the checkpoints. Nothing is pickled.
 
 The bounds are a number of entries and a number of bytes. `offer` implements reservoir sampling
 (Vitter's algorithm R) over every distinct image ever offered: once the store is full, the n-th image
@@ -21,13 +21,11 @@ Used for the service's validation set (app.validation) and, in another directory
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ssd_core.checkpoint import atomic_write
 from ssd_core.datasets import Sample
 from ssd_core.images import decode_image_bytes
 
@@ -101,30 +100,6 @@ class OfferResult:
 
     stored: bool
     replaced: tuple[str, ...] = ()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_directory(path.parent)
 
 
 class SampleStore:
@@ -298,7 +273,7 @@ class SampleStore:
         digest = _annotation_digest(annotation)
         header = {"format": FORMAT, "key": key, "size": len(image), "annotation": annotation,
                   "annotation_sha256": digest, "meta": meta}
-        _atomic_write(self._path(key), json.dumps(header, sort_keys=True).encode() + b"\n" + image)
+        atomic_write(self._path(key), json.dumps(header, sort_keys=True).encode() + b"\n" + image, _TEMP_PREFIX)
         self._index[key] = _Header(key, len(image), annotation, digest, meta)
 
     def _read(self, path: Path) -> StoredSample | None:
@@ -338,4 +313,4 @@ class SampleStore:
             return 0
 
     def _write_seen(self) -> None:
-        _atomic_write(self.directory / STATE_NAME, json.dumps({"seen": self.seen}).encode())
+        atomic_write(self.directory / STATE_NAME, json.dumps({"seen": self.seen}).encode(), _TEMP_PREFIX)

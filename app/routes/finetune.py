@@ -10,14 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import Authorized, SettingsDep, WorkerDep
 from app.errors import ErrorResponse
-from app.inputs import (
-    JSON,
-    MULTIPART,
-    labelled_samples,
-    media_type,
-    multipart_request,
-    parse_json,
-)
+from app.inputs import JSON, MULTIPART, labelled_request
 from app.openapi import AUTH_RESPONSES, ERROR_RESPONSES, request_body
 from app.replica import ROLE_RESPONSES, TrainerRole
 from app.schemas import FinetuneOptions, FinetuneRequest, JobView
@@ -60,14 +53,7 @@ _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune 
 async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep, wait: bool = False) -> JSONResponse:
     """Images with pixel boxes train the hosted model for `steps` steps; 202 with the queued job, or
     with `?wait=true` 200 with the job once it has finished (after the publish gate's decision)."""
-    kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
-    if kind == MULTIPART:
-        options, items = await multipart_request(request, FinetuneOptions, settings, annotated=True)
-        samples = await run_in_threadpool(labelled_samples, items, settings, True, options.labelled_classes)
-    else:
-        options = await run_in_threadpool(parse_json, FinetuneRequest, await request.body())
-        items = [(item.image, item) for item in options.images]
-        samples = await run_in_threadpool(labelled_samples, items, settings, False, options.labelled_classes)
+    options, items, samples = await labelled_request(request, FinetuneOptions, FinetuneRequest, settings)
     # off the event loop: acceptance fsyncs the job journal
     job = await run_in_threadpool(worker.submit, samples, [image for image, _ in items], options.steps,
                                   options.learning_rate, options.augment, options.force, options.replay)

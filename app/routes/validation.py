@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Authorized, SettingsDep, WorkerDep
-from app.inputs import JSON, MULTIPART, labelled_samples, media_type, multipart_request, parse_json
+from app.inputs import JSON, MULTIPART, labelled_request
 from app.openapi import AUTH_RESPONSES, ERROR_RESPONSES, request_body
 from app.replica import ROLE_RESPONSES, TrainerRole
 from app.routes.finetune import MULTIPART_SCHEMA as FINETUNE_MULTIPART
@@ -30,14 +30,7 @@ MULTIPART_SCHEMA = {**FINETUNE_MULTIPART, "properties": {
 async def add_images(request: Request, worker: WorkerDep, settings: SettingsDep) -> ValidationAdded:
     """The images are never trained on. The set is bounded (SSD_VALIDATION_MAX_IMAGES, _MAX_BYTES):
     once full, reservoir sampling keeps it a uniform sample of every image it was offered."""
-    kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
-    if kind == MULTIPART:
-        _, items = await multipart_request(request, ValidationOptions, settings, annotated=True)
-        samples = await run_in_threadpool(labelled_samples, items, settings, True)
-    else:
-        parsed = await run_in_threadpool(parse_json, ValidationRequest, await request.body())
-        items = [(item.image, item) for item in parsed.images]
-        samples = await run_in_threadpool(labelled_samples, items, settings)
+    _, items, samples = await labelled_request(request, ValidationOptions, ValidationRequest, settings)
     validation = worker.validation
     pairs = [(image, sample) for (image, _), sample in zip(items, samples, strict=True)]
     added = await run_in_threadpool(validation.add, pairs, {"source": "POST /validation"})  # fsyncs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_gate_rejects_damaged_weights_restores_the_trainer_bitwise_and_stores_no
         evaluation = job["evaluation"]
         assert evaluation["decision"] == "rejected" and evaluation["served"]["version"] == 1
         assert evaluation["candidate"]["map_50"] < evaluation["served"]["map_50"] - evaluation["margin"]
-        assert "below the served version's" in job["error"] and evaluation["validation_images"] == 4
+        assert "below the reference version's" in job["error"] and evaluation["validation_images"] == 4
         assert [step["model_version"] for step in job["losses"]] == [1] * 8  # nothing was published
         assert client.version == 1 and job["model_version"] == 1
         assert detections(client, clean) == before_detections
@@ -114,6 +115,7 @@ def test_holdout_is_stable_under_resending_and_accepted_images_join_the_validati
         # a job left with fewer than two training images (BatchNorm) trains on none
         lone = client.post("/finetune?wait=true", json={"images": labelled(pool, held + kept[:1]), "steps": 3}).json()
         assert lone["status"] == "succeeded" and lone["steps_done"] == 0 and lone["held_out"] == 2
+        assert lone["model_version"] == client.version
         assert client.sample("ssd_validation_images") == 2
 
 
@@ -216,3 +218,29 @@ def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_mod
         assert client.app.state.worker.trainer.config.clip_grad_norm == 5.0
     with pytest.raises(ValueError, match="exceeds max_learning_rate"):
         make_settings(tmp_path, learning_rate=0.2, max_learning_rate=0.1)
+
+
+def test_publish_every_steps_judges_within_a_job(tmp_path, trained_weights):
+    with start_client(gated_settings(tmp_path, weights=trained_weights, publish_every_steps=2)) as client:
+        client.post("/validation", json={"images": labelled(OVERFIT, EVERYTHING)})
+        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT, EVERYTHING), "steps": 4,
+                                                       "learning_rate": 1e-5}).json()
+        assert job["status"] == "succeeded" and job["evaluation"]["decision"] == "published", job
+        assert [step["model_version"] for step in job["losses"]] == [0, 0, 1, 1]  # published after step 2
+        assert job["model_version"] == client.version == 2
+        assert client.sample("ssd_gate_decisions_total", decision="published") == 2
+
+
+def test_a_cancelled_gated_job_publishes_nothing_and_restores_the_trainer(tmp_path):
+    with start_client(gated_settings(tmp_path)) as client:
+        before = trainer_state(client)
+        job = client.post("/finetune", json={"images": labelled(OVERFIT, EVERYTHING), "steps": 200}).json()
+        while client.get(f"/finetune/{job['job_id']}").json()["steps_done"] < 2:
+            time.sleep(0.02)
+        client.delete(f"/finetune/{job['job_id']}")
+        done = client.app.state.worker.get(job["job_id"]).finished.result(timeout=60)
+        assert done is None
+        view = client.get(f"/finetune/{job['job_id']}").json()
+        assert view["status"] == "cancelled" and view["steps_done"] >= 2 and view["evaluation"] is None
+        assert client.version == 0
+        assert_bitwise_equal(trainer_state(client), before)

@@ -78,16 +78,18 @@ def _file_matches(path: Path, entry: dict) -> bool:
     return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 
-def _checkpoint_files(directory: Path) -> list[Path]:
-    """Every file in `directory` but the job journal (which records jobs, not weights)."""
-    return [path for path in sorted(directory.iterdir()) if path.name != JOURNAL_NAME]
+def _checkpoint_files(directory: Path) -> dict[str, Path]:
+    """Every file under `directory` (the validation set's too) by relative name, but the job journal
+    (which records jobs, not weights)."""
+    return {str(path.relative_to(directory)): path for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.name != JOURNAL_NAME}
 
 
 def checkpoint_digests(directory: Path) -> dict[str, str]:
     """sha256 of every checkpoint file (temp files included) by name, to show they were left exactly as they were."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in _checkpoint_files(directory)}
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in _checkpoint_files(directory).items()}
 
 
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime in ns) of every checkpoint file by name: a cheap "nothing was written" check."""
-    return {path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in _checkpoint_files(directory)}
+    return {name: (path.stat().st_size, path.stat().st_mtime_ns) for name, path in _checkpoint_files(directory).items()}

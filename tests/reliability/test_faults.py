@@ -37,6 +37,9 @@ from tests.reliability.conftest import checkpoint_digests, complete_checkpoints,
 SHAPES = ShapesDataset(4, image_size=64, seed=3)
 WRECKING_LR = 1e30  # finite loss and gradients, but the updated weights make the predictions overflow
 SIGTERM_EXIT_BOUND_S = 15.0
+# the live services run the unprotected mode, like the in-process ones (tests/app/conftest.py): every step
+# publishes and every image trains; the gated mode's restarts and kill -9: tests/app/test_gate_server.py
+PLUMBING = {"SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0"}
 
 
 # ---- a step that would wreck the weights
@@ -72,7 +75,8 @@ def test_trainer_without_verify_update_lets_the_wrecking_step_through():
 
 def test_extreme_learning_rate_is_skipped_and_the_served_model_is_untouched(tmp_path):
     items = labelled(SHAPES)
-    with start_client(make_settings(tmp_path)) as client:
+    # SSD_MAX_LEARNING_RATE refuses such a rate by default (a 422); raised here to reach the trainer's own check
+    with start_client(make_settings(tmp_path, max_learning_rate=2 * WRECKING_LR)) as client:
         assert client.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()["status"] == "succeeded"
         detect = {"images": [{"image": items[0]["image"]}], "score_threshold": 0.01}
         before_detect, before_loss = client.post("/detect", json=detect).json(), client.post(
@@ -105,7 +109,7 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
     restart the version is the saved one and both jobs read `cancelled`."""
     items = labelled_images(2, seed=1, image_size=64)
     waited: dict[str, httpx.Response] = {}
-    with run_service(tmp_path, module=True, SSD_SHUTDOWN_TIMEOUT_S="30") as service:
+    with run_service(tmp_path, module=True, SSD_SHUTDOWN_TIMEOUT_S="30", **PLUMBING) as service:
         http = httpx.Client(base_url=service.url, timeout=60)
         running = http.post("/finetune", json={"images": items, "steps": 1000, "learning_rate": 1e-4}).json()
 
@@ -136,7 +140,7 @@ def test_sigterm_during_a_job_exits_cleanly_and_the_job_is_reported_after_restar
     assert queued["status"] == "cancelled" and queued["steps_done"] == 0, queued
     saved = complete_checkpoints(tmp_path / "checkpoints")[-1]
 
-    with run_service(tmp_path, module=True) as service:
+    with run_service(tmp_path, module=True, **PLUMBING) as service:
         http = httpx.Client(base_url=service.url, timeout=30)
         assert http.get("/model").json()["version"] == saved
         job = http.get(f"/finetune/{running['job_id']}").json()
@@ -154,7 +158,7 @@ def test_kill_9_loses_no_job_record(tmp_path):
     restart every id answers; the unfinished two read `failed` ("interrupted") with the restored version, and
     the replay memory holds the succeeded job's images only."""
     items = labelled_images(2, seed=4, image_size=64)
-    with run_service(tmp_path, module=True) as service:
+    with run_service(tmp_path, module=True, **PLUMBING) as service:
         http = httpx.Client(base_url=service.url, timeout=60)
         done = http.post("/finetune?wait=true", json={"images": items, "steps": 1}).json()
         assert done["status"] == "succeeded" and done["checkpoint"]["saved"], done
@@ -168,7 +172,7 @@ def test_kill_9_loses_no_job_record(tmp_path):
         service.process.send_signal(signal.SIGKILL)
         service.process.wait(timeout=30)
 
-    with run_service(tmp_path, module=True) as service:
+    with run_service(tmp_path, module=True, **PLUMBING) as service:
         http = httpx.Client(base_url=service.url, timeout=30)
         restored = http.get("/model").json()["version"]
         assert restored == done["model_version"]  # the running job's steps were never checkpointed
@@ -237,7 +241,7 @@ def test_kill_9_during_checkpoint_writes_restarts_from_the_newest_complete_check
     kills, mid_write = 0, 0
     expected = None  # the newest complete checkpoint after the last kill
     for round_index in range(KILL_ROUNDS + 1):
-        with run_service(tmp_path, module=True) as service:
+        with run_service(tmp_path, module=True, **PLUMBING) as service:
             http = httpx.Client(base_url=service.url, timeout=30)
             model = http.get("/model").json()
             if expected is not None:

@@ -362,6 +362,11 @@ def test_every_mutating_endpoint_refuses_a_missing_or_wrong_token(secured):
                 ("DELETE", f"/finetune/{queued_id}", {}),
                 ("POST", "/model/checkpoint", {}),
                 ("POST", "/model/rollback", {"json": {"version": 0}}),
+                ("POST", "/model/versions/0/pin", {}),
+                ("DELETE", "/model/versions/0/pin", {}),
+                ("POST", "/validation", {"json": {"images": items}}),
+                ("POST", "/validation", {"files": files, "data": {"annotations": notes}}),
+                ("DELETE", "/validation", {}),
             ]:
                 response = secured.request(method, path, headers=headers, **kwargs)
                 assert response.status_code == 401, (headers, path, response.text)

@@ -7,7 +7,7 @@ import torch
 
 from ssd_core.bootstrap import match_detections
 from ssd_core.datasets import Sample
-from ssd_core.gate import GateConfig, ValidationScore, decide, score_model
+from ssd_core.gate import GateConfig, ReferenceLine, ValidationScore, decide, score_model
 from ssd_core.holdout import holdout_rank, split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import build_model
@@ -108,7 +108,7 @@ def test_gate_publishes_an_equal_candidate_and_rejects_a_damaged_one():
     served, damaged = _case(40, damage=0.6)
     decision = decide(served, damaged, 40, config)
     assert decision.decision == "rejected" and decision.delta < -decision.margin
-    assert "below the served version's" in decision.reason and decision.margin >= 0.02
+    assert "below the reference version's" in decision.reason and decision.margin >= 0.02
 
 
 def test_gate_margin_widens_with_noise_of_a_small_set():
@@ -137,3 +137,19 @@ def test_score_model_reports_map_loss_and_leaves_the_mode():
     assert set(score.per_class) <= {0, 1, 2} and score.matched.truths.shape == (4, 3)
     with pytest.raises(ValueError, match="empty validation set"):
         score_model(model, [], criterion, num_classes=3)
+
+
+def test_reference_line_keeps_the_best_published_version_so_losses_cannot_add_up():
+    served, _ = _case(12, damage=0.0)
+
+    def scored(map_50: float) -> ValidationScore:
+        return ValidationScore(map_50, 1.0, {}, served.matched)
+
+    line = ReferenceLine()
+    assert line.reference(3, scored(0.50), "d1")[0] == 3  # a new line starts at the served version
+    line.published(4, scored(0.49), "d1")  # a little worse: published, but not the reference
+    assert line.reference(4, scored(0.49), "d1")[0] == 3
+    line.published(5, scored(0.52), "d1")
+    assert line.reference(5, scored(0.52), "d1")[0] == 5
+    assert line.reference(5, scored(0.40), "d2")[0] == 5  # another validation set: a new line
+    assert line.reference(2, scored(0.10), "d2")[0] == 2  # a rollback to a version outside the line
