@@ -10,7 +10,8 @@ servers (`python -m app`, `ssd-small`, CPU), HTTP only, `ShapesDataset` images.
 2. each variant gets 15 jobs of 8 images x 4 steps (the service's own recipe: no `learning_rate` sent):
    (a) `rect`: images holding only rectangles; (b) `mixed`: ordinary images with only their
    rectangles labelled, with or without `"labelled_classes": [0]`; `replay` 0 or 1 per job,
-   `SSD_EMA_DECAY` 0 or 0.99. `SSD_PUBLISH=every_step` and no holdout: every job trains and is served,
+   `SSD_EMA_DECAY` 0 or 0.99, `SSD_OPTIMIZER` adamw (the default) or sgd (the pretrained-weights
+   recipe, SGD 1e-3). `SSD_PUBLISH=every_step` and no holdout: every job trains and is served,
    so the variants differ only in what is measured here, not in gate decisions;
 3. per-class AP@0.5 of the served model from `POST /detect` on `--eval-images` `split="val"` images
    before the first job and every `--eval-every` jobs.
@@ -51,6 +52,7 @@ class Variant:
     replay: float
     ema: float
     labelled_classes: bool = False
+    optimizer: str = "adamw"  # SSD_OPTIMIZER; sgd: the pretrained-weights recipe (SGD 1e-3)
 
 
 VARIANTS = {v.name: v for v in (
@@ -62,6 +64,10 @@ VARIANTS = {v.name: v for v in (
     Variant("mixed-labelled", "mixed", 0, 0, True),
     Variant("mixed-labelled-replay-ema", "mixed", 1, 0.99, True),
     Variant("mixed-replay-ema", "mixed", 1, 0.99),
+    Variant("rect-sgd-replay-ema", "rect", 1, 0.99, optimizer="sgd"),
+    Variant("mixed-sgd-labelled-replay-ema", "mixed", 1, 0.99, True, optimizer="sgd"),
+    Variant("rect-sgd", "rect", 0, 0, optimizer="sgd"),
+    Variant("mixed-sgd", "mixed", 0, 0, optimizer="sgd"),
 )}
 
 
@@ -98,7 +104,8 @@ def run_variant(variant: Variant, args: argparse.Namespace, val: list[Sample], e
     prepare(args.warm_dir, directory, args.memory_images)
     stream = Stream(256, seed=11)  # the same job images for every variant of a phase
     make = rect_only if variant.phase == "rect" else rects_labelled
-    env = {"SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0", "SSD_EMA_DECAY": str(variant.ema)}
+    env = {"SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0", "SSD_EMA_DECAY": str(variant.ema),
+           "SSD_OPTIMIZER": variant.optimizer}
     started = time.monotonic()
     with start_server(variant.name, directory, args.threads, **env) as server:
         for job in range(args.jobs + 1):

@@ -54,7 +54,8 @@ class Traffic:
         self.score_images += len(images)
 
     def finetune(self, images: list[dict], steps: int) -> None:
-        body = {"images": images, "steps": steps, "learning_rate": LEARNING_RATE}
+        # replay 0: every box a step trains on is one this client sent (the counters are checked against them)
+        body = {"images": images, "steps": steps, "learning_rate": LEARNING_RATE, "replay": 0}
         response = self.client.post("/finetune", params={"wait": "true"}, json=body)
         assert response.status_code == 200, response.text
         job = response.json()
