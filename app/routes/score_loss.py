@@ -10,18 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.errors import ApiError, invalid
 from app.inference import InferenceWorker, forward
-from app.inputs import (
-    BINARY,
-    JSON,
-    LossBatch,
-    check_bkg_label,
-    labelled_samples,
-    media_type,
-    parse_json,
-    predictions_batch,
-    read_body,
-    safetensors_batch,
-)
+from app.inputs import BINARY, JSON, check_bkg_label, labelled_samples, media_type, parse_json
+from app.loss_batch import LossBatch, predictions_batch, read_body, safetensors_batch
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost
 from app.openapi import ERROR_RESPONSES, request_body

@@ -28,7 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.errors import ApiError, from_validation_error
 from app.inference import InferenceWorker
-from app.inputs import check_image_count, decode_image, tensor_batch, validate_as
+from app.inputs import check_image_count, decode_image, validate_as
+from app.loss_batch import tensor_batch
 from app.metrics import INFERENCE_ROUTES, Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
 from app.routes.detect import detect_images

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from app.inputs import _first_non_finite
+from app.loss_batch import _first_non_finite
 from ssd_core import MultiBoxLoss
 from ssd_core.datasets import collate
 from ssd_core.images import encode_png
