@@ -32,14 +32,11 @@ from ssd_core.synthetic import ShapesDataset
 from ssd_core.training import TrainConfig, Trainer
 from tests.app.conftest import labelled, make_settings, start_client
 from tests.integration.live import labelled_images, run_service
-from tests.reliability.conftest import checkpoint_digests, complete_checkpoints, scrape
+from tests.reliability.conftest import PLUMBING, checkpoint_digests, complete_checkpoints, scrape
 
 SHAPES = ShapesDataset(4, image_size=64, seed=3)
 WRECKING_LR = 1e30  # finite loss and gradients, but the updated weights make the predictions overflow
 SIGTERM_EXIT_BOUND_S = 15.0
-# the live services run the unprotected mode, like the in-process ones (tests/app/conftest.py): every step
-# publishes and every image trains; the gated mode's restarts and kill -9: tests/app/test_gate_server.py
-PLUMBING = {"SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0"}
 
 
 # ---- a step that would wreck the weights

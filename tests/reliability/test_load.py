@@ -25,7 +25,7 @@ import torch
 from ssd_core.images import encode_png
 from ssd_core.synthetic import ShapesDataset
 from tests.integration.live import LiveService, labelled_images, run_service
-from tests.reliability.conftest import rss_mib, scrape
+from tests.reliability.conftest import PLUMBING, rss_mib, scrape
 
 pytestmark = pytest.mark.xdist_group("reliability-live")
 
@@ -33,14 +33,14 @@ SOAK_SECONDS = float(os.environ.get("SSD_SOAK_SECONDS", "120"))
 WARMUP_FRACTION = 0.25  # RSS is taken as the baseline once this share of the soak has passed
 RSS_GROWTH_BOUND_MIB = 64.0
 QUEUE_SIZE = 3
-FINAL_STATES = {"succeeded", "failed", "cancelled"}
+FINAL_STATES = {"succeeded", "failed", "cancelled", "rejected"}
 JOB_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Iterator[LiveService]:
-    with run_service(tmp_path_factory.mktemp("load"), module=True,
-                     SSD_FINETUNE_QUEUE_SIZE=str(QUEUE_SIZE), SSD_MAX_IMAGES_PER_REQUEST="8") as live:
+    with run_service(tmp_path_factory.mktemp("load"), module=True, SSD_FINETUNE_QUEUE_SIZE=str(QUEUE_SIZE),
+                     SSD_MAX_IMAGES_PER_REQUEST="8", **PLUMBING) as live:
         yield live
 
 
