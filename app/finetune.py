@@ -411,7 +411,7 @@ class FinetuneWorker:
             return
         self.metrics.replay_images.set(len(self.replay))
         counts = self.replay.class_counts()
-        names = ["no_object", *(self.settings.class_name(label) for label in range(self.settings.num_classes - 1))]
+        names = ["no_object", *self.settings.object_class_names()]
         for label, name in zip([NO_OBJECT, *range(self.settings.num_classes - 1)], names, strict=True):
             self.metrics.replay_class_images.labels(**{"class": name}).set(counts.get(label, 0))
 

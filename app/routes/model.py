@@ -91,7 +91,7 @@ def export_served(host: ModelHost, settings: Settings, fmt: str) -> tuple[Path, 
     """Export the served version to a file in a fresh temporary directory; returns (file, version)."""
     served = host.current
     directory = Path(tempfile.mkdtemp(prefix="ssd-export-"))
-    names = [settings.class_name(label) for label in range(settings.num_classes - 1)]
+    names = settings.object_class_names()
     try:
         with _EXPORTING:
             path = export_model(served.model, directory / f"{settings.model}-v{served.version}{SUFFIXES[fmt]}", fmt,
