@@ -1,11 +1,12 @@
-"""The paired bootstrap's mAP@0.5: all-ones weights reproduce torchmetrics; resampling is a real resample."""
+"""The paired bootstrap's mAP@0.5: all-ones weights reproduce torchmetrics (overall and per class);
+resampling is a real resample."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ssd_core.bootstrap import bootstrap_weights, match_detections, resampled_map_50
+from ssd_core.bootstrap import average_precisions, bootstrap_weights, match_detections, resampled_map_50
 from ssd_core.datasets import Sample
 from ssd_core.evaluation import average_precision_50
 from ssd_core.postprocess import Detections
@@ -42,6 +43,34 @@ def test_unit_weights_reproduce_torchmetrics(seed, difficult_rate):
     matched = match_detections(detections, samples, num_classes=3)
     got = resampled_map_50(matched, torch.ones(1, len(samples), dtype=torch.float64))
     assert float(got[0]) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("difficult_rate", [0.0, 0.3])
+def test_average_precisions_equal_torchmetrics_per_class(seed, difficult_rate):
+    detections, samples = _random_case(seed, difficult_rate=difficult_rate)
+    expected_map, expected = average_precision_50(detections, samples)
+    got_map, got = average_precisions(match_detections(detections, samples, num_classes=3))
+    assert got_map == pytest.approx(expected_map, abs=1e-6)
+    assert set(got) == set(expected)
+    for label, ap in expected.items():
+        assert got[label] == pytest.approx(ap, abs=1e-6), label
+
+
+def test_average_precisions_of_a_class_without_truths_or_without_detections():
+    """Class 2 is only detected (AP -1, as torchmetrics), class 1 only true (AP 0); no truths at all: -1."""
+    image = torch.zeros(3, 50, 50, dtype=torch.uint8)
+    samples = [Sample(image, torch.tensor([[0.0, 0, 20, 20], [25, 25, 45, 45]]), torch.tensor([0, 1]),
+                      torch.zeros(2, dtype=torch.bool))]
+    detections = [Detections(torch.tensor([[0.0, 0, 20, 20], [25, 25, 45, 45]]), torch.tensor([0.9, 0.8]),
+                             torch.tensor([0, 2]))]
+    expected_map, expected = average_precision_50(detections, samples)
+    got_map, got = average_precisions(match_detections(detections, samples, num_classes=3))
+    assert got == pytest.approx(expected) == {0: 1.0, 1: 0.0, 2: -1.0}
+    assert got_map == pytest.approx(expected_map) == 0.5
+    empty = [Sample(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))]
+    assert average_precisions(match_detections([Detections(torch.zeros(0, 4), torch.zeros(0),
+                                                            torch.zeros(0, dtype=torch.long))], empty, 3)) == (-1.0, {})
 
 
 def test_weights_equal_an_explicitly_resampled_data_set():
