@@ -47,7 +47,8 @@ from app.journal import JobJournal
 from app.metrics import Metrics, record_match_stats
 from app.model_host import ModelHost, ModelVersion
 from app.publishing import Gatekeeper
-from app.schemas import REPLAY_KEYS_SHOWN, ClassLoss, JobCheckpoint, JobReplay, JobState, StepLoss
+from app.replaying import Replayer
+from app.schemas import ClassLoss, JobCheckpoint, JobState, StepLoss
 from app.settings import Settings
 from app.validation import ValidationSet
 from ssd_core.augment import ssd_augmentation
@@ -58,7 +59,7 @@ from ssd_core.holdout import split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import SSD
 from ssd_core.partial_labels import labelled_class_mask
-from ssd_core.replay import NO_OBJECT, ReplayMemory
+from ssd_core.replay import ReplayMemory
 from ssd_core.training import StepResult, TrainConfig, Trainer, TrainerState
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class FinetuneWorker:
         self.host = host
         self.trainer = trainer
         self.validation = validation
-        self.replay = replay
+        self.replayer = Replayer(replay, settings, metrics)
         self.gatekeeper = Gatekeeper(host, validation, trainer.criterion, settings, metrics)
         self.settings = settings
         self.metrics = metrics
@@ -282,7 +283,7 @@ class FinetuneWorker:
                 self.metrics.validation_images.set(len(self.validation))
             if job.screening is not None:
                 self.gatekeeper.history.accept(job.screening.loss_l or 0.0, job.screening.loss_c or 0.0)
-            self._remember(job, train)
+            self.replayer.remember(job, train)
         return state, error
 
     def _steps(self, job: Job, samples: list[Sample], gated: bool) -> tuple[JobState, str | None]:
@@ -293,7 +294,7 @@ class FinetuneWorker:
             return JobState.succeeded, None
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
-        per_step = self._replay_per_step(job, len(samples))
+        per_step = self.replayer.per_step(job, len(samples))
         criterion = self.trainer.criterion
         fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step
         every = self.settings.publish_every_steps
@@ -304,7 +305,7 @@ class FinetuneWorker:
             for step in range(1, job.steps_total + 1):
                 if job.cancel_requested:
                     return JobState.cancelled, "server shutting down" if self._stopping else "cancelled"
-                replayed = self._draw_replay(job, per_step)
+                replayed = self.replayer.draw(job, per_step)
                 batch = samples + replayed
                 images, targets = fixed or collate(batch, spec, augment)  # [B, 3, S, S], list[[n, 6]]
                 class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
@@ -364,56 +365,6 @@ class FinetuneWorker:
         # the optimizer keeps what it loads
         self.trainer.restore(state.weights, copy.deepcopy(state.optimizer_state), steps, state.training_weights)
         self._diverged = False
-
-    # ---- the replay memory (trainer thread only)
-
-    def _replay_per_step(self, job: Job, new_images: int) -> int:
-        """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0)."""
-        if self.replay is None or not len(self.replay) or job.replay_ratio == 0:
-            return 0
-        job.replay = JobReplay(ratio=job.replay_ratio, memory_images=len(self.replay), images=0, per_class={},
-                               keys=[])
-        return max(1, round(job.replay_ratio * new_images))
-
-    def _draw_replay(self, job: Job, count: int) -> list[Sample]:
-        """Draw `count` images class-balanced and note them in the job's view."""
-        if count == 0:
-            return []
-        assert self.replay is not None and job.replay is not None
-        draw = self.replay.draw(count)
-        view = job.replay
-        view.images += len(draw.samples)
-        for sample in draw.samples:
-            for name in self._class_names(sample.labels.tolist()):
-                view.per_class[name] = view.per_class.get(name, 0) + 1
-        shown = set(view.keys)
-        view.keys.extend(k for k in dict.fromkeys(draw.keys) if k not in shown)
-        del view.keys[REPLAY_KEYS_SHOWN:]
-        self.metrics.replayed_images_per_step.observe(len(draw.samples))
-        return draw.samples
-
-    def _class_names(self, labels: list[int]) -> list[str]:
-        return sorted({self.settings.class_name(label) for label in labels}) or ["no_object"]
-
-    def _remember(self, job: Job, samples: list[Sample]) -> None:
-        """Offer an accepted job's training images to the replay memory; a failed write is logged, never raised."""
-        if self.replay is None or not samples:
-            return
-        try:
-            self.replay.add(samples, {"job_id": job.job_id})
-        except Exception:
-            logger.exception("storing job %s's images in the replay memory failed", job.job_id)
-        self.update_replay_metrics()
-
-    def update_replay_metrics(self) -> None:
-        """Set the replay-memory gauges (images in total and per class) from the memory."""
-        if self.replay is None:
-            return
-        self.metrics.replay_images.set(len(self.replay))
-        counts = self.replay.class_counts()
-        names = ["no_object", *self.settings.object_class_names()]
-        for label, name in zip([NO_OBJECT, *range(self.settings.num_classes - 1)], names, strict=True):
-            self.metrics.replay_class_images.labels(**{"class": name}).set(counts.get(label, 0))
 
     def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion, replayed: int) -> None:
         metrics = self.metrics
@@ -520,7 +471,7 @@ def start_worker(
         replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
                               settings.max_image_pixels)
     worker = FinetuneWorker(host, trainer, store, validation, settings, metrics, saved_version, replay)
-    worker.update_replay_metrics()
+    worker.replayer.update_metrics()
     worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
     worker.load_journal()
     worker.start()

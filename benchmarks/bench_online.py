@@ -7,7 +7,7 @@ Live servers (`python -m app`, `ssd-small`, CPU), HTTP only, `ShapesDataset` ima
    `--warm-minutes` pass); its checkpoint directory is kept (`--warm-dir`; a later run resumes it).
 2. two servers start from copies of it, `every_step` and `gated` (the defaults otherwise), and get
    the same 200 validation images over `POST /validation` (`split="validation"`, not the measured split);
-3. both get the same jobs in turn (`--job-images` images x `--job-steps` steps, `--lr`): (a) 3 jobs with
+3. both get the same jobs in turn (`--job-images` images x `--job-steps` steps, `--lr` if given): (a) 3 jobs with
    boxes shifted right and down by half their size, (b) 3 with labels rotated to the next class,
    (c) `--clean-jobs` clean jobs, (d) (a) and (b) again, now that the gated server has a screening window;
    after every job, both servers' served mAP@0.5 overall and per class from `POST /detect` answers on
@@ -63,7 +63,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm-lr", type=float, default=0.05)
     parser.add_argument("--job-images", type=int, default=8)
     parser.add_argument("--job-steps", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning_rate sent with each job; default: none sent, the service's recipe "
+                             "(the issue's runs sent 0.02 to the SGD recipe of the time)")
     parser.add_argument("--clean-jobs", type=int, default=50)
     parser.add_argument("--eval-images", type=int, default=96)
     parser.add_argument("--validation-images", type=int, default=200)
@@ -161,9 +163,11 @@ class Stream:
 # ---- HTTP
 
 
-def post_job(server: Server, samples: list[Sample], steps: int, lr: float, force: bool = False) -> dict:
-    """One fine-tune job, waited for; its job view."""
-    body = {"images": items(samples), "steps": steps, "learning_rate": lr, "force": force}
+def post_job(server: Server, samples: list[Sample], steps: int, lr: float | None, force: bool = False) -> dict:
+    """One fine-tune job, waited for; its job view. `lr` None: the service's own learning rate."""
+    body = {"images": items(samples), "steps": steps, "force": force}
+    if lr is not None:
+        body["learning_rate"] = lr
     response = httpx.post(f"{server.url}/finetune", params={"wait": "true"}, json=body, timeout=1800)
     response.raise_for_status()
     return response.json()
