@@ -1,6 +1,6 @@
 """Writing the served version to the checkpoint store, once per version, and pinning saved versions.
 
-Callers hold the trainer's lock (`FinetuneWorker._train_lock`) and pass the trainer state of the
+Callers hold the trainer's lock (`JobTraining.lock`) and pass the trainer state of the
 version being served: the trainer's own, or during a gated job the snapshot of the served version.
 """
 
