@@ -161,9 +161,10 @@ class FinetuneWorker:
         if steps > self.settings.finetune_max_steps:
             raise ApiError(422, "invalid_value", f"steps: {steps} exceeds the limit of "
                            f"{self.settings.finetune_max_steps}", "steps")
-        if learning_rate is not None and learning_rate > self.settings.max_learning_rate:
-            raise ApiError(422, "invalid_value", f"learning_rate: {learning_rate} exceeds the limit of "
-                           f"{self.settings.max_learning_rate} (SSD_MAX_LEARNING_RATE)", "learning_rate")
+        limit = self.settings.learning_rate_limit()
+        if learning_rate is not None and learning_rate > limit:
+            raise ApiError(422, "invalid_value", f"learning_rate: {learning_rate} exceeds the limit of {limit:g} "
+                           "(SSD_MAX_LEARNING_RATE, unset: 10 x SSD_LEARNING_RATE)", "learning_rate")
         if len(samples) < self.training.min_images:
             raise ApiError(422, "invalid_value", f"images: {self.settings.model} has BatchNorm layers and needs at "
                            f"least {self.training.min_images} images per fine-tune job", "images")

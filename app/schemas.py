@@ -110,7 +110,7 @@ class LabelledImage(ImageAnnotation):
 class FinetuneOptions(Request):
     steps: int = Field(1, ge=1)
     learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE; at most "
-                                        "SSD_MAX_LEARNING_RATE")
+                                        "SSD_MAX_LEARNING_RATE (unset: 10 x SSD_LEARNING_RATE)")
     augment: bool = False
     replay: float | None = Field(
         None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     replay_max_bytes: int = Field(512 * 2**20, ge=1, description="PNG bytes the replay memory keeps")
     job_history: int = Field(1000, ge=1, description="finished jobs kept for GET /finetune/{id}")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="wait for the running step on shutdown")
-    max_learning_rate: float = Field(0.1, gt=0, description="a job's learning_rate above this is a 422")
+    max_learning_rate: float | None = Field(
+        None, gt=0, description="a job's learning_rate above this is a 422 (unset: 10 x learning_rate)")
     clip_grad_norm: float | None = Field(10.0, gt=0, description="clip each step's gradient L2 norm; None: off")
     warmup_steps: int = Field(100, ge=0, description="a fresh model's first steps ramp the lr up linearly")
 
@@ -147,7 +148,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _learning_rate_allowed(self) -> Settings:
-        if self.learning_rate > self.max_learning_rate:
+        if self.learning_rate > self.learning_rate_limit():
             raise ValueError(f"learning_rate={self.learning_rate} exceeds max_learning_rate={self.max_learning_rate}")
         return self
 
@@ -169,6 +170,11 @@ class Settings(BaseSettings):
     def class_name(self, label: int) -> str:
         """Name of a 0-based object label (background excluded); `class_<label>` when unnamed."""
         return self.class_names[label] if self.class_names else f"class_{label}"
+
+    def learning_rate_limit(self) -> float:
+        """The highest `learning_rate` a job may send: SSD_MAX_LEARNING_RATE, else 10 x the recipe's rate
+        (0.01 for AdamW's 1e-3: AdamW at 0.02 wrecks a trained model within a job, SGD's 0.1 is AdamW's 100x)."""
+        return self.max_learning_rate if self.max_learning_rate is not None else 10 * self.learning_rate
 
     def object_class_names(self) -> list[str]:
         """Names of the object labels 0 .. num_classes - 2 (`class_name` of each)."""

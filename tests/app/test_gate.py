@@ -21,7 +21,9 @@ EVERYTHING = (0, 1, 2, 3)
 
 
 def gated_settings(tmp_path, **overrides):
-    values = dict(publish="gated", holdout_fraction=0.0, warmup_steps=0, gate_min_images=4, checkpoint_keep=20)
+    # max_learning_rate: the damaging jobs below train at 0.05, above the default limit (10 x 1e-3)
+    values = dict(publish="gated", holdout_fraction=0.0, warmup_steps=0, gate_min_images=4, checkpoint_keep=20,
+                  max_learning_rate=0.1)
     return make_settings(tmp_path, **{**values, **overrides})
 
 
@@ -218,6 +220,16 @@ def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_mod
         assert client.app.state.worker.trainer.config.clip_grad_norm == 5.0
     with pytest.raises(ValueError, match="exceeds max_learning_rate"):
         make_settings(tmp_path, learning_rate=0.2, max_learning_rate=0.1)
+
+
+def test_the_default_learning_rate_limit_is_ten_times_the_recipes_rate(tmp_path):
+    assert make_settings(tmp_path).learning_rate_limit() == pytest.approx(0.01)  # AdamW 1e-3
+    assert make_settings(tmp_path, optimizer="sgd", learning_rate=0.005).learning_rate_limit() == pytest.approx(0.05)
+    with start_client(make_settings(tmp_path)) as client:
+        refused = client.post("/finetune", json={"images": labelled(OVERFIT), "learning_rate": 0.011})
+        assert "10 x SSD_LEARNING_RATE" in assert_error(refused, 422, "learning_rate")["message"]
+        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "learning_rate": 0.01}).json()
+        assert job["status"] == "succeeded" and job["learning_rate"] == 0.01
 
 
 def test_publish_every_steps_judges_within_a_job(tmp_path, trained_weights):

@@ -16,7 +16,8 @@ from tests.app.test_gate import EVERYTHING, shifted
 from tests.integration.live import run_service
 
 SETTINGS = {"SSD_GATE_MIN_IMAGES": "4", "SSD_HOLDOUT_FRACTION": "0", "SSD_WARMUP_STEPS": "0",
-            "SSD_CHECKPOINT_KEEP": "2", "SSD_SHUTDOWN_TIMEOUT_S": "20"}
+            "SSD_CHECKPOINT_KEEP": "2", "SSD_SHUTDOWN_TIMEOUT_S": "20",
+            "SSD_MAX_LEARNING_RATE": "0.1"}  # the damaging job trains at 0.05, above the default 10 x 1e-3
 
 
 def _detect(http: httpx.Client, items: list[dict]) -> dict:
