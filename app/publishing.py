@@ -140,6 +140,7 @@ class Gatekeeper:
                 version=served_version.version, map_50=served.map_50, loss=served.loss),
             candidate=None if candidate is None else CandidateFigures(map_50=candidate.map_50,
                                                                       loss=finite_or_none(candidate.loss)),
-            decision=decision.decision, margin=decision.margin, noise=decision.noise, reason=decision.reason,
+            decision=decision.decision, delta=decision.delta, margin=decision.margin, noise=decision.noise,
+            reason=decision.reason,
             seconds=time.perf_counter() - started,
         )

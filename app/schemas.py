@@ -274,6 +274,8 @@ class JobEvaluation(BaseModel):
     reference_version: int | None = Field(None, description="the version the candidate was judged against: the "
                                           "best the gate published on this validation set since the served "
                                           "version's line began (the served one unless a later one scored lower)")
+    delta: float | None = Field(None, description="candidate - reference mAP@0.5 on the validation set "
+                                "(published iff >= -margin)")
     margin: float | None = Field(description="mAP@0.5 the candidate could lose and still publish: "
                                  "SSD_GATE_TOLERANCE + SSD_GATE_NOISE_Z x the bootstrap SE")
     noise: float | None = Field(description="bootstrap standard error of the candidate - served mAP@0.5")

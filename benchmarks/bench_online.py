@@ -261,7 +261,8 @@ def job_row(kind: str, job: dict) -> dict:
         "screen_loss": screening.get("loss"), "screen_median": screening.get("median"),
         "served_map": (evaluation.get("served") or {}).get("map_50"),
         "candidate_map": (evaluation.get("candidate") or {}).get("map_50"),
-        "margin": evaluation.get("margin"), "noise": evaluation.get("noise"), "error": job.get("error"),
+        "delta": evaluation.get("delta"), "margin": evaluation.get("margin"), "noise": evaluation.get("noise"),
+        "error": job.get("error"),
         "held_out": job.get("held_out", 0),
     }
 

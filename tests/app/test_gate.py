@@ -83,6 +83,7 @@ def test_gate_rejects_damaged_weights_restores_the_trainer_bitwise_and_stores_no
         evaluation = job["evaluation"]
         assert evaluation["decision"] == "rejected" and evaluation["served"]["version"] == 1
         assert evaluation["candidate"]["map_50"] < evaluation["served"]["map_50"] - evaluation["margin"]
+        assert evaluation["delta"] == pytest.approx(evaluation["candidate"]["map_50"] - evaluation["served"]["map_50"])
         assert "below the reference version's" in job["error"] and evaluation["validation_images"] == 4
         assert [step["model_version"] for step in job["losses"]] == [1] * 8  # nothing was published
         assert client.version == 1 and job["model_version"] == 1
