@@ -50,7 +50,7 @@ class GateConfig:
     resamples (0: no noise term); seed: of the resampling (a decision is reproducible)."""
 
     tolerance: float = 0.01
-    noise_z: float = 2.0
+    noise_z: float = 3.0
     min_images: int = 10
     resamples: int = 200
     seed: int = 0
