@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online import REPO, Stream, items, measure_map, start_server
+from bench_online import Stream, add_report_arguments, held_out_images, items, measure_map, start_server
 
 from ssd_core.datasets import Sample
 from ssd_core.plotting import save_curves
@@ -163,22 +163,15 @@ def main() -> None:
     parser.add_argument("--warm-dir", type=Path, default=Path("/tmp/bench_continual/warm"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_continual"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=15)
-    parser.add_argument("--job-images", type=int, default=8)
-    parser.add_argument("--job-steps", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=3)
-    parser.add_argument("--eval-images", type=int, default=48)
     parser.add_argument("--memory-images", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "online")
-    parser.add_argument("--report", action="store_true", help="print the tables of --out and draw the plots")
+    add_report_arguments(parser, jobs=15, eval_images=48, threads=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
         report(args.out)
         return
-    val = [ShapesDataset(args.eval_images, seed=0, split="val")[i] for i in range(args.eval_images)]
-    encoded = items(val)
+    val, encoded = held_out_images(args.eval_images)
     print(f"bench_continual {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}",
           flush=True)
     for name in args.variants.split(","):

@@ -26,10 +26,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online import REPO, Stream, items, job_row, measure_map, post_job, start_server
+from bench_online import (
+    Stream,
+    add_report_arguments,
+    held_out_images,
+    job_row,
+    measure_map,
+    post_job,
+    start_server,
+)
 
 from ssd_core.plotting import save_curves
-from ssd_core.synthetic import CLASS_NAMES, ShapesDataset
+from ssd_core.synthetic import CLASS_NAMES
 
 GOALS = {100: 0.6, 300: 0.8}  # jobs: held-out mAP@0.5 reached
 COLLAPSE = 0.5  # a measurement below this fraction of the best one before it is a collapse
@@ -122,21 +130,14 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME[:SSD_KEY=VALUE,...] (repeatable; default: one variant 'defaults')")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_fresh"))
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--job-images", type=int, default=8)
-    parser.add_argument("--job-steps", type=int, default=4)
     parser.add_argument("--eval-at", default="25,50,100,150,200,250,300")
-    parser.add_argument("--eval-images", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "online")
-    parser.add_argument("--report", action="store_true", help="print the tables of --out and draw the plot")
+    add_report_arguments(parser, jobs=300, eval_images=96, threads=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
         report(args.out)
         return
-    val = [ShapesDataset(args.eval_images, seed=0, split="val")[i] for i in range(args.eval_images)]
-    encoded = items(val)
+    val, encoded = held_out_images(args.eval_images)
     print(f"bench_fresh {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}", flush=True)
     for text in args.variant or ["defaults"]:
         run_variant(*parse_variant(text), args, val, encoded)

@@ -162,6 +162,23 @@ class Stream:
         return samples
 
 
+def held_out_images(count: int, seed: int = 0, image_size: int = 256) -> tuple[list[Sample], list[dict]]:
+    """The measured `split="val"` images and their JSON items (sent to `POST /detect` by `measure_map`)."""
+    samples = [ShapesDataset(count, image_size=image_size, seed=seed, split="val")[i] for i in range(count)]
+    return samples, items(samples)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, *, jobs: int, eval_images: int, threads: int) -> None:
+    """The options the job-stream benchmarks built on this harness share (bench_continual, bench_fresh)."""
+    parser.add_argument("--jobs", type=int, default=jobs)
+    parser.add_argument("--job-images", type=int, default=8)
+    parser.add_argument("--job-steps", type=int, default=4)
+    parser.add_argument("--eval-images", type=int, default=eval_images)
+    parser.add_argument("--threads", type=int, default=threads, help="SSD_TORCH_THREADS of each server")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "online")
+    parser.add_argument("--report", action="store_true", help="print the tables of --out and draw the plots")
+
+
 # ---- HTTP
 
 
@@ -271,9 +288,7 @@ def job_row(kind: str, job: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    val = [ShapesDataset(args.eval_images, image_size=args.image_size, seed=1, split="val")[i]
-           for i in range(args.eval_images)]
-    encoded = items(val)
+    val, encoded = held_out_images(args.eval_images, seed=1, image_size=args.image_size)
     warmed = warm_up(args, val, encoded)
     work = args.warm_dir.parent / "modes"
     shutil.rmtree(work, ignore_errors=True)
