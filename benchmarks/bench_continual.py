@@ -155,7 +155,7 @@ def report(out: Path) -> None:
         curves = {f"{name}: {c}": [r["per_class"][c] for r in series]
                   for name, series in phase_series.items() if len(series) == len(jobs) for c in CLASS_NAMES}
         save_curves(out / f"continual_{phase}.png", jobs, curves, title=f"Per-class AP@0.5 over jobs, {title}",
-                    ylabel="AP@0.5 (x: jobs)")
+                    ylabel="AP@0.5", xlabel="job")
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def report(out: Path) -> None:
     curves = {f"{name}: mAP@0.5": [next((r["map_50"] for r in series if r["job"] == n), float("nan")) for n in counts]
               for name, series in by_variant.items()}
     save_curves(out / "fresh_map.png", counts, curves, title="Held-out mAP@0.5 learning from fresh over /finetune",
-                ylabel="mAP@0.5 (x: jobs of 8 images x 4 steps)")
+                ylabel="mAP@0.5 (held-out val)", xlabel="job (8 images x 4 steps)")
 
 
 def main() -> None:

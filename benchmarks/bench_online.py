@@ -330,7 +330,7 @@ def summarise(history: dict, args: argparse.Namespace) -> None:
     series = {f"{name} (served mAP@0.5)": [m["start"]["map_50"]] + [j["map_50"] for j in m["jobs"]]
               for name, m in modes.items()}
     plot = save_curves(args.out / "served_map.png", list(jobs), series,
-                       title="Served mAP@0.5 over jobs (0 = after warm-up)", ylabel="mAP@0.5 (held-out val)")
+                       title="Served mAP@0.5 over jobs (0 = after warm-up)", ylabel="mAP@0.5 (held-out val)", xlabel="job")
     print(f"plot: {plot}")
     for name, mode in modes.items():
         rows, start = mode["jobs"], mode["start"]["map_50"]

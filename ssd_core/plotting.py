@@ -20,6 +20,7 @@ def save_curves(
     *,
     title: str,
     ylabel: str,
+    xlabel: str = "step",
     log_y: bool = False,
 ) -> Path:
     """Plot each named series against `steps` into one PNG at `path` (parent created).
@@ -33,7 +34,7 @@ def save_curves(
     marker = "o" if len(steps) <= 50 else None  # sparse series (periodic evaluations): show the points
     for name, values in series.items():
         axes.plot(steps, values, label=name, linewidth=1.2, marker=marker, markersize=3)
-    axes.set_xlabel("step")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     if log_y:
