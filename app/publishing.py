@@ -1,6 +1,11 @@
 """Screening and the publish gate, as the trainer thread uses them (the rules: ssd_core.screening,
 ssd_core.gate). Keeps the served version's validation figures cached per (version, validation-set
-hash), the screening window of accepted jobs, and the validation gauges."""
+hash), the screening window of accepted jobs, and the validation gauges.
+
+The served version's per-image parts (`ssd_core.gate.ImageScore`, by content key) are kept too: the
+holdout adds an accepted job's images to the validation set, which changes its hash, so without them
+every such job would score the served version on the whole set again; with them only the new images
+run. A published candidate's parts become the served version's (the weights are the same)."""
 
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ from ssd_core.datasets import Sample
 from ssd_core.gate import (
     GateConfig,
     GateDecision,
+    ImageScore,
     ReferenceLine,
     ValidationScore,
+    combine_scores,
     decide,
-    score_model,
+    score_images,
     ungated,
 )
 from ssd_core.loss import MultiBoxLoss
@@ -48,6 +55,8 @@ class Gatekeeper:
                                  settings.gate_bootstrap)
         self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
+        self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, key -> its image's part)
+        self._candidate_images: dict[str, ImageScore] = {}  # the last candidate's
         self.line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))
 
@@ -81,15 +90,17 @@ class Gatekeeper:
             (decision, the job's `evaluation`, the candidate's score (None when ungated), the set's digest).
         """
         started = time.perf_counter()
-        samples, digest = self.validation.snapshot()
+        keys, samples, digest = self.validation.snapshot()
         self.metrics.validation_images.set(len(samples))
         if not self.config.judges(len(samples)):
             decision = ungated(len(samples), self.config)
             return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
         served_version = self.host.current
-        served = self._served_score(served_version, samples, digest)
+        served = self._served_score(served_version, keys, samples, digest)
         reference_version, reference = self.line.reference(served_version.version, served, digest)
-        score = self._score(candidate, samples, device)
+        images = self._score_images(candidate, samples, device)
+        self._candidate_images = dict(zip(keys, images, strict=True))
+        score = combine_scores(images, samples, self.settings.num_classes - 1)
         decision = decide(reference, score, len(samples), self.config)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         view = self._view(decision, len(samples), digest, served_version, served, score, started)
@@ -101,15 +112,25 @@ class Gatekeeper:
     def published(self, version: ModelVersion, score: ValidationScore | None, digest: str) -> None:
         """`version` was published from a candidate scored `score` on the set of `digest`: cache it as served."""
         if score is not None:
+            self._served_images = (version.version, self._candidate_images)
             self._remember(version.version, digest, score)
             self.line.published(version.version, score, digest)
             self._set_gauges(score)
 
-    def _served_score(self, served: ModelVersion, samples: list[Sample], digest: str) -> ValidationScore:
-        key = (served.version, digest)
-        if key not in self._scores:
-            self._remember(served.version, digest, self._score(served.model, samples, self.host.device))
-        score = self._scores[key]
+    def _served_score(self, served: ModelVersion, keys: list[str], samples: list[Sample], digest: str) -> ValidationScore:
+        """The served version's score on the set: cached, or combined from its kept per-image parts and the
+        parts of the images it has not been run on."""
+        if (served.version, digest) not in self._scores:
+            version, parts = self._served_images
+            parts = parts if version == served.version else {}
+            missing = [i for i, key in enumerate(keys) if key not in parts]
+            new = self._score_images(served.model, [samples[i] for i in missing], self.host.device)
+            parts = {**{key: parts[key] for key in keys if key in parts},
+                     **{keys[i]: part for i, part in zip(missing, new, strict=True)}}
+            self._served_images = (served.version, parts)
+            score = combine_scores([parts[key] for key in keys], samples, self.settings.num_classes - 1)
+            self._remember(served.version, digest, score)
+        score = self._scores[(served.version, digest)]
         self._set_gauges(score)
         return score
 
@@ -118,9 +139,8 @@ class Gatekeeper:
         while len(self._scores) > _CACHED_VERSIONS:
             self._scores.popitem(last=False)
 
-    def _score(self, model: nn.Module, samples: list[Sample], device) -> ValidationScore:
-        return score_model(model, samples, self.criterion, num_classes=self.settings.num_classes - 1, device=device,
-                           max_detections=self.settings.max_detections)
+    def _score_images(self, model: nn.Module, samples: list[Sample], device) -> list[ImageScore]:
+        return score_images(model, samples, self.criterion, device=device, max_detections=self.settings.max_detections)
 
     def _set_gauges(self, score: ValidationScore) -> None:
         self.metrics.validation_map_50.set(score.map_50)

@@ -58,16 +58,17 @@ class ValidationSet:
                 replaced += len(result.replaced)
         return Added(added, dropped, replaced)
 
-    def snapshot(self) -> tuple[list[Sample], str]:
-        """The samples in key order and the set's digest, consistent with each other."""
+    def snapshot(self) -> tuple[list[str], list[Sample], str]:
+        """The content keys and samples in key order and the set's digest, consistent with each other."""
         with self._lock:
-            samples = []
+            keys, samples = [], []
             for entry in self.store.entries():  # a corrupt entry is dropped on the way
                 sample = self._decoded.get(entry.key)
                 if sample is None:
                     sample = self._decoded[entry.key] = to_sample(entry, self.settings.max_image_pixels)
+                keys.append(entry.key)
                 samples.append(sample)
-            return samples, self.store.digest()
+            return keys, samples, self.store.digest()
 
     def clear(self) -> int:
         with self._lock:

@@ -71,6 +71,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat-corrupt", type=int, choices=(0, 1), default=1, help="0: no (d)")
     parser.add_argument("--eval-images", type=int, default=96)
     parser.add_argument("--validation-images", type=int, default=200)
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="SSD_HOLDOUT_FRACTION of both servers (> 0: the validation set changes as jobs end)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "online")
     return parser.parse_args(argv)
 
@@ -299,9 +301,9 @@ def run(args: argparse.Namespace) -> dict:
         servers = []
         for mode in ("every_step", "gated"):
             shutil.copytree(args.warm_dir / "checkpoints", work / mode / "checkpoints")
-            # no holdout: the 200 POSTed images stay the validation set, so the served figures stay cached
+            # no holdout by default: the 200 POSTed images stay the validation set, the served figures cached
             servers.append(stack.enter_context(start_server(mode, work / mode / "checkpoints", args.threads,
-                                                            SSD_PUBLISH=mode, SSD_HOLDOUT_FRACTION="0")))
+                                                            SSD_PUBLISH=mode, SSD_HOLDOUT_FRACTION=str(args.holdout))))
         for server in servers:
             added = post_validation(server, validation_samples)
             start = measure_map(server, val, encoded)

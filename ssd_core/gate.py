@@ -2,7 +2,9 @@
 
 Both models are scored on the same validation images (`score_model`): mAP@0.5 (torchmetrics' COCO
 rule, computed from the bootstrap's matched detections: equal to `evaluation.average_precision_50`,
-tested, at a 60th of its cost) and the mean MultiBoxLoss. The candidate is published when
+tested, at a 60th of its cost) and the MultiBoxLoss of the set. A score is combined from per-image
+parts (`score_images`, `combine_scores`), so a caller that keeps a model's parts scores a grown
+validation set by running only the new images. The candidate is published when
 
     candidate mAP@0.5 >= served mAP@0.5 - (tolerance + noise_z * SE)
 
@@ -38,7 +40,10 @@ from ssd_core.datasets import Sample, collate
 from ssd_core.postprocess import Detections, detect
 from ssd_core.training import LossCriterion
 
-__all__ = ["GateConfig", "GateDecision", "ReferenceLine", "ValidationScore", "decide", "score_model", "ungated"]
+__all__ = [
+    "GateConfig", "GateDecision", "ImageScore", "ReferenceLine", "ValidationScore", "combine_scores", "decide",
+    "score_images", "score_model", "ungated",
+]
 
 Decision = Literal["published", "rejected", "ungated"]
 
@@ -66,9 +71,9 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class ValidationScore:
-    """A model's figures on a validation set: map_50 (torchmetrics; -1 without truths), loss (mean
-    MultiBoxLoss loss_l + loss_c per image), per_class ({0-based label: AP@0.5}) and its matched
-    detections (for the bootstrap)."""
+    """A model's figures on a validation set: map_50 (torchmetrics' rule; -1 without truths), loss
+    (MultiBoxLoss loss_l + loss_c of the set as one batch), per_class ({0-based label: AP@0.5}) and its
+    matched detections (for the bootstrap)."""
 
     map_50: float
     loss: float
@@ -115,44 +120,71 @@ class ReferenceLine:
             self._best = (version, score)
 
 
+@dataclass(frozen=True)
+class ImageScore:
+    """One validation image's part of a model's score, independent of how images are batched: its
+    detections (pixel xyxy, CPU), its MultiBoxLoss sum (loss_l + loss_c, not normalised) and positives."""
+
+    detections: Detections
+    loss_sum: float
+    positives: int
+
+
 @torch.no_grad()
-def score_model(
-    model: nn.Module, samples: Sequence[Sample], criterion: LossCriterion, *, num_classes: int,
-    batch_size: int = 32, device: torch.device | str = "cpu", score_threshold: float = 0.01,
-    max_detections: int = 100,
-) -> ValidationScore:
-    """Score `model` (eval mode, no gradients; its train/eval mode is put back) on `samples`.
+def score_images(
+    model: nn.Module, samples: Sequence[Sample], criterion: LossCriterion, *, batch_size: int = 32,
+    device: torch.device | str = "cpu", score_threshold: float = 0.01, max_detections: int = 100,
+) -> list[ImageScore]:
+    """Run `model` (eval mode, no gradients; its train/eval mode is put back) on `samples`, image by image's figures.
 
     Args:
         model: an SSD with `spec`; forward [B, 3, S, S] -> (loc [B, P, 4], conf [B, P, C], priors [P, 4]).
         samples: validation images with pixel (x1, y1, x2, y2) truths.
-        criterion: the training loss (`MultiBoxLoss`), for the mean loss.
-        num_classes: object classes (background not counted).
+        criterion: the training loss (`MultiBoxLoss`); its hard negatives are mined per image, so an
+            image's loss sum does not depend on the batch it is scored in.
     """
-    if not samples:
-        raise ValueError("cannot score a model on an empty validation set")
     training = model.training
     model.eval()
-    detections: list[Detections] = []
-    loss_sum = 0.0
+    scores: list[ImageScore] = []
     try:
         for start in range(0, len(samples), batch_size):
             batch = list(samples[start : start + batch_size])
             images, targets = collate(batch, model.spec)  # [b, 3, S, S], list[[n, 6]] normalised
             # channels-last input: the CPU convolutions' faster layout (-20% at ssd-small, same values to 1e-7)
             loc, conf, priors = model(images.to(device).contiguous(memory_format=torch.channels_last))
-            output = criterion.compute((loc.float(), conf.float(), priors), [t.to(device) for t in targets])
-            loss_sum += float(output.loss_l + output.loss_c) * len(batch)
-            detections += detect(
+            stats = criterion.compute((loc.float(), conf.float(), priors), [t.to(device) for t in targets]).stats
+            loss_sums = (stats.loss_l_sum + stats.loss_c_sum).tolist()  # [b]
+            detections = detect(
                 loc.float(), conf.float(), priors, variances=model.spec.prior_config.variance,
                 score_threshold=score_threshold, max_detections=max_detections,
                 image_sizes=[(s.image.shape[-2], s.image.shape[-1]) for s in batch],
             )
+            scores += [ImageScore(_cpu(d), loss, positives) for d, loss, positives
+                       in zip(detections, loss_sums, stats.num_positives.tolist(), strict=True)]
     finally:
         model.train(training)
-    matched = match_detections([_cpu(d) for d in detections], samples, num_classes)
+    return scores
+
+
+def combine_scores(images: Sequence[ImageScore], samples: Sequence[Sample], num_classes: int) -> ValidationScore:
+    """The validation set's score from its images' (`score_images`, in `samples`' order): mAP@0.5 and
+    AP per class of all detections, and the loss of the set as one batch (loss sums / total positives)."""
+    if not samples:
+        raise ValueError("cannot score a model on an empty validation set")
+    matched = match_detections([image.detections for image in images], samples, num_classes)
     map_50, per_class = average_precisions(matched)
-    return ValidationScore(map_50, loss_sum / len(samples), per_class, matched)
+    loss = sum(image.loss_sum for image in images) / max(1, sum(image.positives for image in images))
+    return ValidationScore(map_50, loss, per_class, matched)
+
+
+def score_model(
+    model: nn.Module, samples: Sequence[Sample], criterion: LossCriterion, *, num_classes: int, **options,
+) -> ValidationScore:
+    """`combine_scores(score_images(model, samples, criterion, **options), samples, num_classes)`;
+    num_classes: object classes (background not counted)."""
+    if not samples:
+        raise ValueError("cannot score a model on an empty validation set")
+    return combine_scores(score_images(model, samples, criterion, **options), samples, num_classes)
 
 
 def _cpu(detections: Detections) -> Detections:

@@ -257,3 +257,32 @@ def test_a_cancelled_gated_job_publishes_nothing_and_restores_the_trainer(tmp_pa
         assert view["status"] == "cancelled" and view["steps_done"] >= 2 and view["evaluation"] is None
         assert client.version == 0
         assert_bitwise_equal(trainer_state(client), before)
+
+
+def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(tmp_path, trained_weights, monkeypatch):
+    """A grown validation set (new hash) does not re-run the served version on the images it has seen:
+    its per-image parts are kept (a published candidate's become the served version's), and the figures
+    combined from them equal the version scored on the whole set from scratch."""
+    from app import publishing
+    from ssd_core.gate import score_model
+
+    scored: list[int] = []
+    real = publishing.score_images
+    monkeypatch.setattr(publishing, "score_images", lambda model, samples, *a, **k: scored.append(len(samples))
+                        or real(model, samples, *a, **k))
+    pool = labelled(ShapesDataset(7, image_size=64, seed=21), range(7))
+    job = {"images": labelled(OVERFIT, EVERYTHING), "steps": 1, "learning_rate": 1e-5}
+    with start_client(gated_settings(tmp_path, weights=trained_weights)) as client:
+        assert client.post("/validation", json={"images": pool[:4]}).json()["images"] == 4
+        first = client.post("/finetune?wait=true", json=job).json()
+        assert first["evaluation"]["decision"] == "published" and scored == [4, 4]  # served, then the candidate
+        assert client.post("/validation", json={"images": pool[4:7]}).json()["images"] == 7
+        samples = client.app.state.worker.validation.snapshot()[1]
+        expected = score_model(client.app.state.host.current.model, samples, client.app.state.worker.trainer.criterion,
+                               num_classes=3)
+        second = client.post("/finetune?wait=true", json=job).json()
+        assert scored == [4, 4, 3, 7]  # the served version on the 3 new images only, the candidate on all 7
+        served = second["evaluation"]["served"]
+        assert served["version"] == first["model_version"] and second["evaluation"]["validation_images"] == 7
+        assert served["map_50"] == pytest.approx(expected.map_50, abs=1e-6)
+        assert served["loss"] == pytest.approx(expected.loss, rel=1e-5)

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from ssd_core.bootstrap import match_detections
-from ssd_core.datasets import Sample
-from ssd_core.gate import GateConfig, ReferenceLine, ValidationScore, decide, score_model
+from ssd_core.datasets import Sample, collate
+from ssd_core.gate import (
+    GateConfig,
+    ReferenceLine,
+    ValidationScore,
+    combine_scores,
+    decide,
+    score_images,
+    score_model,
+)
 from ssd_core.holdout import holdout_rank, split_holdout
 from ssd_core.loss import MultiBoxLoss
 from ssd_core.models import build_model
@@ -137,6 +145,24 @@ def test_score_model_reports_map_loss_and_leaves_the_mode():
     assert set(score.per_class) <= {0, 1, 2} and score.matched.truths.shape == (4, 3)
     with pytest.raises(ValueError, match="empty validation set"):
         score_model(model, [], criterion, num_classes=3)
+
+
+def test_a_score_combined_from_parts_scored_apart_equals_the_whole_sets():
+    """Per-image parts do not depend on the batch they ran in: the set scored at once (the slow reference:
+    one batch, the loss as MultiBoxLoss over it) equals parts scored in other batches, in pieces."""
+    torch.manual_seed(0)
+    model = build_model("ssd-small", 4).eval()
+    samples = [ShapesDataset(7, image_size=64, seed=2)[i] for i in range(7)]
+    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    whole = score_model(model, samples, criterion, num_classes=3, batch_size=7)
+    parts = score_images(model, samples[:3], criterion, batch_size=2) + score_images(model, samples[3:], criterion)
+    combined = combine_scores(parts, samples, 3)
+    assert combined.map_50 == pytest.approx(whole.map_50, abs=1e-6) and combined.per_class == pytest.approx(whole.per_class)
+    assert combined.loss == pytest.approx(whole.loss, rel=1e-5)
+    images, targets = collate(samples, model.spec)
+    with torch.no_grad():
+        loss_l, loss_c = criterion(model(images), targets)
+    assert whole.loss == pytest.approx(float(loss_l + loss_c), rel=1e-5)
 
 
 def test_reference_line_keeps_the_best_published_version_so_losses_cannot_add_up():
