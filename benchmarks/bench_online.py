@@ -372,11 +372,13 @@ def summarise(history: dict, args: argparse.Namespace) -> None:
                   f"{sorted(deltas)[len(deltas) // 2]:+.4f}; margins {min(margins):.4f}..{max(margins):.4f}")
     gated, every = modes["gated"]["jobs"], modes["every_step"]["jobs"]
     start = modes["gated"]["start"]["map_50"]
-    corrupt_low = min(r["map_50"] for r in gated if r["kind"] != "clean")
+    corrupt_low = min((r["map_50"] for r in gated if r["kind"] != "clean"), default=None)
     clean_rejected = sum(r["status"] == "rejected" for r in gated if r["kind"] == "clean")
-    print(f"\ngoal: with the gate, corruptions lower the served mAP@0.5 by <= {GOAL_MAP_DROP}: drop "
-          f"{start - corrupt_low:+.3f} -> {'MET' if start - corrupt_low <= GOAL_MAP_DROP else 'MISSED'} "
-          f"(every_step: lowest {min(r['map_50'] for r in every):.3f} from {modes['every_step']['start']['map_50']:.3f})")
+    if corrupt_low is not None:
+        print(f"\ngoal: with the gate, corruptions lower the served mAP@0.5 by <= {GOAL_MAP_DROP}: drop "
+              f"{start - corrupt_low:+.3f} -> {'MET' if start - corrupt_low <= GOAL_MAP_DROP else 'MISSED'} "
+              f"(every_step: lowest {min(r['map_50'] for r in every):.3f} from "
+              f"{modes['every_step']['start']['map_50']:.3f})")
     print(f"goal: no clean job rejected: {clean_rejected} rejected -> {'MET' if clean_rejected == 0 else 'MISSED'}")
 
 
