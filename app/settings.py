@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     gate_tolerance: float = Field(0.01, ge=0, description="mAP@0.5 a candidate may lose before the noise margin")
     gate_noise_z: float = Field(3.0, ge=0, description="bootstrap standard errors added to the tolerance")
     gate_bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the validation images")
-    screen_ratio: float = Field(1.5, gt=1, description="reject a batch whose loss exceeds this x the median")
+    screen_ratio: float = Field(1.75, gt=1, description="reject a batch whose loss exceeds this x the median")
     screen_window: int = Field(20, ge=5, description="accepted jobs whose pre-training loss makes the median")
 
     # detection defaults

@@ -28,7 +28,7 @@ class ScreeningConfig:
     """ratio: how many times the median loss a batch may reach; window: accepted jobs remembered;
     min_jobs: accepted jobs needed before screening judges anything."""
 
-    ratio: float = 1.5
+    ratio: float = 1.75
     window: int = 20
     min_jobs: int = 5
 
