@@ -2,10 +2,10 @@
 ssd_core.gate). Keeps the served version's validation figures cached per (version, validation-set
 hash), the screening window of accepted jobs, and the validation gauges.
 
-The served version's per-image parts (`ssd_core.gate.ImageScore`, by content key) are kept too: the
-holdout adds an accepted job's images to the validation set, which changes its hash, so without them
-every such job would score the served version on the whole set again; with them only the new images
-run. A published candidate's parts become the served version's (the weights are the same)."""
+The served version's per-image parts (`ssd_core.gate.ImageScore`, by entry id: image and
+annotation) are kept too: the holdout adds an accepted job's images to the validation set, which
+changes its hash, so without them every such job would score the served version on the whole set
+again; with them only the new (or re-annotated) images run. A published candidate's parts become the served version's (the weights are the same)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Gatekeeper:
                                  settings.gate_bootstrap)
         self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
-        self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, key -> its image's part)
+        self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, entry id -> its image's part)
         self._candidate_images: dict[str, ImageScore] = {}  # the last candidate's
         self.line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.settings import Settings
 from ssd_core.datasets import Sample
-from ssd_core.sample_store import SampleStore, annotation_of, to_sample
+from ssd_core.sample_store import SampleStore, annotation_of, content_key, to_sample
 
 DIRECTORY = "validation"
 
@@ -51,7 +51,7 @@ class ValidationSet:
         with self._lock:
             for image, sample in items:
                 result = self.store.offer(image, annotation_of(sample), meta)
-                for key in result.replaced:
+                for key in (content_key(image), *result.replaced):  # re-annotated or evicted
                     self._decoded.pop(key, None)
                 added += result.stored
                 dropped += not result.stored
@@ -59,14 +59,15 @@ class ValidationSet:
         return Added(added, dropped, replaced)
 
     def snapshot(self) -> tuple[list[str], list[Sample], str]:
-        """The content keys and samples in key order and the set's digest, consistent with each other."""
+        """The entries' ids (`SampleStore.entry_id`: image and annotation) and samples in key order and the
+        set's digest, consistent with each other."""
         with self._lock:
             keys, samples = [], []
             for entry in self.store.entries():  # a corrupt entry is dropped on the way
                 sample = self._decoded.get(entry.key)
                 if sample is None:
                     sample = self._decoded[entry.key] = to_sample(entry, self.settings.max_image_pixels)
-                keys.append(entry.key)
+                keys.append(self.store.entry_id(entry.key))
                 samples.append(sample)
             return keys, samples, self.store.digest()
 

@@ -167,12 +167,17 @@ class SampleStore:
         return {key: self._index[key].size for key in self.keys()}
 
     def digest(self) -> str:
-        """A hash of the set: sha256 over the sorted (key, annotation sha256) pairs. Equal digests
-        mean the same images with the same annotations."""
+        """A hash of the set: sha256 over the sorted `entry_id`s. Equal digests mean the same images
+        with the same annotations."""
         h = hashlib.sha256()
         for key in self.keys():
-            h.update(f"{key}:{self._index[key].annotation_sha256}\n".encode())
+            h.update(f"{self.entry_id(key)}\n".encode())
         return h.hexdigest()
+
+    def entry_id(self, key: str) -> str:
+        """`key:annotation sha256`: names the image AND its annotation (an image re-sent with other boxes
+        keeps its key, gets a new id)."""
+        return f"{key}:{self._index[key].annotation_sha256}"
 
     def get(self, key: str) -> StoredSample | None:
         """The entry, read and verified; None when absent or found corrupt (then dropped and counted)."""

@@ -286,3 +286,10 @@ def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(t
         assert served["version"] == first["model_version"] and second["evaluation"]["validation_images"] == 7
         assert served["map_50"] == pytest.approx(expected.map_50, abs=1e-6)
         assert served["loss"] == pytest.approx(expected.loss, rel=1e-5)
+        # an image sent again with other boxes is a new entry for the cache (and for the set's samples)
+        moved = {**pool[0], "boxes": [[1.0, 1.0, 20.0, 20.0]], "labels": [2]}
+        assert client.post("/validation", json={"images": [moved]}).json()["images"] == 7
+        truths = {tuple(s.boxes.reshape(-1).tolist()) for s in client.app.state.worker.validation.snapshot()[1]}
+        assert (1.0, 1.0, 20.0, 20.0) in truths
+        client.post("/finetune?wait=true", json=job)
+        assert scored[4:] == [1, 7]  # the served version (job 2's candidate) on the re-annotated image only
