@@ -90,16 +90,16 @@ class Gatekeeper:
             (decision, the job's `evaluation`, the candidate's score (None when ungated), the set's digest).
         """
         started = time.perf_counter()
-        keys, samples, digest = self.validation.snapshot()
+        ids, samples, digest = self.validation.snapshot()
         self.metrics.validation_images.set(len(samples))
         if not self.config.judges(len(samples)):
             decision = ungated(len(samples), self.config)
             return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
         served_version = self.host.current
-        served = self._served_score(served_version, keys, samples, digest)
+        served = self._served_score(served_version, ids, samples, digest)
         reference_version, reference = self.line.reference(served_version.version, served, digest)
         images = self._score_images(candidate, samples, device)
-        self._candidate_images = dict(zip(keys, images, strict=True))
+        self._candidate_images = dict(zip(ids, images, strict=True))
         score = combine_scores(images, samples, self.settings.num_classes - 1)
         decision = decide(reference, score, len(samples), self.config)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
@@ -117,18 +117,18 @@ class Gatekeeper:
             self.line.published(version.version, score, digest)
             self._set_gauges(score)
 
-    def _served_score(self, served: ModelVersion, keys: list[str], samples: list[Sample], digest: str) -> ValidationScore:
+    def _served_score(self, served: ModelVersion, ids: list[str], samples: list[Sample], digest: str) -> ValidationScore:
         """The served version's score on the set: cached, or combined from its kept per-image parts and the
-        parts of the images it has not been run on."""
+        parts of the images it has not been run on (`ids`: the entries' ids, in `samples`' order)."""
         if (served.version, digest) not in self._scores:
             version, parts = self._served_images
             parts = parts if version == served.version else {}
-            missing = [i for i, key in enumerate(keys) if key not in parts]
+            missing = [i for i, entry in enumerate(ids) if entry not in parts]
             new = self._score_images(served.model, [samples[i] for i in missing], self.host.device)
-            parts = {**{key: parts[key] for key in keys if key in parts},
-                     **{keys[i]: part for i, part in zip(missing, new, strict=True)}}
+            parts = {**{entry: parts[entry] for entry in ids if entry in parts},
+                     **{ids[i]: part for i, part in zip(missing, new, strict=True)}}
             self._served_images = (served.version, parts)
-            score = combine_scores([parts[key] for key in keys], samples, self.settings.num_classes - 1)
+            score = combine_scores([parts[entry] for entry in ids], samples, self.settings.num_classes - 1)
             self._remember(served.version, digest, score)
         score = self._scores[(served.version, digest)]
         self._set_gauges(score)

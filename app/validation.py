@@ -62,14 +62,14 @@ class ValidationSet:
         """The entries' ids (`SampleStore.entry_id`: image and annotation) and samples in key order and the
         set's digest, consistent with each other."""
         with self._lock:
-            keys, samples = [], []
+            ids, samples = [], []
             for entry in self.store.entries():  # a corrupt entry is dropped on the way
                 sample = self._decoded.get(entry.key)
                 if sample is None:
                     sample = self._decoded[entry.key] = to_sample(entry, self.settings.max_image_pixels)
-                keys.append(self.store.entry_id(entry.key))
+                ids.append(self.store.entry_id(entry.key))
                 samples.append(sample)
-            return keys, samples, self.store.digest()
+            return ids, samples, self.store.digest()
 
     def clear(self) -> int:
         with self._lock:

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -353,10 +354,10 @@ def summarise(history: dict, args: argparse.Namespace) -> None:
         evaluating = [r["seconds_evaluating"] for r in rows if r["decision"] in ("published", "rejected")]
         training = [r["seconds_training"] for r in rows if r["decision"] in ("published", "rejected")]
         if evaluating:
-            ratios = sorted(e / max(t, 1e-9) for e, t in zip(evaluating, training, strict=True))
-            print(f"  evaluation seconds per job: median {sorted(evaluating)[len(evaluating) // 2]:.2f} "
-                  f"(min {min(evaluating):.2f}); training median {sorted(training)[len(training) // 2]:.2f}; "
-                  f"eval/train median {ratios[len(ratios) // 2]:.2f}")
+            ratios = [e / max(t, 1e-9) for e, t in zip(evaluating, training, strict=True)]
+            print(f"  evaluation seconds per job: median {statistics.median(evaluating):.2f} "
+                  f"(min {min(evaluating):.2f}); training median {statistics.median(training):.2f}; "
+                  f"eval/train median {statistics.median(ratios):.2f}")
         screened = [(r["kind"], r["screen_loss"] / r["screen_median"]) for r in rows
                     if r["screen_loss"] is not None and r["screen_median"]]
         if screened:
@@ -369,7 +370,7 @@ def summarise(history: dict, args: argparse.Namespace) -> None:
         if deltas:
             margins = [r["margin"] for r in rows if r["kind"] == "clean" and r["margin"] is not None]
             print(f"  clean jobs' gate delta (candidate - served): min {min(deltas):+.4f}, median "
-                  f"{sorted(deltas)[len(deltas) // 2]:+.4f}; margins {min(margins):.4f}..{max(margins):.4f}")
+                  f"{statistics.median(deltas):+.4f}; margins {min(margins):.4f}..{max(margins):.4f}")
     gated, every = modes["gated"]["jobs"], modes["every_step"]["jobs"]
     start = modes["gated"]["start"]["map_50"]
     corrupt_low = min((r["map_50"] for r in gated if r["kind"] != "clean"), default=None)
