@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online import Stream, add_report_arguments, held_out_images, items, measure_map, start_server
+from bench_online import Stream, add_report_arguments, begin_run, items, measure_map, start_server
 
 from ssd_core.datasets import Sample
 from ssd_core.plotting import save_curves
@@ -167,13 +167,10 @@ def main() -> None:
     parser.add_argument("--memory-images", type=int, default=128)
     add_report_arguments(parser, jobs=15, eval_images=48, threads=1)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report:
-        report(args.out)
+    held_out = begin_run("bench_continual", args, report)
+    if held_out is None:
         return
-    val, encoded = held_out_images(args.eval_images)
-    print(f"bench_continual {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}",
-          flush=True)
+    val, encoded = held_out
     for name in args.variants.split(","):
         run_variant(VARIANTS[name], args, val, encoded)
 

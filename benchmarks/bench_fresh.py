@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_online import (
     Stream,
     add_report_arguments,
-    held_out_images,
+    begin_run,
     job_row,
     measure_map,
     post_job,
@@ -133,12 +133,10 @@ def main() -> None:
     parser.add_argument("--eval-at", default="25,50,100,150,200,250,300")
     add_report_arguments(parser, jobs=300, eval_images=96, threads=2)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.report:
-        report(args.out)
+    held_out = begin_run("bench_fresh", args, report)
+    if held_out is None:
         return
-    val, encoded = held_out_images(args.eval_images)
-    print(f"bench_fresh {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}", flush=True)
+    val, encoded = held_out
     for text in args.variant or ["defaults"]:
         run_variant(*parse_variant(text), args, val, encoded)
 

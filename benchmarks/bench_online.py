@@ -182,6 +182,18 @@ def add_report_arguments(parser: argparse.ArgumentParser, *, jobs: int, eval_ima
     parser.add_argument("--report", action="store_true", help="print the tables of --out and draw the plots")
 
 
+def begin_run(name: str, args: argparse.Namespace, report) -> tuple[list[Sample], list[dict]] | None:
+    """Makes `--out`; with `--report`, runs `report(out)` and returns None. Otherwise prints the run's header and
+    returns the held-out images (`held_out_images(--eval-images)`)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report(args.out)
+        return None
+    held_out = held_out_images(args.eval_images)
+    print(f"{name} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}", flush=True)
+    return held_out
+
+
 # ---- HTTP
 
 
