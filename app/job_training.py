@@ -144,14 +144,14 @@ class JobTraining:
     def _judge(self, job: Job) -> str | None:
         """Run the gate on the trainer's weights: publish them, or restore the served state and return why not."""
         with self.lock:
-            decision, job.evaluation, score, digest = self.gatekeeper.evaluate(
-                self.trainer.published, self.trainer.device)
-            self.gatekeeper.record(decision)
-            if decision.decision == "rejected":
+            judgement = self.gatekeeper.evaluate(self.trainer.published, self.trainer.device)
+            job.evaluation = judgement.evaluation
+            self.gatekeeper.record(judgement.decision)
+            if judgement.decision.decision == "rejected":
                 self._restore_served()
-                return decision.reason
+                return judgement.decision.reason
             published = self.host.publish(self.trainer.published, self.trainer.steps)
-            self.gatekeeper.published(published, score, digest)
+            self.gatekeeper.published(published, judgement)
             self._served, self._diverged = self._snapshot(), False
         job.model_version = published.version
         return None

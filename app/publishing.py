@@ -5,12 +5,14 @@ hash), the screening window of accepted jobs, and the validation gauges.
 The served version's per-image parts (`ssd_core.gate.ImageScore`, by entry id: image and
 annotation) are kept too: the holdout adds an accepted job's images to the validation set, which
 changes its hash, so without them every such job would score the served version on the whole set
-again; with them only the new (or re-annotated) images run. A published candidate's parts become the served version's (the weights are the same)."""
+again; with them only the new (or re-annotated) images run. A published candidate's parts become the
+served version's (the weights are the same)."""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -40,6 +42,18 @@ SCREEN_MIN_JOBS = 5  # accepted jobs before screening judges (the issue's "at le
 _CACHED_VERSIONS = 4
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """What the gate said of one candidate: `evaluation` is the job's view of it; `score` (None when ungated)
+    and `images` (entry id -> the candidate's part) become the served version's figures if it is published."""
+
+    decision: GateDecision
+    evaluation: JobEvaluation
+    digest: str
+    score: ValidationScore | None = None
+    images: dict[str, ImageScore] = field(default_factory=dict)
+
+
 class Gatekeeper:
     """Args: host (the served versions), validation (the set), criterion (the trainer's loss)."""
 
@@ -56,7 +70,6 @@ class Gatekeeper:
         self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
         self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, entry id -> its image's part)
-        self._candidate_images: dict[str, ImageScore] = {}  # the last candidate's
         self.line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))
 
@@ -83,39 +96,35 @@ class Gatekeeper:
 
     # ---- the gate
 
-    def evaluate(self, candidate: nn.Module, device) -> tuple[GateDecision, JobEvaluation, ValidationScore | None, str]:
-        """Judge `candidate` (the trainer's network) against the served version.
-
-        Returns:
-            (decision, the job's `evaluation`, the candidate's score (None when ungated), the set's digest).
-        """
+    def evaluate(self, candidate: nn.Module, device) -> Judgement:
+        """Judge `candidate` (the trainer's network) against the served version."""
         started = time.perf_counter()
         ids, samples, digest = self.validation.snapshot()
         self.metrics.validation_images.set(len(samples))
         if not self.config.judges(len(samples)):
             decision = ungated(len(samples), self.config)
-            return decision, self._view(decision, len(samples), digest, None, None, None, started), None, digest
+            return Judgement(decision, self._view(decision, len(samples), digest, None, None, None, started), digest)
         served_version = self.host.current
         served = self._served_score(served_version, ids, samples, digest)
         reference_version, reference = self.line.reference(served_version.version, served, digest)
         images = self._score_images(candidate, samples, device)
-        self._candidate_images = dict(zip(ids, images, strict=True))
         score = combine_scores(images, samples, self.settings.num_classes - 1)
         decision = decide(reference, score, len(samples), self.config)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         view = self._view(decision, len(samples), digest, served_version, served, score, started)
-        return decision, view.model_copy(update={"reference_version": reference_version}), score, digest
+        return Judgement(decision, view.model_copy(update={"reference_version": reference_version}), digest, score,
+                         dict(zip(ids, images, strict=True)))
 
     def record(self, decision: GateDecision) -> None:
         self.metrics.gate_decisions.labels(decision=decision.decision).inc()
 
-    def published(self, version: ModelVersion, score: ValidationScore | None, digest: str) -> None:
-        """`version` was published from a candidate scored `score` on the set of `digest`: cache it as served."""
-        if score is not None:
-            self._served_images = (version.version, self._candidate_images)
-            self._remember(version.version, digest, score)
-            self.line.published(version.version, score, digest)
-            self._set_gauges(score)
+    def published(self, version: ModelVersion, judgement: Judgement) -> None:
+        """`version` was published from the candidate of `judgement`: its figures become the served version's."""
+        if judgement.score is not None:
+            self._served_images = (version.version, judgement.images)
+            self._remember(version.version, judgement.digest, judgement.score)
+            self.line.published(version.version, judgement.score, judgement.digest)
+            self._set_gauges(judgement.score)
 
     def _served_score(self, served: ModelVersion, ids: list[str], samples: list[Sample], digest: str) -> ValidationScore:
         """The served version's score on the set: cached, or combined from its kept per-image parts and the
