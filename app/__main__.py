@@ -20,8 +20,8 @@ import sys
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from app.metrics import prepare_multiprocess_dir
-from app.settings import Settings, load_settings
+from app.core.metrics import prepare_multiprocess_dir
+from app.core.settings import Settings, load_settings
 
 logger = logging.getLogger("app")
 

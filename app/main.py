@@ -18,17 +18,17 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Mount, Route
 
-from app.errors import install_error_handlers
-from app.finetune import start_worker
-from app.inference import InferenceWorker, batch_policy
-from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from app.model_host import ModelHost, initial_model
-from app.openapi import install_openapi
-from app.replica import start_watcher
-from app.routes import detect, finetune, health, model, score_loss, v2, validation
-from app.settings import Settings, load_settings
-from ssd_core.checkpoint import CheckpointStore
+from app.api.errors import install_error_handlers
+from app.api.openapi import install_openapi
+from app.api.routes import detect, finetune, health, model, score_loss, v2, validation
+from app.core.metrics import Metrics
+from app.core.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from app.core.settings import Settings, load_settings
+from app.online.worker import start_worker
+from app.serving.inference import InferenceWorker, batch_policy
+from app.serving.model_host import ModelHost, initial_model
+from app.serving.replica import start_watcher
+from ssd_core.storage.checkpoint import CheckpointStore
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ servers (`python -m app`, `ssd-small`, CPU), HTTP only, `ShapesDataset` images.
 
 1. warm start: every variant's server starts from a copy of the same warm checkpoint directory
    (`--warm-dir`, e.g. written by `ssd train --data synthetic ...`), whose replay memory is pre-filled
-   with `--memory-images` mixed training images (`ssd_core.replay.ReplayMemory`, as the warm-up jobs
+   with `--memory-images` mixed training images (`ssd_core.online.replay.ReplayMemory`, as the warm-up jobs
    of a running service would have left it);
 2. each variant gets 15 jobs of 8 images x 4 steps (the service's own recipe: no `learning_rate` sent):
    (a) `rect`: images holding only rectangles; (b) `mixed`: ordinary images with only their
@@ -37,10 +37,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_online import Stream, add_report_arguments, begin_run, items, measure_map, start_server
 
-from ssd_core.datasets import Sample
-from ssd_core.plotting import save_curves
-from ssd_core.replay import ReplayMemory
-from ssd_core.synthetic import CLASS_NAMES, RECTANGLE, ShapesDataset
+from ssd_core.data.datasets import Sample
+from ssd_core.data.synthetic import CLASS_NAMES, RECTANGLE, ShapesDataset
+from ssd_core.evaluation.plotting import save_curves
+from ssd_core.online.replay import ReplayMemory
 
 GOAL_OTHER_DROP = 0.05  # issue 11: every other class's AP falls by at most this
 

@@ -1,6 +1,6 @@
 """ONNX Runtime vs torch eager on CPU: ms per image of the exported network (not a timed test).
 
-For ssd-small and ssd300 at batch 1 and 8: the model exported with `ssd_core.export` (ONNX), run by
+For ssd-small and ssd300 at batch 1 and 8: the model exported with `ssd_core.models.export` (ONNX), run by
 `onnxruntime` (CPUExecutionProvider, intra-op threads = torch's), against the same weights in torch eager
 (`inference_mode`), and the TorchScript export. Repeats interleave the runtimes so load drift hits all
 alike; medians and minima in ms per image, and the load average.
@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssd_core.export import export_model  # noqa: E402
 from ssd_core.models import build_model  # noqa: E402
+from ssd_core.models.export import export_model  # noqa: E402
 
 MODELS = {"ssd-small": 4, "ssd300": 21}
 

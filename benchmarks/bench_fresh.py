@@ -36,8 +36,8 @@ from bench_online import (
     start_server,
 )
 
-from ssd_core.plotting import save_curves
-from ssd_core.synthetic import CLASS_NAMES
+from ssd_core.data.synthetic import CLASS_NAMES
+from ssd_core.evaluation.plotting import save_curves
 
 GOALS = {100: 0.6, 300: 0.8}  # jobs: held-out mAP@0.5 reached
 COLLAPSE = 0.5  # a measurement below this fraction of the best one before it is a collapse

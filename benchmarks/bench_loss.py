@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssd_core import VOC_300, MultiBoxLoss, point_form, prior_boxes  # noqa: E402
+from tests.ssd_core.loss.ssd_pytorch_reference import seed_multibox_loss  # noqa: E402
 from tests.ssd_core.random_data import random_predictions, random_targets  # noqa: E402
-from tests.ssd_core.seed_reference import seed_multibox_loss  # noqa: E402
 
 
 def torchvision_ssd(num_classes: int) -> SSD:

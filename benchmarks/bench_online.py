@@ -41,12 +41,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ssd_core.datasets import Sample  # noqa: E402
-from ssd_core.evaluation import average_precision_50  # noqa: E402
-from ssd_core.images import encode_png  # noqa: E402
-from ssd_core.plotting import save_curves  # noqa: E402
-from ssd_core.postprocess import Detections  # noqa: E402
-from ssd_core.synthetic import CLASS_NAMES, ShapesDataset  # noqa: E402
+from ssd_core.data.datasets import Sample  # noqa: E402
+from ssd_core.data.images import encode_png  # noqa: E402
+from ssd_core.data.synthetic import CLASS_NAMES, ShapesDataset  # noqa: E402
+from ssd_core.evaluation.mean_ap import average_precision_50  # noqa: E402
+from ssd_core.evaluation.plotting import save_curves  # noqa: E402
+from ssd_core.models.postprocess import Detections  # noqa: E402
 
 REQUEST_IMAGES = 32  # SSD_MAX_IMAGES_PER_REQUEST's default
 GOAL_MAP_DROP = 0.02

@@ -4,9 +4,9 @@ from /finetune-sized jobs (issue 11, item 4).
 Every variant starts from the same fresh `ssd-small` (seed 0) and sees the same stream of jobs, as the
 service runs them: job j is `ShapesDataset(split="train")` images 8j .. 8j+7, trained for 4 steps on
 that fixed batch (no augmentation, the /finetune default). With replay, each step adds `ratio`
-replayed images per new image, drawn class-balanced (`ssd_core.replay.balanced_draw`) from all
+replayed images per new image, drawn class-balanced (`ssd_core.online.replay.balanced_draw`) from all
 earlier jobs' images (fewer than SSD_REPLAY_MAX_IMAGES here, so the memory holds them all). The model
-that would be served is scored by held-out mAP@0.5 (`ssd_core.evaluation.evaluate`, `split="val"`)
+that would be served is scored by held-out mAP@0.5 (`ssd_core.evaluation.mean_ap.evaluate`, `split="val"`)
 after the listed job counts: the raw weights and, side by side in the same run, the EMA of them for
 each `--ema` decay:tau (an EMA never changes the training trajectory, so one run measures them all;
 each is a `ModelEMA` updated after every completed step, as `Trainer` does with `TrainConfig.ema`).
@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from ssd_core import MultiBoxLoss
-from ssd_core.datasets import collate
-from ssd_core.ema import EMAConfig, ModelEMA
-from ssd_core.evaluation import evaluate
+from ssd_core.data.datasets import collate
+from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.evaluation.mean_ap import evaluate
 from ssd_core.models import build_model
-from ssd_core.replay import balanced_draw
-from ssd_core.synthetic import ShapesDataset
-from ssd_core.training import TrainConfig, Trainer
+from ssd_core.online.replay import balanced_draw
+from ssd_core.training.ema import EMAConfig, ModelEMA
+from ssd_core.training.trainer import TrainConfig, Trainer
 
 IMAGES_PER_JOB = 8
 STEPS_PER_JOB = 4

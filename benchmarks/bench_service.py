@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ssd_core import VOC_300, MultiBoxLoss, prior_boxes  # noqa: E402
-from ssd_core.images import encode_png  # noqa: E402
-from ssd_core.synthetic import ShapesDataset  # noqa: E402
+from ssd_core.data.images import encode_png  # noqa: E402
+from ssd_core.data.synthetic import ShapesDataset  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import service_batching  # noqa: E402

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ssd_core.cli import main as ssd_main
-from ssd_core.loss import MultiBoxLoss
+from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.models import MODEL_NAMES, build_model
-from ssd_core.training import TrainConfig, Trainer
+from ssd_core.training.trainer import TrainConfig, Trainer
 
 GOAL_MAP_50 = 0.6
 GOAL_SECONDS = 600.0

@@ -21,11 +21,10 @@ import torch
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from ssd_core.evaluation import model_inputs
-from ssd_core.images import encode_png
+from ssd_core.data.images import encode_png, model_inputs
+from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.models import build_model
-from ssd_core.postprocess import detect
-from ssd_core.synthetic import ShapesDataset
+from ssd_core.models.postprocess import detect
 
 CLIENTS = (1, 4, 8, 16)
 LIMIT = 32  # SSD_MAX_BATCH_IMAGES's default

@@ -1,10 +1,19 @@
 """SSD core library: boxes, priors, box coder, batched matching and the MultiBoxLoss."""
 
-from ssd_core.boxes import batched_box_iou, box_iou, center_size, invalid_box_mask, point_form, validate_boxes
-from ssd_core.coder import decode, encode
-from ssd_core.loss import LossOutput, MultiBoxLoss
-from ssd_core.matching import MatchResult, match
-from ssd_core.priors import (
+from ssd_core.loss.matching import MatchResult, match
+from ssd_core.loss.multibox import LossOutput, MultiBoxLoss
+from ssd_core.loss.stats import ClassStats, MatchStats
+from ssd_core.loss.targets import pad_targets
+from ssd_core.ops.boxes import (
+    batched_box_iou,
+    box_iou,
+    center_size,
+    invalid_box_mask,
+    point_form,
+    validate_boxes,
+)
+from ssd_core.ops.coder import decode, encode
+from ssd_core.ops.priors import (
     COCO_300,
     COCO_512,
     VOC_300,
@@ -13,8 +22,6 @@ from ssd_core.priors import (
     prior_boxes,
     scaled_prior_config,
 )
-from ssd_core.stats import ClassStats, MatchStats
-from ssd_core.targets import pad_targets
 
 __all__ = [
     "COCO_300",

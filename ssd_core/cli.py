@@ -23,18 +23,18 @@ from typing import Any
 
 import torch
 
-from ssd_core.checkpoint import CheckpointStore
-from ssd_core.class_names import CLASS_NAME_PRESETS, expand_class_names
-from ssd_core.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
-from ssd_core.datasets import VOC_CLASSES
-from ssd_core.devices import resolve_device
-from ssd_core.drawing import captions, draw_detections
-from ssd_core.evaluation import evaluate, predict
-from ssd_core.export import FORMATS, export_model, metadata
-from ssd_core.images import decode_image_bytes
+from ssd_core.data.class_names import CLASS_NAME_PRESETS, expand_class_names
+from ssd_core.data.datasets import VOC_CLASSES
+from ssd_core.data.images import decode_image_bytes
+from ssd_core.evaluation.drawing import captions, draw_detections
+from ssd_core.evaluation.mean_ap import evaluate, predict
 from ssd_core.models import MODEL_NAMES, SSD, build_model
-from ssd_core.priors import PRIOR_SETS
-from ssd_core.train_run import checkpoint_meta, load_dataset, next_version, recorded_priors, run_training
+from ssd_core.models.convert import IMPORTABLE_MODELS, load_ssd_pytorch, ssd_pytorch_state_dict
+from ssd_core.models.devices import resolve_device
+from ssd_core.models.export import FORMATS, export_model, metadata
+from ssd_core.ops.priors import PRIOR_SETS
+from ssd_core.storage.checkpoint import CheckpointStore
+from ssd_core.training.run import checkpoint_meta, load_dataset, next_version, recorded_priors, run_training
 
 __all__ = ["build_parser", "main"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ssd_core.priors import PriorConfig, prior_boxes
+from ssd_core.ops.priors import PriorConfig, prior_boxes
 
 __all__ = ["SSD", "ModelSpec", "multibox_heads", "xavier_init"]
 

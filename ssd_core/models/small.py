@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd_core.models.base import SSD, ModelSpec, multibox_heads, xavier_init
-from ssd_core.priors import SCALED, scaled_prior_config
+from ssd_core.ops.priors import SCALED, scaled_prior_config
 
 __all__ = ["SSDSmall", "SmallConfig"]
 

@@ -2,7 +2,7 @@
 
 The attribute names and layer indices are ssd.pytorch's, so the state_dict keys are too
 (`vgg.N.*`, `L2Norm.weight`, `extras.N.*`, `loc.N.*`, `conf.N.*`) and its checkpoints load as is
-(see ssd_core.convert).
+(see ssd_core.models.convert).
 
 Input convention (ssd.pytorch's BaseTransform): the image is read BGR by OpenCV, the BGR means
 (104, 117, 123) are subtracted, then the channels are swapped to RGB. Per channel of the RGB
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssd_core.models.base import SSD, ModelSpec, multibox_heads, xavier_init
-from ssd_core.priors import PriorConfig, resolve_prior_set, vgg_prior_config
+from ssd_core.ops.priors import PriorConfig, resolve_prior_set, vgg_prior_config
 
 __all__ = ["SSD300", "SSD512", "VGGSSD", "VGG_BASE", "ExtraBlock", "L2Norm", "extra_layers", "vgg_layers"]
 

@@ -13,14 +13,14 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from safetensors.torch import save_file
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
-from ssd_core.datasets import collate
-from ssd_core.images import encode_png
-from ssd_core.loss import MultiBoxLoss
+from ssd_core.data.datasets import collate
+from ssd_core.data.images import encode_png
+from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.models import build_model
-from ssd_core.synthetic import ShapesDataset
-from ssd_core.training import TrainConfig, Trainer
+from ssd_core.training.trainer import TrainConfig, Trainer
 
 TOKEN = "s3cret-token"
 

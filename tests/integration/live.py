@@ -258,8 +258,8 @@ def labelled_images(count: int, seed: int, image_size: int = 96, **shapes: float
 
     `shapes` go to `ShapesDataset` (e.g. `min_size`, `max_size` as fractions of the image side).
     """
-    from ssd_core.images import encode_png
-    from ssd_core.synthetic import ShapesDataset
+    from ssd_core.data.images import encode_png
+    from ssd_core.data.synthetic import ShapesDataset
 
     dataset = ShapesDataset(count, image_size=image_size, seed=seed, max_objects=3, **shapes)
     return [

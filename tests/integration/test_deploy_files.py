@@ -292,7 +292,7 @@ def test_compose_checkpoints_on_a_named_volume(compose_file):
 @pytest.mark.parametrize("compose_file", COMPOSE_FILES)
 def test_compose_stop_grace_period_outlasts_the_service_shutdown_timeout(compose_file):
     """docker stop must not SIGKILL the service before it has written its final checkpoint."""
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     ssd = load_yaml(compose_file)["services"]["ssd"]
     grace_s = float(re.fullmatch(r"(\d+)s", ssd["stop_grace_period"]).group(1))
@@ -371,7 +371,7 @@ def test_promql_name_extraction_sees_metrics_not_functions_or_labels():
         metric_names_in("made_up(ssd_a)")
 
 
-# Shared contract of issue 10 (app.validation defines and sets it; this dashboard plots it): allowed before
+# Shared contract of issue 10 (app.online.validation_set defines and sets it; this dashboard plots it): allowed before
 # that branch's table row is merged. Once docs/ARCHITECTURE.md lists it, this set changes nothing.
 PLOTTED_FROM_THE_SHARED_CONTRACT = {"ssd_validation_ap_50"}
 
@@ -453,7 +453,7 @@ SCALE_FILE = "docker-compose.scale.yml"
 
 
 def test_compose_scale_has_one_trainer_and_replicated_servers_on_one_checkpoint_volume():
-    from app.settings import Settings
+    from app.core.settings import Settings
 
     compose = load_yaml(SCALE_FILE)
     trainer, server = compose["services"]["trainer"], compose["services"]["ssd-server"]

@@ -13,8 +13,8 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from ssd_core.images import encode_png
-from ssd_core.synthetic import ShapesDataset
+from ssd_core.data.images import encode_png
+from ssd_core.data.synthetic import ShapesDataset
 from tests.integration.live import LiveService
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration-v2")]

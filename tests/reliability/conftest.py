@@ -18,11 +18,11 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.journal import JOURNAL_NAME
+from app.online.journal import JOURNAL_NAME
 
 # the live services of the fault and load tests run the unprotected mode, like the in-process ones
 # (tests/app/conftest.py): every step publishes and every image trains, no job is screened, held out or
-# rejected, so their accounting is exact; the gated mode's restarts and kill -9: tests/app/test_gate_server.py
+# rejected, so their accounting is exact; the gated mode's restarts and kill -9: tests/app/online/test_gate_over_http.py
 PLUMBING = {"SSD_PUBLISH": "every_step", "SSD_HOLDOUT_FRACTION": "0"}
 
 CHECKPOINT_SIDECAR = re.compile(r"^ckpt-(\d{8})\.json$")

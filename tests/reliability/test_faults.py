@@ -24,12 +24,12 @@ import httpx
 import pytest
 import torch
 
-from ssd_core.checkpoint import CheckpointStore
-from ssd_core.datasets import collate
-from ssd_core.loss import MultiBoxLoss
+from ssd_core.data.datasets import collate
+from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.models import build_model
-from ssd_core.synthetic import ShapesDataset
-from ssd_core.training import TrainConfig, Trainer
+from ssd_core.storage.checkpoint import CheckpointStore
+from ssd_core.training.trainer import TrainConfig, Trainer
 from tests.app.conftest import labelled, make_settings, start_client
 from tests.integration.live import labelled_images, run_service
 from tests.reliability.conftest import PLUMBING, checkpoint_digests, complete_checkpoints, scrape

@@ -23,8 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ssd_core.images import encode_jpeg
-from ssd_core.synthetic import ShapesDataset
+from ssd_core.data.images import encode_jpeg
+from ssd_core.data.synthetic import ShapesDataset
 from tests.app.conftest import TOKEN, ServiceClient, labelled, make_settings, png_bytes, start_client
 from tests.integration.live import LiveService, run_service
 from tests.reliability.conftest import checkpoint_digests, file_stamps, rss_mib, scrape

@@ -22,8 +22,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ssd_core.images import encode_png
-from ssd_core.synthetic import ShapesDataset
+from ssd_core.data.images import encode_png
+from ssd_core.data.synthetic import ShapesDataset
 from tests.integration.live import LiveService, labelled_images, run_service
 from tests.reliability.conftest import PLUMBING, rss_mib, scrape
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ssd_core.priors import prior_boxes, scaled_prior_config
+from ssd_core.ops.priors import prior_boxes, scaled_prior_config
 
 # 5x5, 3x3 and 1x1 maps: 4 * 25 + 6 * 9 + 4 = 158 priors, enough geometry to exercise matching
 SMALL_PRIORS = scaled_prior_config(300, (5, 3, 1), ((2,), (2, 3), (2,)))

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_core.checkpoint import CheckpointStore
-from ssd_core.class_names import expand_class_names
 from ssd_core.cli import build_parser, main
-from ssd_core.datasets import VOC_CLASSES
-from ssd_core.images import decode_image_bytes, encode_png
+from ssd_core.data.class_names import expand_class_names
+from ssd_core.data.datasets import VOC_CLASSES
+from ssd_core.data.images import decode_image_bytes, encode_png
+from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.models import SSD300
-from ssd_core.synthetic import ShapesDataset
+from ssd_core.storage.checkpoint import CheckpointStore
 
 TINY_DATA = ["--data", "synthetic", "--synthetic-images", "6", "--synthetic-size", "64", "--batch-size", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,9 +6,9 @@ import onnxruntime
 import pytest
 import torch
 
-from ssd_core.checkpoint import CheckpointStore
 from ssd_core.cli import main
 from ssd_core.models import build_model
+from ssd_core.storage.checkpoint import CheckpointStore
 
 
 def save_versions(directory) -> dict[int, torch.nn.Module]:

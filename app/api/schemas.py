@@ -1,0 +1,251 @@
+"""Request and response bodies (pydantic). Boxes are (x1, y1, x2, y2); labels are 0-based object
+classes not counting background. Non-finite numbers are rejected at parse time, naming the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from annotated_types import Len
+from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
+
+from app.online.job_view import ClassLoss
+
+Box = Annotated[list[float], Len(4, 4)]  # (x1, y1, x2, y2)
+_DATA_URL = re.compile(r"data:[^,]*;base64,", re.IGNORECASE)
+
+
+def _strip_data_url(value: object) -> object:
+    """`data:image/png;base64,iVBOR...` (what browsers and canvas.toDataURL produce) -> `iVBOR...`."""
+    if isinstance(value, str) and (match := _DATA_URL.match(value)):
+        return value[match.end():]
+    return value
+
+
+# base64 image bytes, with or without a data URL prefix (the decoder tells PNG from JPEG by content)
+ImageBase64 = Annotated[Base64Bytes, BeforeValidator(_strip_data_url)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+PositiveFinite = Annotated[float, Field(gt=0)]  # finite: Request forbids inf and NaN
+LABELLED_CLASSES_DOC = (
+    "partial labels: the 0-based object classes this image's boxes are complete for (every box's label "
+    "among them); its confidence loss uses the softmax over background and these classes only, so an "
+    "unboxed object of another class is not taught as background. null: labelled for every class"
+)
+LabelledClasses = list[int] | None
+
+
+class LossOptions(Request):
+    """MultiBoxLoss options; the defaults are the seed's `(num_classes, 0.5, True, 0, True, 3, 0.5, False)`.
+
+    The bounds are `MultiBoxLoss`'s own (its ValueError checks), so a bad option is a 422 naming
+    `options.<name>`; only `bkg_label < num_classes` depends on the model and is checked with the batch.
+    """
+
+    overlap_thresh: float = Field(0.5, gt=0, le=1)
+    prior_for_matching: bool = True
+    bkg_label: int = Field(0, ge=0, description="index of background in conf; < num_classes")
+    neg_mining: bool = True
+    neg_pos: int = Field(3, ge=0)
+    neg_overlap: float = Field(0.5, gt=0, le=1)
+    encode_target: bool = False
+    variance: tuple[PositiveFinite, PositiveFinite] = (0.1, 0.2)
+    loc_weight: float = Field(1.0, ge=0)
+    match_type: Literal["per_prediction", "bipartite"] = "per_prediction"
+
+
+class TargetBox(Request):
+    box: Box = Field(description="normalised (x1, y1, x2, y2) in [0, 1]")
+    label: int
+    difficult: bool = False
+
+
+class Predictions(Request):
+    loc: list[list[Box]] = Field(description="[B][P][4] encoded offsets")
+    conf: list[list[list[float]]] = Field(description="[B][P][C] class logits, C = num_classes")
+
+
+class ScoreLossRequest(Request):
+    """`POST /score-loss` as JSON: either `predictions` + `targets` (+ `priors`), or `images`."""
+
+    predictions: Predictions | None = None
+    targets: list[list[TargetBox]] | None = Field(None, description="one list of boxes per image")
+    labelled_classes: list[LabelledClasses] | None = Field(
+        None, description="with `predictions`: one entry per image (null = every class); "
+        f"{LABELLED_CLASSES_DOC}. In the image form give it per image")
+    priors: list[Box] | None = Field(None, description="[P][4] (cx, cy, w, h); default: the model's priors")
+    images: list[LabelledImage] | None = Field(None, description="the image form: the model predicts")
+    options: LossOptions = LossOptions()
+
+
+class ImageAnnotation(Request):
+    boxes: list[Box] = Field(description="(x1, y1, x2, y2) in pixels of the image")
+    labels: list[int]
+    difficult: list[bool] | None = None
+    labelled_classes: LabelledClasses = Field(None, description=f"{LABELLED_CLASSES_DOC} (for /finetune: "
+                                              "or the job's `labelled_classes`)")
+
+
+class LabelledImage(ImageAnnotation):
+    image: ImageBase64 = Field(description="base64 PNG or JPEG, optionally as a data URL (data:image/png;base64,...)")
+
+
+class FinetuneOptions(Request):
+    steps: int = Field(1, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description="default: SSD_LEARNING_RATE; at most "
+                                        "SSD_MAX_LEARNING_RATE (unset: 10 x SSD_LEARNING_RATE)")
+    augment: bool = False
+    replay: float | None = Field(
+        None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
+    )
+    force: bool = Field(False, description="skip screening (the publish gate still applies)")
+    labelled_classes: LabelledClasses = Field(
+        None, description="the default of every image that gives none itself (an image's own overrides it); "
+        f"{LABELLED_CLASSES_DOC}")
+
+
+class ValidationOptions(Request):
+    """`POST /validation` has no options besides its images (the multipart form's fields)."""
+
+
+class ValidationRequest(ValidationOptions):
+    """`POST /validation` as JSON: labelled images for the validation set."""
+
+    images: list[LabelledImage]
+
+
+class FinetuneRequest(FinetuneOptions):
+    images: list[LabelledImage]
+
+
+class EncodedImage(Request):
+    image: ImageBase64 = Field(description="base64 PNG or JPEG, optionally as a data URL (data:image/png;base64,...)")
+
+
+class DetectOptions(Request):
+    score_threshold: float | None = Field(None, ge=0, lt=1, description="default: SSD_SCORE_THRESHOLD")
+    max_detections: int | None = Field(None, ge=1, le=10_000, description="default: SSD_MAX_DETECTIONS")
+    render: bool = Field(False, description="answer the image (one per request) as a PNG with its boxes, class "
+                         "names and scores drawn, instead of JSON")
+
+
+class DetectRequest(DetectOptions):
+    images: list[EncodedImage]
+
+
+class RollbackRequest(Request):
+    version: int = Field(ge=0)
+
+
+# ---- responses
+
+
+class ImageLoss(BaseModel):
+    loss_l: float
+    loss_c: float
+    num_ground_truth: int
+    num_positives: int
+    num_negatives: int
+    mean_matched_iou: float
+    num_forced_matches: int
+
+
+class ScoreLossResponse(BaseModel):
+    loss: float
+    loss_l: float
+    loss_c: float
+    num_positives: int
+    num_negatives: int
+    per_image: list[ImageLoss]
+    per_class: list[ClassLoss] = Field(description="one entry per object class, label order; loss_l sums to "
+                                       "loss_l, loss_c plus loss_c_negatives to loss_c")
+    loss_c_negatives: float = Field(description="conf loss of the negatives (background) / N")
+    model_version: int
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="(x1, y1, x2, y2) in pixels of the input image")
+    label: int
+    class_name: str
+    score: float
+
+
+class DetectResponse(BaseModel):
+    detections: list[list[Detection]] = Field(description="one list per input image")
+    model_version: int
+
+
+class ModelInfo(BaseModel):
+    architecture: str
+    num_classes: int
+    priors: str = Field(description="prior set: voc or coco (ssd300/ssd512, SSD_PRIORS), scaled (ssd-small)")
+    class_names: list[str]
+    input_size: int
+    num_priors: int
+    version: int
+    training_steps: int
+    device: str
+    role: str
+    restored_from: int | None = Field(None, description="the saved version a rollback copied")
+
+
+class VersionInfo(BaseModel):
+    version: int
+    step: int
+    created: str
+    pinned: bool = Field(False, description="protected from pruning (POST /model/versions/{version}/pin)")
+
+
+class VersionsResponse(BaseModel):
+    current: int
+    versions: list[VersionInfo] = Field(description="saved checkpoints whose files verify (size and sha256), "
+                                        "oldest first: the rollback targets")
+
+
+class PinResponse(BaseModel):
+    version: int
+    pinned: bool
+    pins: list[int] = Field(description="every pinned version")
+
+
+class ValidationEntry(BaseModel):
+    key: str = Field(description="sha256 of the image bytes as sent")
+    bytes: int
+    boxes: dict[str, int] = Field(description="boxes per class name")
+
+
+class ValidationView(BaseModel):
+    images: int
+    bytes: int
+    hash: str = Field(description="sha256 over the images and annotations: changes when the set does")
+    boxes: dict[str, int] = Field(description="boxes per class name over the whole set")
+    max_images: int
+    max_bytes: int
+    corrupt_dropped: int = Field(description="torn or corrupt entries dropped since the server started")
+    entries: list[ValidationEntry]
+
+
+class ValidationAdded(BaseModel):
+    added: int = Field(description="images stored now (already present ones are updated and counted)")
+    dropped: int = Field(description="images the bounded set did not keep (reservoir sampling once full)")
+    replaced: int = Field(description="entries evicted to make room")
+    images: int
+    hash: str
+
+
+class CheckpointResponse(BaseModel):
+    version: int
+    step: int
+    created: str
+    saved: bool = Field(description="always true: the version is durable on disk (a failed write is a 503), the "
+                        "same meaning as a job's `checkpoint.saved`")
+    written: bool = Field(description="true: written by this request; false: this version was already on disk")
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,95 @@
+"""The fine-tune job journal: an append-only JSON-lines file of job views beside the checkpoints.
+
+One line per state change (queued, running, final), each line a full `JobView`. A record that must
+survive `kill -9` (acceptance, final states) is fsync'd before the caller answers; the `running`
+record is only flushed (losing it merely reports the job as interrupted while queued). Replaying
+keeps the last record per job id. `compact` rewrites the file atomically with one record per job;
+the caller passes at most SSD_JOB_HISTORY finished jobs (plus the unfinished ones), so the file stays
+bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.online.job_view import JobView
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "jobs.jsonl"
+
+
+class JobJournal:
+    """Append-only job records in `directory/jobs.jsonl`.
+
+    Args:
+        directory: the checkpoint directory.
+        history: SSD_JOB_HISTORY; `needs_compaction` once the file holds more than 4 records per kept job.
+    """
+
+    def __init__(self, directory: Path, history: int) -> None:
+        self.path = Path(directory) / JOURNAL_NAME
+        self.history = history
+        self._records = 0  # lines in the file since the last compaction
+
+    def replay(self) -> list[JobView]:
+        """The last record of each job, in order of first appearance; unreadable lines are skipped
+        (a torn last line after `kill -9`)."""
+        views: dict[str, JobView] = {}
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        for number, line in enumerate(lines, 1):
+            try:
+                view = JobView.model_validate_json(line)
+            except ValidationError as error:
+                logger.warning("%s line %d: skipping unreadable record (%s)", self.path, number, error.errors()[0]["msg"])
+                continue
+            views[view.job_id] = view
+        self._records = len(lines)
+        return list(views.values())
+
+    def append(self, view: JobView, durable: bool) -> bool:
+        """Add one record; `durable` fsyncs it. Returns False (logged) when the disk refuses it."""
+        line = view.model_dump_json().encode() + b"\n"
+        try:
+            with self.path.open("ab") as f:
+                f.write(line)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        except OSError:
+            logger.exception("cannot append to the job journal %s", self.path)
+            return False
+        self._records += 1
+        return True
+
+    def needs_compaction(self) -> bool:
+        return self._records > 4 * self.history
+
+    def compact(self, views: list[JobView]) -> None:
+        """Replace the file by one record per job of `views` (atomically; failures logged)."""
+        data = b"".join(view.model_dump_json().encode() + b"\n" for view in views)
+        try:
+            fd, temp = tempfile.mkstemp(prefix=f".{JOURNAL_NAME}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temp, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                raise
+        except OSError:
+            logger.exception("cannot compact the job journal %s", self.path)
+            return
+        self._records = len(views)

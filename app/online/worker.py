@@ -1,0 +1,319 @@
+"""Online fine-tuning: a bounded job queue worked by ONE trainer thread.
+
+This module is the queue, its thread, the job journal and the checkpoint operations; how one job
+trains and is published (screening, holdout, steps, gate) is app.online.job_training. The trainer owns its
+own copy of the weights (`ssd_core.training.trainer.Trainer`). What is evaluated and published is
+`Trainer.published`: with `SSD_EMA_DECAY` > 0 the exponential moving average of the trainer's
+weights (`ssd_core.training.ema`), else those weights; the optimizer trains the raw ones and checkpoints hold
+both. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the job's images
+plus replayed ones drawn class-balanced from the replay memory (app.online.replayer, ssd_core.online.replay).
+What reaches clients depends on SSD_PUBLISH (README, "Publishing"): `gated` (default) publishes a
+job's weights only through the gate, `every_step` after every completed step (unprotected).
+
+A checkpoint is written after every job that published, on demand (`POST /model/checkpoint`), after
+a rollback and on shutdown; a job's `checkpoint` says whether the version it left was written. Every
+job state change is appended to the job journal (`app.online.journal`, beside the checkpoints; fsync'd at
+acceptance and at each final state), so after a restart, even after `kill -9`,
+`GET /finetune/{id}` still answers: a job the previous process did not finish reads `failed`
+("interrupted"), with the restored version.
+
+Locks: `_jobs_lock` (a Condition) guards the queue and job states; `training.lock` guards the
+trainer's weights and optimizer and the checkpoint store. What a checkpoint of "the current
+version" writes is the served version's state (`training.served_state()`): the trainer's own outside
+a gated job, the snapshot taken when it started (or last published) during one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+
+from app.core.errors import Conflict, InvalidValue, NotFound, QueueFull, Unavailable, without_paths
+from app.core.metrics import Metrics
+from app.core.settings import Settings
+from app.online.job_training import JobTraining
+from app.online.job_view import JobCheckpoint, JobState
+from app.online.jobs import INTERRUPTED, Job
+from app.online.journal import JobJournal
+from app.online.replayer import Replayer
+from app.online.validation_set import ValidationSet
+from app.online.version_saver import VersionSaver
+from app.serving.model_host import ModelHost, ModelVersion
+from ssd_core.data.datasets import Sample
+from ssd_core.loss.multibox import MultiBoxLoss
+from ssd_core.models import SSD
+from ssd_core.online.replay import ReplayMemory
+from ssd_core.storage.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
+from ssd_core.training.ema import EMAConfig
+from ssd_core.training.trainer import TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+class FinetuneWorker:
+    """The fine-tune queue and its trainer thread.
+
+    Args:
+        host: where new versions are published.
+        trainer: owns the training copy of the weights (equal to `host.current` on entry).
+        store: checkpoint store, or None to run without checkpoints.
+        validation: the validation set (held-out images of accepted jobs join it).
+        saved_version: the version already on disk (the checkpoint the process started from).
+        replay: the replay memory (only the trainer thread uses it), or None: no replay.
+    """
+
+    def __init__(
+        self, host: ModelHost, trainer: Trainer, store: CheckpointStore | None, validation: ValidationSet,
+        settings: Settings, metrics: Metrics, saved_version: int | None, replay: ReplayMemory | None = None,
+    ) -> None:
+        self.host = host
+        self.trainer = trainer
+        self.validation = validation
+        self.settings = settings
+        self.metrics = metrics
+        self.saver = VersionSaver(store, host, settings, metrics, saved_version)
+        self.training = JobTraining(host, trainer, validation, Replayer(replay, settings, metrics), settings, metrics,
+                                    stopping=lambda: self._stopping)
+        self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._jobs_lock = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="finetune-trainer", daemon=True)
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def begin_stop(self) -> None:
+        """Refuse new jobs, cancel queued ones and ask the running one to stop after its current step.
+
+        Returns at once; `python -m app` calls it when shutdown begins, so requests waiting on a job
+        (`?wait=true`) get their answer before the server stops waiting for open connections.
+        """
+        with self._jobs_lock:
+            self._stopping = True
+            while self._queue:
+                self._finish(self._queue.popleft(), JobState.cancelled, "server shutting down")
+            if self._running is not None:
+                self._running.cancel_requested = True
+            self._jobs_lock.notify_all()
+
+    def stop(self, timeout: float) -> None:
+        """`begin_stop`, let the running step finish, then checkpoint the current version."""
+        self.begin_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("trainer still busy after %.0f s; exiting without a final checkpoint", timeout)
+            return
+        self.save_if_unsaved()
+        with self._jobs_lock:
+            self._compact_journal()
+
+    # ---- the job journal: job states survive a restart, even kill -9
+
+    def _journal_record(self, job: Job, durable: bool) -> None:
+        """Append `job`'s current view (caller holds `_jobs_lock`, which keeps records in order)."""
+        if self._journal is not None:
+            self._journal.append(job.view(), durable)
+
+    def _compact_journal(self) -> None:
+        """One record per known job (caller holds `_jobs_lock`)."""
+        if self._journal is not None:
+            self._journal.compact([job.view() for job in self._jobs.values()])
+
+    def load_journal(self) -> None:
+        """Restore the newest SSD_JOB_HISTORY jobs of previous runs and compact the journal. A job
+        whose last record is queued or running was interrupted: it reads `failed`, with the version
+        this process restored (its unsaved steps are gone)."""
+        if self._journal is None:
+            return
+        restored = self.host.current.version
+        with self._jobs_lock:
+            views = self._journal.replay()[-self.settings.job_history :]
+            self.training.gatekeeper.restore_history(views)
+            for view in views:
+                if not view.status.finished:
+                    view = view.model_copy(update={
+                        "status": JobState.failed, "error": INTERRUPTED, "model_version": restored,
+                        "finished_at": time.time(),  # when it was found interrupted
+                    })
+                self._jobs[view.job_id] = Job.from_view(view)
+            self._compact_journal()
+
+    # ---- jobs
+
+    def submit(
+        self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
+        force: bool = False, replay: float | None = None,
+    ) -> Job:
+        """Queue a job on `samples` (decoded from `images`, the bytes as sent); 429 when the queue is
+        full, 422 for too many steps or too high a learning rate. `replay`: replayed images per new
+        image (None: SSD_REPLAY_RATIO)."""
+        if steps > self.settings.finetune_max_steps:
+            raise InvalidValue("steps", f"{steps} exceeds the limit of {self.settings.finetune_max_steps}")
+        limit = self.settings.learning_rate_limit()
+        if learning_rate is not None and learning_rate > limit:
+            raise InvalidValue("learning_rate", f"{learning_rate} exceeds the limit of {limit:g} "
+                               "(SSD_MAX_LEARNING_RATE, unset: 10 x SSD_LEARNING_RATE)")
+        if len(samples) < self.training.min_images:
+            raise InvalidValue("images", f"{self.settings.model} has BatchNorm layers and needs at "
+                               f"least {self.training.min_images} images per fine-tune job")
+        ratio = self.settings.replay_ratio if replay is None else replay
+        job = Job(samples, steps, learning_rate, augment, images=images, force=force, num_images=len(samples),
+                  replay_ratio=ratio)
+        with self._jobs_lock:
+            if self._stopping:
+                raise Unavailable("shutting_down", "the server is shutting down")
+            if len(self._queue) >= self.settings.finetune_queue_size:
+                raise QueueFull("queue_full", f"the fine-tune queue holds {len(self._queue)} jobs "
+                                f"(limit {self.settings.finetune_queue_size}); retry later", retry_after_s=5)
+            self._jobs[job.job_id] = job
+            self._queue.append(job)
+            self._journal_record(job, durable=True)  # on disk before the 202
+            self.metrics.finetune_queue_depth.set(len(self._queue))
+            self._jobs_lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound("not_found", f"no fine-tune job {job_id!r}", "job_id")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or a running one after its current step; 409 if already finished."""
+        with self._jobs_lock:
+            job = self.get(job_id)
+            if job.state.finished:
+                raise Conflict("job_finished", f"job {job_id} already {job.state.value}", "job_id")
+            if job.state == JobState.queued:
+                self._queue.remove(job)
+                self.metrics.finetune_queue_depth.set(len(self._queue))
+                self._finish(job, JobState.cancelled, "cancelled before it started")
+            else:
+                job.cancel_requested = True
+        return job
+
+    def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+        """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
+        job.state, job.error, job.finished_at, job.samples, job.images = state, error, time.time(), None, None
+        self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
+        self.metrics.finetune_jobs.labels(state=state.value).inc()
+        job.finished.set_result(None)
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        for old in finished[: max(0, len(finished) - self.settings.job_history)]:
+            del self._jobs[old.job_id]
+        if self._journal is not None and self._journal.needs_compaction():
+            self._compact_journal()
+
+    # ---- the trainer thread
+
+    def _run(self) -> None:
+        while True:
+            with self._jobs_lock:
+                while not self._queue and not self._stopping:
+                    self._jobs_lock.wait()
+                if self._stopping:
+                    return
+                job = self._running = self._queue.popleft()
+                job.state, job.started_at = JobState.running, time.time()
+                self._journal_record(job, durable=False)
+                self.metrics.finetune_queue_depth.set(len(self._queue))
+            state, error = self.training.run(job)
+            job.checkpoint = self._save_for_job()
+            with self._jobs_lock:
+                self._running = None
+                self._finish(job, state, error)
+
+    # ---- checkpoints, rollback and pins (app.online.version_saver; callers outside the trainer thread)
+
+    def checkpoint(self) -> tuple[CheckpointInfo, bool]:
+        """Save the current version now. Returns (its checkpoint, whether it was written just now)."""
+        with self.training.lock:
+            return self.saver.save(self.training.served_state())
+
+    def rollback(self, version: int) -> ModelVersion:
+        """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
+
+        409 while a job is running (it would continue from different weights), 404 for an unknown version.
+        """
+        store = self.saver.require_store()
+        with self.training.lock:
+            with self._jobs_lock:
+                if self._running is not None:
+                    raise Conflict("trainer_busy", f"job {self._running.job_id} is running; "
+                                   "cancel it or wait before rolling back", "version")
+            try:
+                saved = store.load(version)
+            except CheckpointError as error:
+                raise NotFound("not_found", f"no loadable saved version {version}: {without_paths(str(error))}",
+                               "version") from None
+            restore_trainer(self.trainer, saved)
+            published = self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
+            self.saver.save(self.training.served_state())
+        return published
+
+    def pin(self, version: int, pinned: bool) -> set[int]:
+        """Pin or unpin a saved version (serialised with saves: a pin never races a prune)."""
+        with self.training.lock:
+            return self.saver.pin(version, pinned)
+
+    def _save_for_job(self) -> JobCheckpoint | None:
+        with self.training.lock:
+            return self.saver.job_checkpoint(self.training.served_state())
+
+    def save_if_unsaved(self) -> None:
+        """Checkpoint the current version unless it is on disk (at start, at shutdown); failures are logged
+        and counted, never raised. After a job: `_save_for_job`."""
+        with self.training.lock:
+            self.saver.save_unsaved(self.training.served_state())
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    """The service trainer's optimizer, warm-up, clipping and EMA (README, "The online recipe")."""
+    return TrainConfig(
+        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=settings.warmup_steps,
+        clip_grad_norm=settings.clip_grad_norm,
+        verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
+    )
+
+
+def restore_trainer(trainer: Trainer, checkpoint: LoadedCheckpoint) -> None:
+    """Resume `trainer` from a checkpoint: served (EMA) weights, raw weights, optimizer, step count."""
+    trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)),
+                    checkpoint.training_weights)
+
+
+def start_worker(
+    host: ModelHost, model: SSD, store: CheckpointStore | None, checkpoint: LoadedCheckpoint | None,
+    settings: Settings, metrics: Metrics,
+) -> FinetuneWorker:
+    """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
+    from `checkpoint`, and start the trainer thread."""
+    criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
+    trainer = Trainer(model, criterion, train_config(settings), host.device)
+    saved_version = None
+    if checkpoint is not None:
+        restore_trainer(trainer, checkpoint)
+        saved_version = int(checkpoint.meta["version"])
+    validation = ValidationSet(settings, store.directory if store is not None else None)
+    replay = None
+    if store is not None:
+        replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
+                              settings.max_image_pixels)
+    worker = FinetuneWorker(host, trainer, store, validation, settings, metrics, saved_version, replay)
+    worker.training.replayer.update_metrics()
+    worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
+    worker.load_journal()
+    worker.start()
+    return worker

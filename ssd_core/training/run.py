@@ -1,0 +1,293 @@
+"""The offline training run of `ssd train`, and the checkpoint meta it shares with the other commands.
+
+`run_training(args)` trains `args.model` on `args.data` (a `load_dataset` spec) for `args.steps` steps,
+single-process or under torchrun (DDP, one data shard per rank; rank 0 logs, evaluates and saves), and
+writes `CheckpointStore` versions whose meta is `checkpoint_meta(...)`, plus `history.json`,
+`loss_curve.png` and (with `--eval-every`) `map_curve.png` in `args.checkpoint_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ssd_core.data.augment import ssd_augmentation
+from ssd_core.data.datasets import CocoDataset, VOCDataset, collate
+from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.evaluation.mean_ap import evaluate
+from ssd_core.evaluation.plotting import save_curves
+from ssd_core.loss.multibox import MultiBoxLoss
+from ssd_core.models import LEGACY_PRIOR_SETS, SSD, build_model
+from ssd_core.models.devices import resolve_device
+from ssd_core.storage.checkpoint import CheckpointStore
+from ssd_core.training.distributed import (
+    DistributedContext,
+    DistributedTrainer,
+    distributed_sampler,
+    init_distributed,
+)
+from ssd_core.training.trainer import TrainConfig, Trainer
+
+__all__ = ["checkpoint_meta", "load_dataset", "next_version", "recorded_priors", "run_training"]
+
+
+def load_dataset(spec: str, *, split: str, synthetic_images: int, synthetic_size: int = 256):
+    """The data set named by a `--data` value.
+
+    Args:
+        spec: `synthetic`, `voc:ROOT` or `coco:IMAGES_DIR:ANNOTATIONS.json`.
+        split: synthetic split name (`train` / `val`: disjoint images); VOC image-set name
+            (`trainval`, `test`, ...); ignored for COCO (the annotation file is the split).
+        synthetic_images: number of synthetic images.
+        synthetic_size: side of the synthetic images (ssd-small's input by default: no resize).
+
+    Returns:
+        A data set of `Sample`s with a `class_names` attribute.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic" and not rest:
+        return ShapesDataset(synthetic_images, image_size=synthetic_size, split=split)
+    if kind == "voc" and rest:
+        return VOCDataset(rest, split=split)
+    if kind == "coco" and ":" in rest:
+        images_dir, annotations = rest.rsplit(":", 1)
+        return CocoDataset(images_dir, annotations)
+    raise ValueError(f"--data must be synthetic, voc:ROOT or coco:IMAGES_DIR:ANN.json, got {spec!r}")
+
+
+def _dataset(args: argparse.Namespace, spec: str, split: str, synthetic_images: int):
+    """`load_dataset` with `--synthetic-size` (training and held-out sets alike)."""
+    return load_dataset(
+        spec, split=split, synthetic_images=synthetic_images, synthetic_size=args.synthetic_size
+    )
+
+
+def next_version(store: CheckpointStore) -> int:
+    """The version a new checkpoint in `store` gets: one past the newest, 1 in an empty store."""
+    versions = store.versions()
+    return versions[-1].version + 1 if versions else 1
+
+
+def checkpoint_meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra: dict | None = None) -> dict:
+    """The sidecar meta of an `ssd` checkpoint (`ssd train` and `ssd import`); `extra` adds keys."""
+    return {
+        "version": version,
+        "step": step,
+        "model": model.spec.name,
+        "num_classes": model.spec.num_classes,
+        "priors": model.spec.prior_set,
+        "class_names": list(class_names),
+        **(extra or {}),
+    }
+
+
+def recorded_priors(meta: dict[str, Any]) -> str:
+    """The prior set a checkpoint was trained with (VOC for VGG checkpoints written before it was recorded)."""
+    return meta.get("priors", LEGACY_PRIOR_SETS[meta["model"]])
+
+
+def _batches(
+    dataset, model: SSD, args: argparse.Namespace, generator: torch.Generator, sampler=None
+) -> Iterator:
+    """Endless shuffled training batches (images [B, 3, S, S], targets list[Tensor[n_i, 6]]).
+
+    `sampler`: this rank's `DistributedSampler` under torchrun (None: shuffle the whole data set).
+    """
+    augment = ssd_augmentation(args.augment, fill=model.spec.pixel_mean)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset if sampler is None else sampler) >= args.batch_size,
+        generator=generator,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        collate_fn=partial(collate, spec=model.spec, augment=augment),
+    )
+    for epoch in count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # a new permutation, the same on every rank
+        yield from loader
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as JSON-able values, for the checkpoint sidecar."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "handler"}
+
+
+@dataclass
+class _History:
+    """What `ssd train` records: per-step losses and lr, periodic mAP, throughput."""
+
+    steps: list[int] = field(default_factory=list)
+    loss_l: list[float] = field(default_factory=list)
+    loss_c: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    map_50: list[float] = field(default_factory=list)
+    map: list[float] = field(default_factory=list)
+    eval_elapsed_s: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    images_per_second: float = 0.0
+    train_seconds: float = 0.0
+
+    def write(self, directory: Path) -> None:
+        (directory / "history.json").write_text(json.dumps(self.__dict__, indent=1))
+        if self.steps:
+            losses = {
+                "loc (Smooth L1)": self.loss_l,
+                "conf (cross-entropy)": self.loss_c,
+                "total": [a + b for a, b in zip(self.loss_l, self.loss_c, strict=True)],
+            }
+            save_curves(
+                directory / "loss_curve.png", self.steps, losses, title="training loss", ylabel="loss"
+            )
+        if self.eval_steps:
+            maps = {"mAP@0.5": self.map_50, "mAP@[.5:.95]": self.map}
+            save_curves(
+                directory / "map_curve.png", self.eval_steps, maps, title="held-out mAP", ylabel="mAP"
+            )
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """`ssd train`: the handler of its parsed arguments; returns the exit status."""
+    device = resolve_device(args.device, "--device")
+    if args.amp and device.type != "cuda":
+        raise ValueError(f"--amp (bfloat16 autocast) needs CUDA; --device {args.device} runs on {device.type}")
+    context = init_distributed(device)  # single process unless run by torchrun
+    try:
+        status = _train_rank(args, context)
+    except BaseException:
+        context.close(success=False)
+        raise
+    context.close()
+    return status
+
+
+def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
+    torch.manual_seed(args.seed)
+    device = context.device
+    log = tqdm.write if context.is_main else _silent
+    dataset = _dataset(args, args.data, args.split, args.synthetic_images)
+    num_classes = args.num_classes or len(dataset.class_names) + 1
+    if num_classes < len(dataset.class_names) + 1:
+        raise ValueError(f"--num-classes {num_classes} < {len(dataset.class_names)} classes + background")
+    model = build_model(args.model, num_classes, args.priors)
+    criterion = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=device.type == "cuda")
+    config = TrainConfig(
+        lr=args.lr, warmup_steps=args.warmup, clip_grad_norm=args.clip_grad_norm, amp=args.amp
+    )
+    if context.distributed:
+        trainer = DistributedTrainer(model, criterion, config, context, sync_batchnorm=args.sync_bn)
+        torch.manual_seed(args.seed + context.rank)  # same initial weights, different augmentation per rank
+    else:
+        trainer = Trainer(model, criterion, config, device)
+    store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
+    directory = Path(args.checkpoint_dir)
+    if args.resume:
+        loaded = store.load_latest()
+        context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
+        if loaded is not None and recorded_priors(loaded.meta) != model.spec.prior_set:
+            raise ValueError(f"--resume: the checkpoint has priors {recorded_priors(loaded.meta)!r}, this run "
+                             f"{model.spec.prior_set!r}; pass --priors {recorded_priors(loaded.meta)}")
+        if loaded is not None:
+            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"], loaded.training_weights)
+    val_set = None
+    if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
+        val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
+    history = _History()
+
+    def save() -> None:
+        if not context.is_main:
+            return
+        history.write(directory)
+        if store.versions() and store.versions()[-1].step == trainer.steps:
+            return  # already saved at this step (--save-every divides the step count)
+        state = trainer.state()
+        meta = checkpoint_meta(
+            model,
+            dataset.class_names,
+            next_version(store),
+            trainer.steps,
+            {"config": _config(args), "world_size": context.world_size},
+        )
+        store.save(state.weights, meta, state.optimizer_state, state.training_weights)
+
+    generator = torch.Generator().manual_seed(args.seed + context.rank)
+    batches = _batches(dataset, model, args, generator, distributed_sampler(dataset, context, args.seed))
+    start = time.perf_counter()
+    eval_seconds = 0.0
+    running = None
+    progress = tqdm(
+        total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet or not context.is_main
+    )
+
+    def run_eval() -> None:
+        """Rank 0 scores the held-out set with the unwrapped network while the other ranks wait."""
+        nonlocal eval_seconds
+        eval_start = time.perf_counter()
+        scores = None
+        if val_set is not None:
+            scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
+        context.barrier()
+        eval_seconds += time.perf_counter() - eval_start
+        history.eval_steps.append(trainer.steps)  # on every rank: it decides the final evaluation
+        if scores is not None:
+            history.map_50.append(scores["map_50"])
+            history.map.append(scores["map"])
+            history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
+            log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+
+    while trainer.steps < args.steps:
+        if args.time_limit and context.from_main(
+            time.perf_counter() - start - eval_seconds > args.time_limit
+        ):
+            log(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
+            break
+        images, targets = next(batches)
+        result = trainer.step(images, targets)
+        if result.skipped:
+            log(f"step {trainer.steps}: non-finite loss or gradient, skipped")
+            continue
+        loss = result.loss_l + result.loss_c
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        history.steps.append(trainer.steps)
+        history.loss_l.append(result.loss_l)
+        history.loss_c.append(result.loss_c)
+        history.lr.append(result.lr)
+        progress.update(1)
+        progress.set_postfix(loss=f"{running:.3f}", lr=f"{result.lr:.2g}")
+        if args.eval_every and trainer.steps % args.eval_every == 0:
+            run_eval()
+        if args.save_every and trainer.steps % args.save_every == 0:
+            save()
+    progress.close()
+    if args.eval_every and history.steps and history.eval_steps[-1:] != [trainer.steps]:
+        run_eval()  # the run ended between evaluation points
+    history.skipped_steps = trainer.skipped_steps
+    history.train_seconds = time.perf_counter() - start - eval_seconds
+    history.images_per_second = (
+        len(history.steps) * args.batch_size * context.world_size / max(history.train_seconds, 1e-9)
+    )
+    save()
+    log(
+        f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), "
+        f"{history.images_per_second:.1f} images/s; checkpoints, history.json and loss_curve.png in {directory}"
+    )
+    return 0
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 under torchrun: nothing."""

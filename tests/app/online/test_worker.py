@@ -1,0 +1,321 @@
+"""Fine-tune jobs: training lowers the batch's loss and publishes versions; queue, cancel, wait,
+multipart, auth and every bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+import app.online.gatekeeper
+from ssd_core.online.gate import GateDecision
+from ssd_core.storage.checkpoint import CheckpointStore
+from tests.app.conftest import (
+    TOKEN,
+    CriterionSpy,
+    assert_error,
+    labelled,
+    make_settings,
+    png_bytes,
+    start_client,
+)
+
+
+def wait_for(client, job_id: str, states: set[str], timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/finetune/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {job}")
+
+
+def test_finetune_lowers_the_batch_loss_and_publishes_versions(client, shapes):
+    torch.manual_seed(0)
+    items = labelled(shapes)
+    before = client.post("/score-loss", json={"images": items}).json()
+    assert before["model_version"] == 0
+    response = client.post("/finetune?wait=true", json={"images": items, "steps": 40, "learning_rate": 0.005})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded"
+    assert job["steps_done"] == job["steps_total"] == 40
+    assert [step["model_version"] for step in job["losses"]] == list(range(1, 41))  # one version per step
+    assert job["model_version"] == 40
+    after = client.post("/score-loss", json={"images": items}).json()
+    assert after["model_version"] == 40
+    assert after["loss"] < 0.5 * before["loss"]
+    assert client.get("/model").json()["training_steps"] == 40
+    assert client.sample("ssd_finetune_steps_total") == 40
+    assert client.sample("ssd_model_version") == 40
+    assert client.sample("ssd_finetune_jobs_total", state="succeeded") == 1
+    assert client.sample("ssd_loss_conf_count", source="finetune") == 40
+    assert client.sample("ssd_learning_rate") == pytest.approx(0.005)
+    assert client.sample("ssd_images_processed_total", route="/finetune") == 80
+    assert client.sample("ssd_checkpoints_total", outcome="saved") == 2  # the initial weights, then the job
+
+
+def test_accepted_job_is_queued_then_runs(client, shapes):
+    response = client.post("/finetune", json={"images": labelled(shapes, (2, 3)), "steps": 2})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] in {"queued", "running", "succeeded"}
+    assert job["steps_total"] == 2 and job["num_images"] == 2
+    done = wait_for(client, job["job_id"], {"succeeded"})
+    assert done["steps_done"] == 2
+    assert all(step["loss_l"] is not None and step["loss_c"] is not None for step in done["losses"])
+    assert done["learning_rate"] is None  # the default schedule (SSD_LEARNING_RATE)
+    assert done["losses"][0]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_multipart_upload(client, shapes):
+    annotations = [{"boxes": shapes[i].boxes.tolist(), "labels": shapes[i].labels.tolist()} for i in (0, 1)]
+    files = [("images", (f"{i}.png", png_bytes(shapes, i), "image/png")) for i in (0, 1)]
+    response = client.post("/finetune?wait=true", files=files,
+                           data={"annotations": json.dumps(annotations), "steps": "2", "learning_rate": "0.002"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["num_images"] == 2 and job["learning_rate"] == 0.002
+    assert client.version == 2
+
+
+def test_queue_full_cancel_queued_and_running(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, finetune_queue_size=2)) as client:
+        items = labelled(shapes, (0, 1))
+        long_job = client.post("/finetune", json={"images": items, "steps": 200}).json()
+        wait_for(client, long_job["job_id"], {"running"})
+        queued = [client.post("/finetune", json={"images": items, "steps": 1}).json() for _ in range(2)]
+        assert [job["status"] for job in queued] == ["queued", "queued"]
+        assert client.sample("ssd_finetune_queue_depth") == 2
+        assert_error(client.post("/finetune", json={"images": items}), 429, None, "queue_full")
+
+        cancelled = client.delete(f"/finetune/{queued[0]['job_id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        client.delete(f"/finetune/{queued[1]['job_id']}")
+        assert client.sample("ssd_finetune_queue_depth") == 0
+        stopping = client.delete(f"/finetune/{long_job['job_id']}").json()
+        assert stopping["cancel_requested"]
+        final = wait_for(client, long_job["job_id"], {"cancelled"})
+        assert final["steps_done"] < 200
+        # the model stays at the last completed step
+        last_version = final["losses"][-1]["model_version"] if final["losses"] else 0
+        assert client.version == last_version == (final["model_version"] or 0)
+        assert client.sample("ssd_finetune_jobs_total", state="cancelled") == 3
+        assert_error(client.delete(f"/finetune/{long_job['job_id']}"), 409, "job_id", "job_finished")
+        for job in queued:
+            assert client.get(f"/finetune/{job['job_id']}").json()["steps_done"] == 0
+
+
+def test_unknown_job(client):
+    assert_error(client.get("/finetune/nope"), 404, "job_id", "not_found")
+    assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
+
+
+def test_skipped_non_finite_steps(tmp_path, shapes):
+    with start_client(make_settings(tmp_path, max_learning_rate=1e13)) as client:
+        _check_skipped_steps(client, shapes)
+
+
+def _check_skipped_steps(client, shapes):
+    job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3,
+                                                   "learning_rate": 1e12}).json()
+    assert job["skipped_steps"] >= 1
+    version = 0
+    for step in job["losses"]:  # a completed step publishes the next version, a skipped one nothing
+        version += 0 if step["skipped"] else 1
+        assert step["model_version"] == version
+    assert client.version == version
+    assert client.sample("ssd_finetune_skipped_steps_total") == job["skipped_steps"]
+
+
+# ---- bad input leaves the model, its version and the queue untouched
+
+
+def test_bad_json_requests(client, unchanged, shapes):
+    items = labelled(shapes)
+    cases = [
+        ({"images": items, "steps": 0}, "steps"),
+        ({"images": items, "steps": 201}, "steps"),
+        ({"images": items, "learning_rate": -1}, "learning_rate"),
+        ({"images": items, "learning_rate": "fast"}, "learning_rate"),
+        ({"images": []}, "images"),
+        ({"images": items * 3}, "images"),
+        ({"images": [{**items[0], "labels": [0]}] if len(items[0]["labels"]) != 1 else [{**items[0], "labels": []}]},
+         "images[0].labels"),
+        ({"images": [{**items[0], "labels": [3] * len(items[0]["labels"])}]}, "images[0].labels[0]"),
+        ({"images": [{**items[0], "boxes": [[5, 5, 5, 9]] * len(items[0]["boxes"])}]}, "images[0].boxes"),
+        ({"images": [{**items[0], "boxes": [[1, 2, 3]] * len(items[0]["boxes"])}]}, "images[0].boxes[0]"),
+        ({"images": [{**items[0], "image": "aGVsbG8="}]}, "images[0].image"),
+        ({"images": items, "colour": "red"}, "colour"),
+        ({"images": items[:1]}, "images"),  # ssd-small's BatchNorm needs two images
+    ]
+    for body, field in cases:
+        assert_error(client.post("/finetune", json=body), 422, field)
+    assert_error(client.post("/finetune", content=b"{", headers={"Content-Type": "application/json"}),
+                 400, "body", "invalid_json")
+
+
+def test_bad_multipart_requests(client, unchanged, shapes):
+    files = [("images", ("0.png", png_bytes(shapes, 0), "image/png"))]
+    note = [{"boxes": shapes[0].boxes.tolist(), "labels": shapes[0].labels.tolist()}]
+    assert_error(client.post("/finetune", files=files), 422, "annotations")
+    assert_error(client.post("/finetune", files=files, data={"annotations": "[{"}), 400, "annotations")
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note * 2)}), 422, "annotations")
+    bad_label = [{**note[0], "labels": [9] * len(note[0]["labels"])}]
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(bad_label)}), 422,
+                 "annotations[0].labels[0]")
+    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note), "steps": "x"}), 422,
+                 "steps")
+    garbage = [("images", ("0.png", b"\x89PNG garbage", "image/png"))]
+    assert_error(client.post("/finetune", files=garbage, data={"annotations": json.dumps(note)}), 422, "images[0]",
+                 "invalid_image")
+
+
+# ---- token
+
+
+@pytest.fixture
+def secured(tmp_path):
+    with start_client(make_settings(tmp_path, api_token=TOKEN)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": TOKEN}])
+def test_mutating_endpoints_need_the_token(secured, shapes, headers):
+    items = labelled(shapes, (0,))
+    for method, path, body in [
+        ("POST", "/finetune", {"images": items}),
+        ("DELETE", "/finetune/whatever", None),
+        ("POST", "/model/checkpoint", None),
+        ("POST", "/model/rollback", {"version": 0}),
+        ("POST", "/model/versions/0/pin", None),
+        ("DELETE", "/model/versions/0/pin", None),
+        ("POST", "/validation", {"images": items}),
+        ("DELETE", "/validation", None),
+    ]:
+        response = secured.request(method, path, json=body, headers=headers)
+        error = assert_error(response, 401, "Authorization", "unauthorized")
+        assert response.headers["WWW-Authenticate"] == "Bearer", error
+    assert secured.version == 0
+    assert secured.sample("ssd_finetune_queue_depth") == 0
+    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "pinned": False,
+                                                                  "created": secured.get(
+        "/model/versions").json()["versions"][0]["created"]}]
+    assert secured.get("/validation").json()["images"] == 0
+
+
+def test_the_right_token_is_accepted(secured, shapes):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    job = secured.post("/finetune?wait=true", json={"images": labelled(shapes)}, headers=auth)
+    assert job.status_code == 200 and job.json()["status"] == "succeeded"
+    assert secured.post("/model/checkpoint", headers=auth).status_code == 200
+    assert secured.get(f"/finetune/{job.json()['job_id']}").status_code == 200  # reading needs no token
+    assert secured.post("/score-loss", json={"images": labelled(shapes, (0,))}).status_code == 200
+
+
+def journal_records(settings) -> list[dict]:
+    return [json.loads(line) for line in (settings.checkpoint_dir / "jobs.jsonl").read_text().splitlines()]
+
+
+def test_jobs_survive_a_restart_and_unfinished_ones_read_failed(tmp_path, shapes):
+    settings = make_settings(tmp_path, job_history=3)
+    with start_client(settings) as client:
+        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1}).json()
+        assert [r["status"] for r in journal_records(settings)] == ["queued", "running", "succeeded"]
+        assert done["checkpoint"] == {"saved": True, "version": 1, "error": None}
+    assert journal_records(settings) == [done]  # compacted on shutdown: one record per job
+    journal = settings.checkpoint_dir / "jobs.jsonl"
+    crashed = [{**done, "job_id": f"crashed-{state}", "status": state, "finished_at": None, "checkpoint": None}
+               for state in ("queued", "running")]
+    with journal.open("a") as f:  # what kill -9 leaves: last records not final, a torn last line
+        f.writelines(json.dumps(record) + "\n" for record in crashed)
+        f.write('{"job_id": "torn", "sta')
+    with start_client(settings) as client:
+        assert client.get(f"/finetune/{done['job_id']}").json() == done
+        for record in crashed:
+            job = client.get(f"/finetune/{record['job_id']}").json()
+            assert job["status"] == "failed" and job["error"].startswith("interrupted"), job
+            assert job["model_version"] == 1 and job["finished_at"] is not None
+        assert_error(client.delete("/finetune/crashed-running"), 409, "job_id", "job_finished")
+        assert_error(client.get("/finetune/torn"), 404, "job_id")
+        assert len(journal_records(settings)) == 3  # compacted at start, the torn line dropped
+        for _ in range(2):
+            client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1})
+    records = journal_records(settings)  # bounded by SSD_JOB_HISTORY: the oldest job is forgotten
+    assert len(records) == 3 and done["job_id"] not in {r["job_id"] for r in records}
+
+
+def test_a_queued_job_is_on_disk_before_the_202(client, shapes):
+    settings = client.app.state.settings
+    running = client.post("/finetune", json={"images": labelled(shapes), "steps": 200}).json()
+    queued = client.post("/finetune", json={"images": labelled(shapes), "steps": 1})
+    assert queued.status_code == 202
+    last = {r["job_id"]: r for r in journal_records(settings)}
+    assert last[queued.json()["job_id"]]["status"] == "queued"
+    assert last[running["job_id"]]["status"] in {"queued", "running"}
+    cancelled = client.delete(f"/finetune/{queued.json()['job_id']}").json()
+    last = {r["job_id"]: r for r in journal_records(settings)}
+    assert last[cancelled["job_id"]] == cancelled  # a final state is recorded before the answer
+    client.delete(f"/finetune/{running['job_id']}")
+
+
+def test_with_ema_the_served_version_is_the_average_and_a_restart_resumes_both(tmp_path, shapes):
+    settings = make_settings(tmp_path, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3}).json()
+        assert done["status"] == "succeeded" and done["model_version"] == 3
+        trainer = client.app.state.worker.trainer
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in trainer.weights().items())  # the EMA is served
+        raw = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        assert not torch.equal(served["loc.0.weight"], raw["loc.0.weight"])
+        ema = {k: v.clone() for k, v in trainer.weights().items()}
+    info = CheckpointStore(settings.checkpoint_dir).versions()[-1]
+    assert info.version == 3 and info.training_weights is not None
+    with start_client(settings) as client:
+        trainer = client.app.state.worker.trainer
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert all(torch.equal(ema[k], v) for k, v in client.app.state.host.current.model.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 3
+
+
+def test_a_rejected_job_puts_the_ema_and_the_raw_weights_back_bitwise(tmp_path, shapes, monkeypatch):
+    settings = make_settings(tmp_path, publish="gated", gate_min_images=1, ema_decay=0.9, ema_tau=1.0)
+    with start_client(settings) as client:
+        assert client.post("/validation", json={"images": labelled(shapes, (6, 7))}).status_code == 200
+        monkeypatch.setattr(app.online.gatekeeper, "decide", lambda *args: GateDecision("published"))
+        assert client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 2}).json()[
+            "status"] == "succeeded"
+        trainer = client.app.state.worker.trainer
+        ema, raw = copy.deepcopy(trainer.weights()), copy.deepcopy(trainer.module.state_dict())
+        monkeypatch.setattr(app.online.gatekeeper, "decide", lambda *args: GateDecision("rejected", reason="forced"))
+        job = client.post("/finetune?wait=true", json={"images": labelled(shapes, (2, 3)), "steps": 2}).json()
+        assert job["status"] == "rejected" and job["steps_done"] == 2, job
+        assert all(torch.equal(ema[k], v) for k, v in trainer.weights().items())
+        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
+        assert trainer.ema.updates == trainer.steps == 2
+        served = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(ema[k], v) for k, v in served.items())  # the EMA was what the gate published
+
+
+def test_job_view_pools_per_class_statistics_over_its_steps(client, shapes):
+    spy = CriterionSpy.install(client)
+    response = client.post("/finetune?wait=true", json={"images": labelled(shapes, (0, 1, 2)), "steps": 3})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert len(spy.training_outputs) == 3
+    per_class = [output.stats.per_class for output in spy.training_outputs]
+    pooled = per_class[0] + per_class[1] + per_class[2]
+    names = ["rectangle", "ellipse", "triangle"]
+    assert [row["class_name"] for row in job["per_class"]] == names
+    for got, want in zip(job["per_class"], pooled.rows(names), strict=True):
+        assert got == {key: value if key == "class_name" else pytest.approx(value, rel=1e-5, abs=1e-7)
+                       for key, value in want.items()}
+    truths = sum(len(shapes[i].boxes) for i in (0, 1, 2))
+    assert sum(row["num_ground_truth"] for row in job["per_class"]) == 3 * truths
+    assert client.get(f"/finetune/{job['job_id']}").json()["per_class"] == job["per_class"]

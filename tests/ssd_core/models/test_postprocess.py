@@ -1,0 +1,143 @@
+"""detect(): hand-worked cases and a per-class loop reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from ssd_core.models import build_model
+from ssd_core.models.postprocess import detect
+from ssd_core.ops.boxes import point_form
+from ssd_core.ops.coder import decode
+
+# three priors (cx, cy, w, h): 0 and 1 overlap (IoU 0.818), 2 is far away
+PRIORS = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.32, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])
+
+
+def run(probabilities, **kwargs):
+    """detect() on one image whose loc is zero (boxes = priors) and whose softmax is `probabilities`."""
+    conf = torch.tensor(probabilities).log()[None]  # [1, P, C]
+    return detect(torch.zeros(1, len(probabilities), 4), conf, PRIORS, **kwargs)
+
+
+def test_overlapping_boxes_of_one_class_keep_the_best():
+    # columns: background, class 0, class 1
+    (det,) = run([[0.1, 0.85, 0.05], [0.2, 0.75, 0.05], [0.6, 0.05, 0.35]], score_threshold=0.1)
+    assert det.labels.tolist() == [0, 1]
+    assert torch.allclose(det.scores, torch.tensor([0.85, 0.35]))
+    assert torch.allclose(det.boxes, point_form(PRIORS[[0, 2]]))
+
+
+def test_overlapping_boxes_of_different_classes_are_both_kept():
+    (det,) = run([[0.1, 0.85, 0.05], [0.2, 0.05, 0.75], [0.6, 0.05, 0.35]], score_threshold=0.1)
+    assert det.labels.tolist() == [0, 1, 1]
+    assert torch.allclose(det.scores, torch.tensor([0.85, 0.75, 0.35]))
+    assert torch.allclose(det.boxes, point_form(PRIORS))
+
+
+def test_threshold_and_max_detections():
+    probabilities = [[0.1, 0.85, 0.05], [0.2, 0.05, 0.75], [0.6, 0.05, 0.35]]
+    (det,) = run(probabilities, score_threshold=0.5)
+    assert torch.allclose(det.scores, torch.tensor([0.85, 0.75]))
+    (det,) = run(probabilities, score_threshold=0.1, max_detections=1)
+    assert det.labels.tolist() == [0] and torch.allclose(det.scores, torch.tensor([0.85]))
+    # the low default threshold also keeps the 0.05 scores that no same-class box suppresses
+    (det,) = run(probabilities)
+    assert det.labels.tolist() == [0, 1, 1, 0]  # (0,c0) (1,c1) (2,c1) (2,c0)
+    assert torch.allclose(det.scores, torch.tensor([0.85, 0.75, 0.35, 0.05]))  # (1,c0), (0,c1) suppressed
+
+
+def test_boxes_are_scaled_to_pixels_and_clipped():
+    priors = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.05, 0.95, 0.2, 0.2]])
+    conf = torch.tensor([[[0.1, 0.9], [0.1, 0.8]]]).log()
+    (det,) = detect(torch.zeros(1, 2, 4), conf, priors, image_sizes=[(100, 200)])  # height 100, width 200
+    expected = torch.tensor([[40.0, 20.0, 80.0, 40.0], [0.0, 85.0, 30.0, 100.0]])
+    assert torch.allclose(det.boxes, expected, atol=1e-4)
+
+
+def test_empty_result():
+    (det,) = run([[0.98, 0.01, 0.01], [0.98, 0.01, 0.01], [0.98, 0.01, 0.01]], score_threshold=0.5)
+    assert det.boxes.shape == (0, 4) and det.scores.shape == (0,) and det.labels.shape == (0,)
+    assert det.labels.dtype == torch.int64
+
+
+def test_background_column_elsewhere():
+    conf = torch.tensor([[[0.85, 0.05, 0.1], [0.05, 0.75, 0.2], [0.05, 0.35, 0.6]]]).log()
+    (det,) = detect(torch.zeros(1, 3, 4), conf, PRIORS, score_threshold=0.3, bkg_label=2)
+    assert det.labels.tolist() == [0, 1, 1]  # columns 0, 1 are object classes 0, 1
+
+
+def reference_detect(loc, conf, priors, score_threshold, nms_iou, max_detections, size):
+    """Obvious per-image, per-class loop with torchvision.ops.nms."""
+    out = []
+    for b in range(loc.shape[0]):
+        boxes = decode(loc[b], priors).clamp(0, 1)
+        probs = conf[b].softmax(-1)
+        found = []
+        for c in range(1, conf.shape[-1]):
+            mask = probs[:, c] > score_threshold
+            for i in nms(boxes[mask], probs[mask, c], nms_iou).tolist():
+                found.append((probs[mask, c][i].item(), c - 1, boxes[mask][i]))
+        found.sort(key=lambda t: -t[0])
+        found = found[:max_detections]
+        out.append(
+            (
+                torch.stack([f[2] for f in found]) * size,
+                torch.tensor([f[0] for f in found]),
+                torch.tensor([f[1] for f in found]),
+            )
+        )
+    return out
+
+
+def test_matches_per_class_loop_reference():
+    torch.manual_seed(0)
+    priors = torch.cat([torch.rand(60, 2) * 0.6 + 0.2, torch.rand(60, 2) * 0.3 + 0.1], 1)
+    loc, conf = torch.randn(2, 60, 4) * 0.5, torch.randn(2, 60, 4) * 2
+    got = detect(
+        loc, conf, priors, score_threshold=0.2, nms_iou=0.3, max_detections=15, image_sizes=[(50, 50)] * 2
+    )
+    expected = reference_detect(loc, conf, priors, 0.2, 0.3, 15, 50.0)
+    for det, (boxes, scores, labels) in zip(got, expected, strict=True):
+        assert len(det.scores) == 15
+        assert torch.allclose(det.scores, scores)
+        assert torch.equal(det.labels, labels)
+        assert torch.allclose(det.boxes, boxes, atol=1e-4)
+
+
+def test_model_output_runs_through():
+    model = build_model("ssd-small", 4).eval()
+    with torch.no_grad():
+        loc, conf, priors = model(torch.randn(2, 3, 256, 256))
+    dets = detect(loc, conf, priors, image_sizes=[(480, 640), (100, 100)])
+    assert len(dets) == 2
+    for det, (height, width) in zip(dets, [(480, 640), (100, 100)], strict=True):
+        assert 0 < len(det.scores) <= 100
+        assert (
+            (det.boxes[:, 2] <= width).all() and (det.boxes[:, 3] <= height).all() and (det.boxes >= 0).all()
+        )
+        assert ((det.labels >= 0) & (det.labels < 3)).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_sizes": [(10, 10), (10, 10)]}, "image_sizes has 2 entries"),
+        ({"image_sizes": [(0, 10)]}, r"image_sizes\[0\]"),
+        ({"bkg_label": 3}, "bkg_label"),
+        ({"score_threshold": 1.0}, "score_threshold"),
+        ({"nms_iou": 0.0}, "nms_iou"),
+        ({"max_detections": 0}, "max_detections"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run([[0.1, 0.85, 0.05], [0.2, 0.75, 0.05], [0.6, 0.05, 0.35]], **kwargs)
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="priors must have shape"):
+        detect(torch.zeros(1, 3, 4), torch.zeros(1, 3, 2), PRIORS[:2])
+    with pytest.raises(ValueError, match="conf must have shape"):
+        detect(torch.zeros(1, 3, 4), torch.zeros(1, 2, 2), PRIORS)

@@ -1,0 +1,181 @@
+"""The online-learning rules on hand-made cases: holdout by content, screening, the gate's decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssd_core.data.datasets import Sample, collate
+from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.evaluation.bootstrap import match_detections
+from ssd_core.loss.multibox import MultiBoxLoss
+from ssd_core.models import build_model
+from ssd_core.models.postprocess import Detections
+from ssd_core.online.gate import (
+    GateConfig,
+    ReferenceLine,
+    ValidationScore,
+    combine_scores,
+    decide,
+    score_images,
+    score_model,
+)
+from ssd_core.online.holdout import holdout_rank, split_holdout
+from ssd_core.online.screening import BOX_HINT, LABEL_HINT, ScreeningConfig, ScreeningHistory
+
+# ---- holdout
+
+
+def test_holdout_is_a_function_of_the_bytes_and_stable_under_resending():
+    images = [bytes([i, i + 1, 7]) * 5 for i in range(200)]
+    first = split_holdout(images, 0.1, min_train=1)
+    resent = split_holdout(list(reversed(images)), 0.1, min_train=1)  # the same images, another job order
+    held = {images[i] for i in first.held_out}
+    assert held == {images[::-1][i] for i in resent.held_out}
+    assert set(first.train) | set(first.held_out) == set(range(200)) and not set(first.train) & set(first.held_out)
+    assert 8 <= len(held) <= 35  # ~Binomial(200, 0.1)
+    assert all(holdout_rank(image) < 0.1 for image in held)
+    assert split_holdout(images, 0.0, 1).held_out == ()
+
+
+def test_a_job_left_with_too_few_training_images_trains_on_none():
+    images = [i.to_bytes(2, "little") * 9 for i in range(400)]
+    held = [im for im in images if holdout_rank(im) < 0.5]
+    kept = [im for im in images if holdout_rank(im) >= 0.5]
+    split = split_holdout([held[0], held[1], kept[0]], 0.5, min_train=2)
+    assert split.held_out == (0, 1) and split.train == ()
+    assert split_holdout([held[0], kept[0], kept[1]], 0.5, min_train=2).train == (1, 2)
+    with pytest.raises(ValueError, match=r"got 1\.0"):
+        split_holdout(images, 1.0, 1)
+
+
+# ---- screening
+
+
+def test_screening_waits_for_min_jobs_then_rejects_above_ratio_with_a_hint():
+    history = ScreeningHistory(ScreeningConfig(ratio=1.5, window=10, min_jobs=5))
+    for parts in [(1.0, 2.0), (1.1, 2.0), (0.9, 2.1), (1.0, 1.9)]:
+        assert history.judge(*parts).passed and history.judge(*parts).median is None
+        history.accept(*parts)
+    assert history.judge(9.0, 9.0).passed  # 4 jobs: not judged yet
+    history.accept(1.0, 2.2)
+    verdict = history.judge(1.0, 2.0)
+    assert verdict.passed and verdict.median == pytest.approx(3.0) and verdict.threshold == pytest.approx(4.5)
+    boxes = history.judge(7.0, 2.0)
+    assert not boxes.passed and BOX_HINT in boxes.reason and "4.500" in boxes.reason and "force" in boxes.reason
+    labels = history.judge(1.0, 5.0)
+    assert not labels.passed and LABEL_HINT in labels.reason
+    assert not history.judge(float("nan"), 1.0).passed
+
+
+def test_screening_window_forgets_old_jobs():
+    history = ScreeningHistory(ScreeningConfig(ratio=2.0, window=5, min_jobs=5), [(10.0, 10.0)] * 5)
+    assert history.judge(30.0, 0.0).passed
+    for _ in range(5):
+        history.accept(1.0, 1.0)
+    assert len(history) == 5 and not history.judge(3.0, 2.0).passed
+
+
+def test_screening_config_checks():
+    with pytest.raises(ValueError, match=r"ratio must be > 1, got 1\.0"):
+        ScreeningConfig(ratio=1.0)
+    with pytest.raises(ValueError, match="min_jobs=6, window=5"):
+        ScreeningConfig(window=5, min_jobs=6)
+
+
+# ---- the gate
+
+
+def _score(samples: list[Sample], detections: list[Detections]) -> ValidationScore:
+    from ssd_core.evaluation.mean_ap import average_precision_50
+
+    map_50, per_class = average_precision_50(detections, samples)
+    return ValidationScore(map_50, 1.0, per_class, match_detections(detections, samples, 3))
+
+
+def _case(images: int, damage: float, seed: int = 0) -> tuple[ValidationScore, ValidationScore]:
+    """Served: detections = truths with small jitter; candidate: a fraction `damage` of images wrongly labelled."""
+    g = torch.Generator().manual_seed(seed)
+    samples, good, bad = [], [], []
+    for i in range(images):
+        boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 95.0]])
+        labels = torch.tensor([i % 3, (i + 1) % 3])
+        samples.append(Sample(torch.zeros(3, 100, 100, dtype=torch.uint8), boxes, labels, torch.zeros(2, dtype=torch.bool)))
+        jitter = boxes + torch.randn(2, 4, generator=g)
+        scores = torch.tensor([0.9, 0.8])
+        good.append(Detections(jitter, scores, labels))
+        wrong = torch.rand(1, generator=g).item() < damage
+        bad.append(Detections(jitter, scores, (labels + 1) % 3 if wrong else labels))
+    return _score(samples, good), _score(samples, bad)
+
+
+def test_gate_publishes_an_equal_candidate_and_rejects_a_damaged_one():
+    config = GateConfig(tolerance=0.02, noise_z=2.0, min_images=10, resamples=100)
+    served, same = _case(40, damage=0.0)
+    assert decide(served, same, 40, config).decision == "published"
+    served, damaged = _case(40, damage=0.6)
+    decision = decide(served, damaged, 40, config)
+    assert decision.decision == "rejected" and decision.delta < -decision.margin
+    assert "below the reference version's" in decision.reason and decision.margin >= 0.02
+
+
+def test_gate_margin_widens_with_noise_of_a_small_set():
+    config = GateConfig(tolerance=0.0, noise_z=2.0, min_images=5, resamples=200)
+    small = decide(*_case(10, damage=0.2, seed=1), 10, config)
+    large = decide(*_case(200, damage=0.2, seed=1), 200, config)
+    assert small.noise > large.noise > 0
+    assert GateConfig(resamples=0).min_images == 10 and decide(*_case(12, 0.2), 12, GateConfig(resamples=0)).noise == 0
+
+
+def test_gate_is_ungated_below_min_images():
+    served, damaged = _case(9, damage=1.0)
+    decision = decide(served, damaged, 9, GateConfig(min_images=10))
+    assert decision.decision == "ungated" and "9 validation images" in decision.reason
+
+
+def test_score_model_reports_map_loss_and_leaves_the_mode():
+    torch.manual_seed(0)
+    model = build_model("ssd-small", 4)
+    model.train()
+    samples = [ShapesDataset(4, image_size=64, seed=1)[i] for i in range(4)]
+    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    score = score_model(model, samples, criterion, num_classes=3, batch_size=3)
+    assert model.training
+    assert 0.0 <= score.map_50 <= 1.0 and score.loss > 0
+    assert set(score.per_class) <= {0, 1, 2} and score.matched.truths.shape == (4, 3)
+    with pytest.raises(ValueError, match="empty validation set"):
+        score_model(model, [], criterion, num_classes=3)
+
+
+def test_a_score_combined_from_parts_scored_apart_equals_the_whole_sets():
+    """Per-image parts do not depend on the batch they ran in: the set scored at once (the slow reference:
+    one batch, the loss as MultiBoxLoss over it) equals parts scored in other batches, in pieces."""
+    torch.manual_seed(0)
+    model = build_model("ssd-small", 4).eval()
+    samples = [ShapesDataset(7, image_size=64, seed=2)[i] for i in range(7)]
+    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    whole = score_model(model, samples, criterion, num_classes=3, batch_size=7)
+    parts = score_images(model, samples[:3], criterion, batch_size=2) + score_images(model, samples[3:], criterion)
+    combined = combine_scores(parts, samples, 3)
+    assert combined.map_50 == pytest.approx(whole.map_50, abs=1e-6) and combined.per_class == pytest.approx(whole.per_class)
+    assert combined.loss == pytest.approx(whole.loss, rel=1e-5)
+    images, targets = collate(samples, model.spec)
+    with torch.no_grad():
+        loss_l, loss_c = criterion(model(images), targets)
+    assert whole.loss == pytest.approx(float(loss_l + loss_c), rel=1e-5)
+
+
+def test_reference_line_keeps_the_best_published_version_so_losses_cannot_add_up():
+    served, _ = _case(12, damage=0.0)
+
+    def scored(map_50: float) -> ValidationScore:
+        return ValidationScore(map_50, 1.0, {}, served.matched)
+
+    line = ReferenceLine()
+    assert line.reference(3, scored(0.50), "d1")[0] == 3  # a new line starts at the served version
+    line.published(4, scored(0.49), "d1")  # a little worse: published, but not the reference
+    assert line.reference(4, scored(0.49), "d1")[0] == 3
+    line.published(5, scored(0.52), "d1")
+    assert line.reference(5, scored(0.52), "d1")[0] == 5
+    assert line.reference(5, scored(0.40), "d2")[0] == 5  # another validation set: a new line
+    assert line.reference(2, scored(0.10), "d2")[0] == 2  # a rollback to a version outside the line
