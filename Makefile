@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layering of docs/ARCHITECTURE.md)
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Unit tests first, then the tests that drive real outside tools (Prometheus, promtool, docker-compose,
 # schemathesis) against a live server, under their own time limit.

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssd_core import VOC_300, MultiBoxLoss, point_form, prior_boxes  # noqa: E402
-from tests.ssd_core.loss.ssd_pytorch_reference import seed_multibox_loss  # noqa: E402
+from tests.ssd_core.loss.ssd_pytorch_reference import ssd_pytorch_multibox_loss  # noqa: E402
 from tests.ssd_core.random_data import random_predictions, random_targets  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def bench_case(batch: int, num_classes: int, repeats: int, priors, baseline: typ
     generator = torch.Generator().manual_seed(batch * 1000 + num_classes)
     targets = random_targets(batch, 8, num_classes, generator, allow_empty=False)
     loc, conf = random_predictions(batch, len(priors), num_classes, generator)
-    ours = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False)
+    ours = MultiBoxLoss.ssd_pytorch(num_classes)
     tv_model, anchors_xyxy = torchvision_ssd(num_classes), point_form(priors)
 
     def compute_no_grad():
@@ -97,7 +97,7 @@ def bench_case(batch: int, num_classes: int, repeats: int, priors, baseline: typ
 
     methods = {
         "ours": (lambda: ours((loc, conf, priors), targets), True),
-        "seed": (lambda: seed_multibox_loss(loc, conf, priors, targets, num_classes), True),
+        "seed": (lambda: ssd_pytorch_multibox_loss(loc, conf, priors, targets, num_classes), True),
         "torchvision": (lambda: torchvision_loss(tv_model, loc, conf, anchors_xyxy, targets), True),
         "ours_no_grad": (compute_no_grad, False),
     }

@@ -87,7 +87,7 @@ def run_variant(
     config, ratio = VARIANTS[name]
     torch.manual_seed(0)
     model = build_model("ssd-small", ShapesDataset.num_classes)
-    criterion = MultiBoxLoss(ShapesDataset.num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=False)
+    criterion = MultiBoxLoss.ssd_pytorch(ShapesDataset.num_classes, use_gpu=False)
     trainer = Trainer(model, criterion, config, "cpu")
     averages = {f"{name}-ema{c.decay}-tau{c.tau:g}": ModelEMA(trainer.module, c) for c in emas}
     train = ShapesDataset(IMAGES_PER_JOB * jobs, seed=0, split="train")

@@ -167,7 +167,7 @@ def overhead_run(url: str, batch: int, repeats: int) -> dict[str, list[float]]:
     Returns the milliseconds of each: request, server, loss."""
     loc, conf, targets = random_batch(batch)
     priors = prior_boxes(VOC_300)
-    criterion = MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(NUM_CLASSES)
     body = safetensors.torch.save({"loc": loc, "conf": conf, "targets": targets})
     times: dict[str, list[float]] = {"request": [], "server": [], "loss": []}
     with httpx.Client(base_url=url, timeout=600, headers={"Content-Type": "application/octet-stream"}) as http:

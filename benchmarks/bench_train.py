@@ -71,7 +71,7 @@ def throughput(args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     num_classes = 21
     model = build_model(args.model, num_classes)
-    criterion = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=device.type == "cuda")
+    criterion = MultiBoxLoss.ssd_pytorch(num_classes, use_gpu=device.type == "cuda")
     trainer = Trainer(model, criterion, TrainConfig(lr=1e-3, amp=args.amp), device)
     images, targets = _random_batch(args.batch_size, model.spec.image_size, device)
     for _ in range(args.warmup_steps):

@@ -300,7 +300,7 @@ def start_worker(
 ) -> FinetuneWorker:
     """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
     from `checkpoint`, and start the trainer thread."""
-    criterion = MultiBoxLoss(settings.num_classes, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(settings.num_classes)
     trainer = Trainer(model, criterion, train_config(settings), host.device)
     saved_version = None
     if checkpoint is not None:

@@ -1,6 +1,6 @@
 """Batched prior/truth matching on padded targets: no Python loop over images or truths.
 
-Per image the seed's rule (ssd.pytorch `match`): every prior takes the truth it overlaps most and is
+Per image ssd.pytorch's rule (its `match`): every prior takes the truth it overlaps most and is
 positive when that IoU >= `threshold`; then each truth claims its best prior whatever the IoU (the
 forced step; when two truths share a best prior the later truth wins). `match_type="bipartite"`
 replaces the forced step with Caffe SSD's greedy bipartite matching: repeatedly the globally best
@@ -68,7 +68,7 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
             rows, as `pairwise_iou` returns.
         valid (Tensor[B, M] bool): real (non-padding) truths.
         threshold: IoU at or above which a prior is matched to its best truth.
-        match_type: "per_prediction" (the seed's forced step) or "bipartite" (Caffe's greedy step).
+        match_type: "per_prediction" (ssd.pytorch's forced step) or "bipartite" (Caffe's greedy step).
 
     Returns:
         MatchResult.

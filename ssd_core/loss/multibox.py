@@ -4,7 +4,7 @@ L = (L_conf + alpha * L_loc) / N with N = max(1, positives in the batch). Per im
 truths (`ssd_core.loss.matching`), Smooth L1 on the positives' encoded offsets, cross-entropy on the
 positives plus negatives (hard-mined at `neg_pos` negatives per positive, or all eligible ones).
 
-Rules beyond the seed, following Caffe's MultiBoxLossParameter:
+Rules beyond ssd.pytorch, following Caffe's MultiBoxLossParameter:
   * a prior is eligible as a negative only if unmatched and its best IoU with any truth is below
     `neg_overlap`; unmatched priors at or above it are ignored;
   * difficult truths (6th target column != 0) take part in matching, but priors matched to them are
@@ -57,7 +57,7 @@ class _Selection(NamedTuple):
 
 
 class MultiBoxLoss(nn.Module):
-    """SSD multibox loss with the seed's constructor.
+    """SSD multibox loss with ssd.pytorch's constructor (`MultiBoxLoss.ssd_pytorch`: its default arguments).
 
     Args:
         num_classes: columns of conf, background included.
@@ -74,7 +74,7 @@ class MultiBoxLoss(nn.Module):
         use_gpu: accepted for compatibility; computation follows the device of the inputs.
         variance: (center, size) variances of the box coder.
         loc_weight: alpha, the weight of the loc loss.
-        match_type: "per_prediction" (the seed: forced best prior per truth, later truth wins, then the
+        match_type: "per_prediction" (ssd.pytorch: forced best prior per truth, later truth wins, then the
             threshold) or "bipartite" (Caffe's greedy bipartite step, then the threshold).
     """
 
@@ -109,11 +109,23 @@ class MultiBoxLoss(nn.Module):
         self.loc_weight = float(loc_weight)
         self.match_type = match_type
 
+    @classmethod
+    def ssd_pytorch(cls, num_classes: int, **options) -> MultiBoxLoss:
+        """ssd.pytorch's training criterion, `MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False)`:
+        overlap_thresh 0.5, matching against the priors, background label 0, hard negative mining at 3
+        negatives per positive, neg_overlap 0.5, no encode_target.
+
+        Args:
+            num_classes: columns of conf, background included.
+            options: `use_gpu` and the keyword-only options (`variance`, `loc_weight`, `match_type`).
+        """
+        return cls(num_classes, 0.5, True, 0, True, 3, 0.5, False, **options)
+
     def forward(
         self, predictions: tuple[Tensor, Tensor, Tensor], targets: Tensor | Sequence[Tensor],
         class_mask: Tensor | None = None,
     ):
-        """The seed's interface: `(loss_l, loss_c)`; see `compute`."""
+        """ssd.pytorch's interface: `(loss_l, loss_c)`; see `compute`."""
         output = self.compute(predictions, targets, class_mask)
         return output.loss_l, output.loss_c
 
@@ -275,7 +287,7 @@ class MultiBoxLoss(nn.Module):
     def _mine(self, background_log_prob: Tensor, num_positives: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
         """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
         log-probability), one topk for the whole batch; num_neg = min(neg_pos * positives, P - 1) per
-        image, as in the seed.
+        image, as in ssd.pytorch.
 
         Args:
             background_log_prob (Tensor[B, P]); num_positives (Tensor[B] long); eligible (Tensor[B, P] bool).

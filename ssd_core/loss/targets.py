@@ -1,6 +1,6 @@
 """Ground-truth target tensors: padding a batch to [B, M, 6] and validating it.
 
-Row layout (the seed's targets plus an optional flag): (x1, y1, x2, y2, label, difficult), boxes in
+Row layout (ssd.pytorch's targets plus an optional flag): (x1, y1, x2, y2, label, difficult), boxes in
 normalised point form, label a 0-based object class not counting background, difficult != 0 marking a
 box whose priors are neither positives nor negatives. Rows with label < 0 are padding.
 """

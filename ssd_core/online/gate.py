@@ -37,8 +37,8 @@ from ssd_core.evaluation.bootstrap import (
     match_detections,
     resampled_map_50,
 )
+from ssd_core.loss.criterion import LossCriterion
 from ssd_core.models.postprocess import Detections, detect
-from ssd_core.training.trainer import LossCriterion
 
 __all__ = [
     "GateConfig", "GateDecision", "ImageScore", "ReferenceLine", "ValidationScore", "combine_scores", "decide",

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
+from ssd_core.loss.criterion import LossCriterion
 from ssd_core.loss.multibox import LossOutput
 from ssd_core.loss.stats import ClassStats, MatchStats
-from ssd_core.training.trainer import LossCriterion, TrainConfig, Trainer
+from ssd_core.training.trainer import TrainConfig, Trainer
 
 __all__ = [
     "DistributedContext",

@@ -22,15 +22,16 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ssd_core.loss.criterion import LossCriterion
 from ssd_core.loss.stats import MatchStats
 from ssd_core.training.ema import EMAConfig, ModelEMA
 
-__all__ = ["LossCriterion", "StepResult", "TrainConfig", "Trainer", "TrainerState"]
+__all__ = ["StepResult", "TrainConfig", "Trainer", "TrainerState"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +116,6 @@ class TrainerState(NamedTuple):
     weights: dict[str, Tensor]
     optimizer_state: dict[str, Any]
     training_weights: dict[str, Tensor] | None
-
-
-class LossCriterion(Protocol):
-    """What the trainer needs from `MultiBoxLoss`."""
-
-    def compute(
-        self, predictions: tuple[Tensor, Tensor, Tensor], targets: Any, class_mask: Tensor | None = None
-    ) -> Any:
-        """-> LossOutput(loss_l, loss_c, stats)."""
 
 
 def _same_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:

@@ -149,7 +149,7 @@ def trained_weights(tmp_path_factory) -> Path:
     """safetensors of ssd-small after 60 steps on the OVERFIT images (~20 s on one core, once per session)."""
     torch.manual_seed(0)
     model = build_model("ssd-small", 4)
-    trainer = Trainer(model, MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False),
+    trainer = Trainer(model, MultiBoxLoss.ssd_pytorch(4),
                       TrainConfig(lr=0.05, warmup_steps=10, clip_grad_norm=10.0), "cpu")
     images, targets = collate([OVERFIT[i] for i in range(len(OVERFIT))], model.spec)
     for _ in range(60):

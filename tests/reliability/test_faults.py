@@ -46,7 +46,7 @@ def test_trainer_verify_update_undoes_a_wrecking_step_bitwise():
     torch.manual_seed(0)
     model = build_model("ssd-small", 4)
     images, targets = collate([SHAPES[0], SHAPES[1]], model.spec)  # [2, 3, S, S], list[[n, 6]]
-    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(4)
     trainer = Trainer(model, criterion, TrainConfig(lr=1e-3, verify_update=True), "cpu")
     assert not trainer.step(images, targets).skipped  # an ordinary step: momentum buffers now exist
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -65,7 +65,7 @@ def test_trainer_without_verify_update_lets_the_wrecking_step_through():
     torch.manual_seed(0)
     model = build_model("ssd-small", 4)
     images, targets = collate([SHAPES[0], SHAPES[1]], model.spec)
-    trainer = Trainer(model, MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False), TrainConfig(lr=1e-3), "cpu")
+    trainer = Trainer(model, MultiBoxLoss.ssd_pytorch(4), TrainConfig(lr=1e-3), "cpu")
     assert not trainer.step(images, targets, lr=WRECKING_LR).skipped
     assert trainer.step(images, targets).skipped  # every later step is non-finite
 

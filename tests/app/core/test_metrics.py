@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.core.metrics import IOU_BUCKETS, Metrics, record_match_stats
 from ssd_core import VOC_300, MultiBoxLoss, prior_boxes
 
-ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
+ARCHITECTURE = Path(__file__).resolve().parents[3] / "docs" / "ARCHITECTURE.md"
 
 
 def contract() -> dict[str, tuple[str, set[str]]]:
@@ -62,7 +62,7 @@ def test_record_match_stats_against_the_loss():
     conf = torch.randn(3, priors.shape[0], 5, generator=g)
     targets = [torch.tensor([[0.1, 0.1, 0.5, 0.6, 0.0], [0.4, 0.3, 0.9, 0.9, 3.0]]),
                torch.tensor([[0.2, 0.2, 0.3, 0.25, 1.0]]), torch.zeros(0, 5)]
-    output = MultiBoxLoss(5, 0.5, True, 0, True, 3, 0.5, False).compute((loc, conf, priors), targets)
+    output = MultiBoxLoss.ssd_pytorch(5).compute((loc, conf, priors), targets)
     metrics = Metrics(CollectorRegistry())
     record_match_stats(metrics, "score", output)
     record_match_stats(metrics, "score", output)
@@ -128,7 +128,7 @@ def test_per_class_counters_after_known_batches():
                      torch.tensor([[0.2, 0.2, 0.3, 0.25, 0.0]])],
                     [torch.tensor([[0.05, 0.5, 0.2, 0.6, 1.0]]), torch.tensor([[0.6, 0.1, 0.9, 0.7, 3.0]])]):
         loc, conf = torch.randn(2, len(priors), 4, generator=g), torch.randn(2, len(priors), 5, generator=g)
-        outputs.append(MultiBoxLoss(5, 0.5, True, 0, True, 3, 0.5, False).compute((loc, conf, priors), targets))
+        outputs.append(MultiBoxLoss.ssd_pytorch(5).compute((loc, conf, priors), targets))
         record_match_stats(metrics, "score", outputs[-1])
     record_match_stats(metrics, "finetune", outputs[0])
     first, second = (output.stats.per_class for output in outputs)
@@ -154,7 +154,7 @@ def test_per_class_series_are_bounded_by_the_classes():
     assert len(samples) == 6 * 20 * 2
     assert {s.labels["source"] for s in samples} == {"score", "finetune"}
     unnamed = Metrics(CollectorRegistry())  # labels beyond the names read class_<label>
-    output = MultiBoxLoss(3, 0.5, True, 0, True, 3, 0.5, False).compute(
+    output = MultiBoxLoss.ssd_pytorch(3).compute(
         (torch.zeros(1, 8732, 4), torch.zeros(1, 8732, 3), prior_boxes(VOC_300)),
         [torch.tensor([[0.1, 0.1, 0.5, 0.5, 1.0]])])
     record_match_stats(unnamed, "score", output)

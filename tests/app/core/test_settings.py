@@ -67,7 +67,7 @@ def test_start_warns_when_listening_beyond_loopback_without_a_token(caplog, host
 
 
 def test_make_serve_listens_on_loopback_by_default():
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[3] / "Makefile").read_text()
     assert re.search(r"^SSD_HOST \?= 127\.0\.0\.1\b", makefile, re.MULTILINE)
     assert "SSD_HOST=$(SSD_HOST)" in makefile
 

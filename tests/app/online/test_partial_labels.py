@@ -59,7 +59,7 @@ def test_image_form_equals_the_masked_loss_of_the_served_model(client, shapes):
     images, targets = collate([shapes[0], shapes[1]], host.spec)
     with torch.inference_mode():
         loc, conf, priors = host.predict(images, host.current)
-    criterion = MultiBoxLoss(NUM_CLASSES, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(NUM_CLASSES)
     mask = labelled_class_mask([items[0]["labelled_classes"], None], NUM_CLASSES)
     assert_losses(response.json(), criterion.compute((loc, conf, priors), targets, mask))
     plain = client.post("/score-loss", json={"images": labelled(shapes)}).json()

@@ -1,10 +1,10 @@
-"""The seed's MultiBoxLoss (ssd.pytorch), transcribed per image as the slow reference.
+"""ssd.pytorch's MultiBoxLoss, transcribed per image as the slow reference.
 
 Plain transcription of ../shared/seed/MultiBoxLoss.md with its helpers (point_form, jaccard, encode,
 log_sum_exp from ssd.pytorch's box_utils), modernised only where old torch APIs are gone
 (`Variable`, `size_average=False` -> `reduction="sum"`). Deliberate fixes:
-  * loss_c is reshaped to [B, P] before zeroing the positives (the known seed bug);
-  * an image without truths gets conf_t = 0 everywhere (the seed crashes on max over 0 truths);
+  * loss_c is reshaped to [B, P] before zeroing the positives (the known ssd.pytorch bug);
+  * an image without truths gets conf_t = 0 everywhere (ssd.pytorch crashes on max over 0 truths);
   * tensors are created on the inputs' device and dtype instead of `torch.Tensor`/`.cuda()`.
 Used by the parity tests and by benchmarks/bench_loss.py. Deliberately independent of ssd_core.
 """
@@ -66,9 +66,9 @@ def log_sum_exp(x):
     return torch.log(torch.sum(torch.exp(x - x_max), 1, keepdim=True)) + x_max
 
 
-def seed_multibox_loss(loc_data, conf_data, priors, targets, num_classes, threshold=0.5, negpos_ratio=3,
-                       variance=(0.1, 0.2)):
-    """The seed's forward with its default arguments; targets: list of B Tensor[n_i, 5]."""
+def ssd_pytorch_multibox_loss(loc_data, conf_data, priors, targets, num_classes, threshold=0.5, negpos_ratio=3,
+                              variance=(0.1, 0.2)):
+    """ssd.pytorch's forward with its default arguments; targets: list of B Tensor[n_i, 5]."""
     num = loc_data.size(0)
     priors = priors[: loc_data.size(1), :]
     num_priors = priors.size(0)

@@ -1,4 +1,4 @@
-"""Batched matching against per-element loops: the seed's rule and Caffe's greedy bipartite step."""
+"""Batched matching against per-element loops: ssd.pytorch's rule and Caffe's greedy bipartite step."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ssd_core.ops.boxes import point_form
 from tests.ssd_core.random_data import random_boxes, small_priors
 
 
-def loop_match_seed(iou, valid, threshold):
-    """The seed's rule per image and truth, written with plain loops."""
+def loop_match_ssd_pytorch(iou, valid, threshold):
+    """ssd.pytorch's rule per image and truth, written with plain loops."""
     batch, _, num_priors = iou.shape
     truth_idx = torch.zeros(batch, num_priors, dtype=torch.long)
     matched = torch.zeros(batch, num_priors, dtype=torch.bool)
@@ -72,7 +72,7 @@ def random_case(seed, batch=4, max_truths=5):
 def test_batched_match_equals_loop(seed, match_type):
     iou, valid = random_case(seed)
     result = match(iou, valid, 0.5, match_type)
-    reference = loop_match_seed if match_type == "per_prediction" else loop_match_bipartite
+    reference = loop_match_ssd_pytorch if match_type == "per_prediction" else loop_match_bipartite
     truth_idx, matched = reference(iou, valid, 0.5)
     assert torch.equal(result.matched, matched)
     assert torch.equal(result.truth_idx[matched], truth_idx[matched])
@@ -81,7 +81,7 @@ def test_batched_match_equals_loop(seed, match_type):
 
 
 def test_later_truth_wins_a_shared_best_prior():
-    # two truths whose best prior is the same single prior: the seed gives it to the later truth
+    # two truths whose best prior is the same single prior: ssd.pytorch gives it to the later truth
     priors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
     truths = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.0, 0.0, 0.2, 0.2]]])
     iou = pairwise_iou(truths, torch.ones(1, 2, dtype=torch.bool), priors)

@@ -1,4 +1,4 @@
-"""MultiBoxLoss: parity with the seed's per-image algorithm, options, edge cases, dtypes, properties."""
+"""MultiBoxLoss: parity with ssd.pytorch's per-image algorithm, options, edge cases, dtypes, properties."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssd_core import VOC_300, LossOutput, MultiBoxLoss, center_size, encode, prior_boxes
-from tests.ssd_core.loss.ssd_pytorch_reference import seed_multibox_loss
+from tests.ssd_core.loss.ssd_pytorch_reference import ssd_pytorch_multibox_loss
 from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
-
-SEED_ARGS = (0.5, True, 0, True, 3, 0.5, False)
-
-
-def seed_criterion(num_classes: int, **options) -> MultiBoxLoss:
-    return MultiBoxLoss(num_classes, *SEED_ARGS, **options)
-
 
 def losses_and_grads(loss_fn, loc, conf):
     loc.grad = conf.grad = None
@@ -29,32 +22,47 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-def assert_seed_parity(priors, targets, num_classes, generator):
+def assert_ssd_pytorch_parity(priors, targets, num_classes, generator):
     loc, conf = random_predictions(len(targets), len(priors), num_classes, generator)
-    criterion = seed_criterion(num_classes)
+    criterion = MultiBoxLoss.ssd_pytorch(num_classes)
     ours = losses_and_grads(lambda: criterion((loc, conf, priors), targets), loc, conf)
-    seed = losses_and_grads(lambda: seed_multibox_loss(loc, conf, priors, targets, num_classes), loc, conf)
-    for actual, expected in zip(ours, seed, strict=True):
+    reference = losses_and_grads(
+        lambda: ssd_pytorch_multibox_loss(loc, conf, priors, targets, num_classes), loc, conf
+    )
+    for actual, expected in zip(ours, reference, strict=True):
         assert_close(actual, expected)
     return ours
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_seed_parity_small_priors(seed):
+def test_ssd_pytorch_parity_small_priors(seed):
     generator = torch.Generator().manual_seed(seed)
     num_classes = (3, 5, 21)[seed % 3]
     targets = random_targets(1 + seed % 5, 6, num_classes, generator, allow_empty=seed % 4 != 0)
-    if all(len(t) == 0 for t in targets):  # the seed divides by N = 0
+    if all(len(t) == 0 for t in targets):  # ssd.pytorch divides by N = 0
         targets[0] = random_targets(1, 3, num_classes, generator, allow_empty=False)[0]
-    loss_l, loss_c, _, _ = assert_seed_parity(small_priors(), targets, num_classes, generator)
+    loss_l, loss_c, _, _ = assert_ssd_pytorch_parity(small_priors(), targets, num_classes, generator)
     assert loss_l > 0 and loss_c > 0
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_seed_parity_voc300_priors(seed):
+def test_ssd_pytorch_parity_voc300_priors(seed):
     generator = torch.Generator().manual_seed(100 + seed)
     targets = random_targets(3, 8, 21, generator, allow_empty=False)
-    assert_seed_parity(prior_boxes(VOC_300), targets, 21, generator)
+    assert_ssd_pytorch_parity(prior_boxes(VOC_300), targets, 21, generator)
+
+
+@pytest.mark.parametrize("options", [{}, {"use_gpu": False, "match_type": "bipartite", "loc_weight": 2.0}])
+def test_ssd_pytorch_constructor_is_the_explicit_default_spelling(options):
+    named = MultiBoxLoss.ssd_pytorch(5, **options)
+    explicit = MultiBoxLoss(5, 0.5, True, 0, True, 3, 0.5, False, **options)
+    assert vars(named) == vars(explicit)
+    generator = torch.Generator().manual_seed(21)
+    priors = small_priors()
+    targets = random_targets(3, 4, 5, generator, allow_empty=False)
+    loc, conf = random_predictions(3, len(priors), 5, generator)
+    for got, want in zip(named((loc, conf, priors), targets), explicit((loc, conf, priors), targets), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_padded_tensor_targets_equal_list_targets():
@@ -65,7 +73,7 @@ def test_padded_tensor_targets_equal_list_targets():
     for b, t in enumerate(targets):
         padded[b, : len(t)] = t
     loc, conf = random_predictions(4, len(priors), 7, generator)
-    criterion = seed_criterion(7)
+    criterion = MultiBoxLoss.ssd_pytorch(7)
     from_list = losses_and_grads(lambda: criterion((loc, conf, priors), targets), loc, conf)
     from_padded = losses_and_grads(lambda: criterion((loc, conf, priors), padded), loc, conf)
     for a, b in zip(from_list, from_padded, strict=True):
@@ -77,7 +85,7 @@ def test_compute_returns_stats_consistent_with_the_losses():
     priors = small_priors()
     targets = random_targets(5, 4, 5, generator)
     loc, conf = random_predictions(5, len(priors), 5, generator)
-    output = seed_criterion(5).compute((loc, conf, priors), targets)
+    output = MultiBoxLoss.ssd_pytorch(5).compute((loc, conf, priors), targets)
     assert isinstance(output, LossOutput)
     stats = output.stats
     per_image = stats.per_image()
@@ -244,7 +252,7 @@ def test_bipartite_gives_each_truth_its_own_prior():
     targets = [torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.0], [0.0, 0.0, 0.2, 0.2, 1.0]])]
     loc = torch.zeros(1, 3, 4, requires_grad=True)
     conf = torch.zeros(1, 3, 3, requires_grad=True)
-    # seed rule at threshold 0.7: both truths' best prior is pA, the later truth (class 2) takes it
+    # ssd.pytorch's rule at threshold 0.7: both truths' best prior is pA, the later truth (class 2) takes it
     positive, _, output = selected(criterion(overlap=0.7), loc, conf, targets, priors)
     assert positive == [0] and conf.grad[0, 0].argmin().item() == 2
     assert output.stats.num_forced_matches.tolist() == [2]
@@ -284,7 +292,7 @@ def test_image_without_boxes_contributes_nothing():
     priors = small_priors()
     targets = random_targets(1, 4, 5, generator, allow_empty=False)
     loc, conf = random_predictions(2, len(priors), 5, generator)
-    crit = seed_criterion(5)
+    crit = MultiBoxLoss.ssd_pytorch(5)
     both = losses_and_grads(lambda: crit((loc, conf, priors), [targets[0], torch.zeros(0, 5)]), loc, conf)
     alone = losses_and_grads(lambda: crit((loc[:1], conf[:1], priors), targets), loc, conf)
     assert_close(both[0], alone[0])
@@ -301,25 +309,25 @@ def test_batch_without_boxes_gives_zero_loss_and_zero_gradients(options):
     loc, conf = random_predictions(3, len(priors), 4, generator)
     for targets in ([torch.zeros(0, 5)] * 3, torch.full((3, 2, 5), -1.0)):
         loss_l, loss_c, loc_grad, conf_grad = losses_and_grads(
-            lambda t=targets: seed_criterion(4, **options)((loc, conf, priors), t), loc, conf
+            lambda t=targets: MultiBoxLoss.ssd_pytorch(4, **options)((loc, conf, priors), t), loc, conf
         )
         assert loss_l.item() == 0 and loss_c.item() == 0
         assert torch.equal(loc_grad, torch.zeros_like(loc)) and torch.equal(conf_grad, torch.zeros_like(conf))
 
 
-def test_per_row_log_sum_exp_does_not_underflow_where_the_seed_does():
+def test_per_row_log_sum_exp_does_not_underflow_where_ssd_pytorch_does():
     generator = torch.Generator().manual_seed(13)
     priors = small_priors()
     targets = random_targets(2, 3, 4, generator, allow_empty=False)
     loc, conf = random_predictions(2, len(priors), 4, generator)
     with torch.no_grad():
-        conf[1, 0, 1] = 500.0  # one huge logit: the seed's single global max underflows every other row
-    _, loss_c = seed_criterion(4)((loc, conf, priors), targets)
-    _, seed_c = seed_multibox_loss(loc, conf, priors, targets, 4)
-    # float64 keeps exp(x - 500) representable, so there the seed's mining is still right
-    _, seed_c64 = seed_multibox_loss(loc.double(), conf.double(), priors.double(), targets, 4)
-    assert loss_c.item() == pytest.approx(seed_c64.item(), rel=1e-5)
-    assert seed_c.item() != pytest.approx(seed_c64.item(), rel=1e-3)  # float32 seed mined -inf rows
+        conf[1, 0, 1] = 500.0  # one huge logit: ssd.pytorch's single global max underflows every other row
+    _, loss_c = MultiBoxLoss.ssd_pytorch(4)((loc, conf, priors), targets)
+    _, reference_c = ssd_pytorch_multibox_loss(loc, conf, priors, targets, 4)
+    # float64 keeps exp(x - 500) representable, so there ssd.pytorch's mining is still right
+    _, reference_c64 = ssd_pytorch_multibox_loss(loc.double(), conf.double(), priors.double(), targets, 4)
+    assert loss_c.item() == pytest.approx(reference_c64.item(), rel=1e-5)
+    assert reference_c.item() != pytest.approx(reference_c64.item(), rel=1e-3)  # float32 ssd.pytorch mined -inf rows
 
 
 @pytest.mark.parametrize(
@@ -337,7 +345,7 @@ def test_invalid_boxes_raise_naming_image_and_box(box, message):
     loc, conf = torch.zeros(2, len(priors), 4), torch.zeros(2, len(priors), 3)
     targets = [torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.0]]), torch.tensor([[*box, 1.0]])]
     with pytest.raises(ValueError, match=message):
-        seed_criterion(3)((loc, conf, priors), targets)
+        MultiBoxLoss.ssd_pytorch(3)((loc, conf, priors), targets)
 
 
 @pytest.mark.parametrize("label", [-0.5, 2.0, 1.5])
@@ -345,20 +353,20 @@ def test_label_outside_the_classes_raises(label):
     priors = small_priors()
     loc, conf = torch.zeros(1, len(priors), 4), torch.zeros(1, len(priors), 3)
     with pytest.raises(ValueError, match=r"targets\[0\]\[0\]: label"):
-        seed_criterion(3)((loc, conf, priors), [torch.tensor([[0.1, 0.1, 0.3, 0.3, label]])])
+        MultiBoxLoss.ssd_pytorch(3)((loc, conf, priors), [torch.tensor([[0.1, 0.1, 0.3, 0.3, label]])])
 
 
 def test_negative_labels_are_padding_in_padded_tensors():
     priors = small_priors()
     loc, conf = torch.zeros(1, len(priors), 4), torch.zeros(1, len(priors), 3)
-    output = seed_criterion(3).compute((loc, conf, priors), torch.tensor([[[0.1, 0.1, 0.3, 0.3, -1.0]]]))
+    output = MultiBoxLoss.ssd_pytorch(3).compute((loc, conf, priors), torch.tensor([[[0.1, 0.1, 0.3, 0.3, -1.0]]]))
     assert output.stats.num_ground_truth.tolist() == [0]
 
 
 def test_shape_errors_name_the_tensor():
     priors = small_priors()
     P = len(priors)
-    crit = seed_criterion(3)
+    crit = MultiBoxLoss.ssd_pytorch(3)
     targets = [torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.0]])]
     cases = [
         ((torch.zeros(1, P, 3), torch.zeros(1, P, 3), priors), r"loc must be \[B, P, 4\]"),
@@ -400,7 +408,7 @@ def test_bfloat16_inputs_are_computed_in_float32():
     priors = small_priors()
     targets = random_targets(3, 4, 5, generator, allow_empty=False)
     loc, conf = random_predictions(3, len(priors), 5, generator, dtype=torch.bfloat16)
-    crit = seed_criterion(5)
+    crit = MultiBoxLoss.ssd_pytorch(5)
     loss_l, loss_c = crit((loc, conf, priors), targets)
     assert loss_l.dtype == loss_c.dtype == torch.float32
     (loss_l + loss_c).backward()
@@ -470,7 +478,7 @@ def test_losses_are_finite_and_non_negative(batch, match_type, mining, prior_mat
 @given(batch=batches(max_images=2), order=st.randoms(use_true_random=False))
 def test_bipartite_loss_does_not_depend_on_the_order_of_truths(batch, order):
     loc, conf, targets = batch
-    crit = seed_criterion(PROPERTY_CLASSES, match_type="bipartite")
+    crit = MultiBoxLoss.ssd_pytorch(PROPERTY_CLASSES, match_type="bipartite")
     permuted = []
     for t in targets:
         index = list(range(len(t)))
@@ -486,7 +494,7 @@ def test_bipartite_loss_does_not_depend_on_the_order_of_truths(batch, order):
 @given(batch=batches(), shift=st.floats(-5.0, 5.0, allow_nan=False))
 def test_moving_predictions_of_non_selected_priors_does_not_change_the_loss(batch, shift):
     loc, conf, targets = batch
-    crit = seed_criterion(PROPERTY_CLASSES)
+    crit = MultiBoxLoss.ssd_pytorch(PROPERTY_CLASSES)
     output = crit.compute((loc, conf, PROPERTY_PRIORS), targets)
     (output.loss_l + output.loss_c).backward()
     unused = (conf.grad == 0).all(-1)  # [B, P]: neither positive nor negative

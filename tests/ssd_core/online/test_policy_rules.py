@@ -138,7 +138,7 @@ def test_score_model_reports_map_loss_and_leaves_the_mode():
     model = build_model("ssd-small", 4)
     model.train()
     samples = [ShapesDataset(4, image_size=64, seed=1)[i] for i in range(4)]
-    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(4)
     score = score_model(model, samples, criterion, num_classes=3, batch_size=3)
     assert model.training
     assert 0.0 <= score.map_50 <= 1.0 and score.loss > 0
@@ -153,7 +153,7 @@ def test_a_score_combined_from_parts_scored_apart_equals_the_whole_sets():
     torch.manual_seed(0)
     model = build_model("ssd-small", 4).eval()
     samples = [ShapesDataset(7, image_size=64, seed=2)[i] for i in range(7)]
-    criterion = MultiBoxLoss(4, 0.5, True, 0, True, 3, 0.5, False)
+    criterion = MultiBoxLoss.ssd_pytorch(4)
     whole = score_model(model, samples, criterion, num_classes=3, batch_size=7)
     parts = score_images(model, samples[:3], criterion, batch_size=2) + score_images(model, samples[3:], criterion)
     combined = combine_scores(parts, samples, 3)

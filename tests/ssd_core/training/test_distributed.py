@@ -56,7 +56,7 @@ def _model(cls: type[SSDSmall]) -> SSDSmall:
 
 
 def _criterion() -> MultiBoxLoss:
-    return MultiBoxLoss(ShapesDataset.num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=False)
+    return MultiBoxLoss.ssd_pytorch(ShapesDataset.num_classes, use_gpu=False)
 
 
 def _batch(step: int):

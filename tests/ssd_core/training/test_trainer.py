@@ -23,7 +23,7 @@ def _model(seed: int = 0) -> SSDSmall:
 
 
 def _criterion() -> MultiBoxLoss:
-    return MultiBoxLoss(ShapesDataset.num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=False)
+    return MultiBoxLoss.ssd_pytorch(ShapesDataset.num_classes, use_gpu=False)
 
 
 def _batch(n: int = 4, seed: int = 0):
