@@ -34,7 +34,8 @@ from ssd_core.models.devices import resolve_device
 from ssd_core.models.export import FORMATS, export_model, metadata
 from ssd_core.ops.priors import PRIOR_SETS
 from ssd_core.storage.checkpoint import CheckpointStore
-from ssd_core.training.run import checkpoint_meta, load_dataset, next_version, recorded_priors, run_training
+from ssd_core.storage.checkpoint_meta import checkpoint_meta, next_version, recorded_priors
+from ssd_core.training.run import load_dataset, run_training
 
 __all__ = ["build_parser", "main"]
 
@@ -131,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ssd` and its five subcommands."""
     parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0], formatter_class=_DefaultsHelp)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_import_command(commands)
+    _add_detect_command(commands)
+    _add_export_command(commands)
+    return parser
 
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model, writing checkpoints and a loss curve",
                                 formatter_class=_DefaultsHelp)
     _add_data_arguments(train, split="train")
@@ -163,12 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=run_training)
 
+
+def _add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluate_ = commands.add_parser("eval", help="mAP of the newest checkpoint on a data set", formatter_class=_DefaultsHelp)
     _add_data_arguments(evaluate_, split="val")
     evaluate_.add_argument("--checkpoint-dir", required=True, help="read only: nothing is created or written")
     evaluate_.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate_.set_defaults(handler=_eval)
 
+
+def _add_import_command(commands: argparse._SubParsersAction) -> None:
     import_ = commands.add_parser("import", help="convert an ssd.pytorch .pth into a checkpoint",
                                   formatter_class=_DefaultsHelp)
     import_.add_argument("source", type=Path, help="ssd.pytorch state dict (.pth)")
@@ -182,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--keep", type=int, default=5, help="checkpoints kept")
     import_.set_defaults(handler=_import)
 
+
+def _add_detect_command(commands: argparse._SubParsersAction) -> None:
     detect = commands.add_parser("detect", help="draw the newest checkpoint's detections on an image",
                                  formatter_class=_DefaultsHelp)
     detect.add_argument("image", type=Path, help="PNG or JPEG")
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     detect.set_defaults(handler=_detect)
 
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="write a checkpoint as ONNX or TorchScript (loc, conf, priors)",
                                  formatter_class=_DefaultsHelp)
     export.add_argument("out", type=Path, help="file to write")
@@ -198,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", type=int, help="checkpoint version (default: the newest loadable)")
     export.add_argument("--format", choices=FORMATS, default="onnx", help="file format")
     export.set_defaults(handler=_export)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,30 @@ ROLE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# labelled images as multipart (`/finetune`, `/validation`): the files, and their annotations in one JSON field
+FINETUNE_MULTIPART: dict[str, Any] = {
+    "type": "object",
+    "required": ["images", "annotations"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG/JPEG files"},
+        "annotations": {
+            "type": "string",
+            "description": 'JSON list, one entry per file: {"boxes": [[x1, y1, x2, y2] pixels], "labels": [...], '
+                           '"difficult": [...]?, "labelled_classes": [...]?}',
+        },
+        "labelled_classes": {"type": "string", "description": "JSON list of 0-based labels: partial labels of "
+                             "every image whose annotation gives none (see the JSON form)"},
+        "steps": {"type": "integer", "minimum": 1, "default": 1},
+        "learning_rate": {"type": "number", "exclusiveMinimum": 0},
+        "augment": {"type": "boolean", "default": False},
+        "force": {"type": "boolean", "default": False, "description": "skip screening (the gate still applies)"},
+        "replay": {"type": "number", "minimum": 0, "maximum": 8, "description": "default: SSD_REPLAY_RATIO"},
+    },
+}
+VALIDATION_MULTIPART: dict[str, Any] = {**FINETUNE_MULTIPART, "properties": {
+    name: FINETUNE_MULTIPART["properties"][name] for name in ("images", "annotations")}}
+
+
 def request_body(content: dict[str, type[BaseModel] | str | dict[str, Any]]) -> dict[str, Any]:
     """`openapi_extra` for a route reading its own body: media type -> pydantic model, a description
     of a binary body, or an explicit schema (e.g. multipart fields)."""

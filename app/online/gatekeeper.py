@@ -10,6 +10,7 @@ served version's (the weights are the same)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from torch import nn
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
-from app.online.job_view import CandidateFigures, JobEvaluation, JobScreening, JobView, ServedFigures
+from app.online.job_view import (
+    CandidateFigures,
+    JobEvaluation,
+    JobScreening,
+    JobState,
+    JobView,
+    ServedFigures,
+)
 from app.online.jobs import finite_or_none
 from app.online.validation_set import ValidationSet
 from app.serving.model_host import ModelHost, ModelVersion
@@ -33,13 +41,24 @@ from ssd_core.online.gate import (
     ValidationScore,
     combine_scores,
     decide,
-    score_images,
+    per_image_scores,
     ungated,
 )
-from ssd_core.online.screening import ScreeningConfig, ScreeningHistory, ScreeningVerdict
+from ssd_core.online.screening import ScreeningConfig, ScreeningHistory
 
-SCREEN_MIN_JOBS = 5  # accepted jobs before screening judges (the issue's "at least 5")
+# a median over fewer accepted jobs is one or two batches' loss: a single unusual batch would set the bar
+SCREEN_MIN_JOBS = 5
 _CACHED_VERSIONS = 4
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the gate did with a candidate: `evaluation` is the job's view of the judgement; `published`
+    the version it became, or None when rejected (`reason` says why)."""
+
+    evaluation: JobEvaluation
+    published: ModelVersion | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,36 +86,57 @@ class Gatekeeper:
         self.metrics = metrics
         self.config = GateConfig(settings.gate_tolerance, settings.gate_noise_z, settings.gate_min_images,
                                  settings.gate_bootstrap)
-        self.history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window, SCREEN_MIN_JOBS))
+        self._history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window,
+                                                         SCREEN_MIN_JOBS))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
         self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, entry id -> its image's part)
-        self.line = ReferenceLine()  # what candidates are judged against
+        self._line = ReferenceLine()  # what candidates are judged against
         metrics.validation_images.set(len(validation))
 
     def restore_history(self, views: list[JobView]) -> None:
         """Refill the screening window from journalled jobs (oldest first): the accepted ones' pre-training loss."""
         for view in views:
-            if view.status == "succeeded" and view.screening is not None and view.screening.loss is not None:
-                self.history.accept(view.screening.loss_l or 0.0, view.screening.loss_c or 0.0)
+            if view.status == JobState.succeeded:
+                self.accept(view.screening)
 
     # ---- screening
 
-    def screen(self, samples: list[Sample], force: bool) -> tuple[ScreeningVerdict, JobScreening]:
-        """Score the batch with the served model (the image form of /score-loss) and judge it."""
+    def screen(self, samples: list[Sample], force: bool) -> tuple[JobScreening, str | None]:
+        """Score the batch with the served model (the image form of /score-loss) and judge it: the job's
+        screening view, and why the job ends rejected (None: it trains)."""
         output, served = score_samples(samples, self.host, self.criterion)
-        verdict = self.history.judge(float(output.loss_l), float(output.loss_c))
-        if not verdict.passed and not force:
+        verdict = self._history.judge(float(output.loss_l), float(output.loss_c))
+        rejection = verdict.reason if verdict.stops(force) else None
+        if rejection is not None:
             self.metrics.screening_rejections.inc()
         view = JobScreening(
             model_version=served.version, loss=finite_or_none(verdict.loss), loss_l=finite_or_none(verdict.loss_l),
             loss_c=finite_or_none(verdict.loss_c), median=verdict.median, threshold=verdict.threshold, jobs=verdict.jobs,
             passed=verdict.passed, forced=force,
         )
-        return verdict, view
+        return view, rejection
+
+    def accept(self, screening: JobScreening | None) -> None:
+        """A job succeeded: its pre-training loss joins the screening window. An unscreened job has none; a
+        non-finite one (null in the view) is left out by the window."""
+        if screening is not None:
+            self._history.accept(_or_nan(screening.loss_l), _or_nan(screening.loss_c))
 
     # ---- the gate
 
-    def evaluate(self, candidate: nn.Module, device) -> Judgement:
+    def gate(self, candidate: nn.Module, device, steps: int) -> GateOutcome:
+        """Judge `candidate` (the trainer's network, after `steps` steps) against the served version and
+        publish it unless rejected; a published candidate's figures become the served version's."""
+        judgement = self._evaluate(candidate, device)
+        decision = judgement.decision
+        self.metrics.gate_decisions.labels(decision=decision.decision).inc()
+        if decision.decision == "rejected":
+            return GateOutcome(judgement.evaluation, None, decision.reason)
+        published = self.host.publish(candidate, steps)
+        self._published(published, judgement)
+        return GateOutcome(judgement.evaluation, published)
+
+    def _evaluate(self, candidate: nn.Module, device) -> Judgement:
         """Judge `candidate` (the trainer's network) against the served version."""
         started = time.perf_counter()
         ids, samples, digest = self.validation.snapshot()
@@ -106,7 +146,7 @@ class Gatekeeper:
             return Judgement(decision, self._view(decision, len(samples), digest, None, None, None, started), digest)
         served_version = self.host.current
         served = self._served_score(served_version, ids, samples, digest)
-        reference_version, reference = self.line.reference(served_version.version, served, digest)
+        reference_version, reference = self._line.reference(served_version.version, served, digest)
         images = self._score_images(candidate, samples, device)
         score = combine_scores(images, samples, self.settings.num_classes - 1)
         decision = decide(reference, score, len(samples), self.config)
@@ -115,15 +155,12 @@ class Gatekeeper:
         return Judgement(decision, view.model_copy(update={"reference_version": reference_version}), digest, score,
                          dict(zip(ids, images, strict=True)))
 
-    def record(self, decision: GateDecision) -> None:
-        self.metrics.gate_decisions.labels(decision=decision.decision).inc()
-
-    def published(self, version: ModelVersion, judgement: Judgement) -> None:
+    def _published(self, version: ModelVersion, judgement: Judgement) -> None:
         """`version` was published from the candidate of `judgement`: its figures become the served version's."""
         if judgement.score is not None:
             self._served_images = (version.version, judgement.images)
             self._remember(version.version, judgement.digest, judgement.score)
-            self.line.published(version.version, judgement.score, judgement.digest)
+            self._line.published(version.version, judgement.score, judgement.digest)
             self._set_gauges(judgement.score)
 
     def _served_score(self, served: ModelVersion, ids: list[str], samples: list[Sample], digest: str) -> ValidationScore:
@@ -149,7 +186,7 @@ class Gatekeeper:
             self._scores.popitem(last=False)
 
     def _score_images(self, model: nn.Module, samples: list[Sample], device) -> list[ImageScore]:
-        return score_images(model, samples, self.criterion, device=device, max_detections=self.settings.max_detections)
+        return per_image_scores(model, samples, self.criterion, device=device, max_detections=self.settings.max_detections)
 
     def _set_gauges(self, score: ValidationScore) -> None:
         self.metrics.validation_map_50.set(score.map_50)
@@ -173,3 +210,7 @@ class Gatekeeper:
             reason=decision.reason,
             seconds=time.perf_counter() - started,
         )
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

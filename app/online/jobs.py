@@ -1,4 +1,8 @@
-"""One fine-tune job: what was asked, its state, and its public view (`JobView`)."""
+"""One fine-tune job: what was asked, its state, and its public view (`JobView`).
+
+`Job` owns its lifecycle: the queue (app.online.worker) and the training (app.online.job_training,
+app.online.replayer) change a job only through its methods, which check that the job is in a state the
+change belongs to (queued -> running -> a final state, or queued -> cancelled)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from app.core.errors import Conflict
 from app.online.job_view import (
+    REPLAY_KEYS_SHOWN,
     ClassLoss,
     JobCheckpoint,
     JobEvaluation,
@@ -20,17 +26,25 @@ from app.online.job_view import (
 from ssd_core.data.datasets import Sample
 from ssd_core.loss.stats import ClassStats
 
-INTERRUPTED = "interrupted: the server stopped before the job finished"
+_NEXT_STATES = {
+    JobState.queued: {JobState.running, JobState.cancelled},
+    JobState.running: {JobState.succeeded, JobState.failed, JobState.cancelled, JobState.rejected},
+}
 
 
 def finite_or_none(value: float) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+class JobTransitionError(RuntimeError):
+    """A change a job's state does not allow (a bug in the caller, not a client's mistake)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One fine-tune request. `samples` and `images` (the bytes as sent, for the holdout and the
-    validation set) are dropped once the job has finished."""
+    validation set) are dropped once the job has finished. Fields are read freely and written only by
+    the methods below."""
 
     samples: list[Sample] | None
     steps_total: int
@@ -83,3 +97,99 @@ class Job:
             screening=self.screening, evaluation=self.evaluation,
             replay=self.replay.model_copy(deep=True) if self.replay else None, per_class=list(self.per_class),
         )
+
+    # ---- the lifecycle (the queue's side)
+
+    def start(self) -> None:
+        """queued -> running."""
+        self._move(JobState.running)
+        self.started_at = time.time()
+
+    def request_cancel(self) -> None:
+        """Ask the job to stop after its current step (the trainer checks `cancel_requested`).
+
+        Raises Conflict when the job has already finished."""
+        if self.state.finished:
+            raise Conflict("job_finished", f"job {self.job_id} already {self.state.value}", "job_id")
+        self.cancel_requested = True
+
+    def finish(self, state: JobState, error: str | None = None) -> None:
+        """Move to the final `state` (a queued job can only be cancelled) and drop the images."""
+        if not state.finished:
+            raise JobTransitionError(f"{state.value} is not a final state")
+        self._move(state)
+        self.error, self.finished_at, self.samples, self.images = error, time.time(), None, None
+
+    def notify_finished(self) -> None:
+        """Wake those waiting on `finished`; the caller has made the final state durable first."""
+        if not self.state.finished:
+            raise JobTransitionError(f"job {self.job_id} is {self.state.value}, not finished")
+        self.finished.set_result(None)
+
+    def set_checkpoint(self, checkpoint: JobCheckpoint | None) -> None:
+        """Whether the version the job left is on disk (known before the job's final state)."""
+        self._require_running("record its checkpoint")
+        self.checkpoint = checkpoint
+
+    # ---- what the training records while the job runs
+
+    def set_screening(self, screening: JobScreening) -> None:
+        self._require_running("record its screening")
+        self.screening = screening
+
+    def set_held_out(self, images: int) -> None:
+        self._require_running("record its holdout")
+        self.held_out = images
+
+    def set_evaluation(self, evaluation: JobEvaluation) -> None:
+        self._require_running("record the gate's evaluation")
+        self.evaluation = evaluation
+
+    def set_model_version(self, version: int) -> None:
+        """The version the job's weights are served as (or, none published, the one served)."""
+        self._require_running("record its model version")
+        self.model_version = version
+
+    def record_step(self, loss: StepLoss, class_stats: ClassStats | None, class_names: list[str]) -> None:
+        """A step ended: `loss` is its line, `class_stats` (None for a skipped step) join the pooled per-class
+        figures (`class_names`: the object classes, for the view)."""
+        self._require_running("record a step")
+        if loss.skipped:
+            self.skipped_steps += 1
+        else:
+            assert class_stats is not None
+            self.class_totals = class_stats if self.class_totals is None else self.class_totals + class_stats
+            self.per_class = [ClassLoss(**row) for row in self.class_totals.rows(class_names)]
+        self.losses.append(loss)
+        self.steps_done = loss.step
+        self.model_version = loss.model_version
+
+    def open_replay(self, memory_images: int) -> None:
+        """The job's steps will replay from a memory of `memory_images` images."""
+        self._require_running("open its replay")
+        self.replay = JobReplay(ratio=self.replay_ratio, memory_images=memory_images, images=0, per_class={},
+                                keys=[])
+
+    def record_replayed(self, classes: list[list[str]], keys: list[str]) -> None:
+        """A step replayed images showing `classes` (per image), stored under `keys`; the view keeps the
+        first REPLAY_KEYS_SHOWN distinct keys."""
+        self._require_running("record replayed images")
+        if self.replay is None:
+            raise JobTransitionError(f"job {self.job_id} replays nothing")
+        view = self.replay
+        view.images += len(classes)
+        for names in classes:
+            for name in names:
+                view.per_class[name] = view.per_class.get(name, 0) + 1
+        shown = set(view.keys)
+        view.keys.extend(k for k in dict.fromkeys(keys) if k not in shown)
+        del view.keys[REPLAY_KEYS_SHOWN:]
+
+    def _move(self, state: JobState) -> None:
+        if state not in _NEXT_STATES.get(self.state, set()):
+            raise JobTransitionError(f"job {self.job_id} is {self.state.value}: it cannot become {state.value}")
+        self.state = state
+
+    def _require_running(self, change: str) -> None:
+        if self.state != JobState.running:
+            raise JobTransitionError(f"job {self.job_id} is {self.state.value}: cannot {change}")

@@ -3,7 +3,8 @@
 One line per state change (queued, running, final), each line a full `JobView`. A record that must
 survive `kill -9` (acceptance, final states) is fsync'd before the caller answers; the `running`
 record is only flushed (losing it merely reports the job as interrupted while queued). Replaying
-keeps the last record per job id. `compact` rewrites the file atomically with one record per job;
+keeps the last record per job id; `restore` reads the jobs of previous runs back, a job they left
+unfinished as failed ("interrupted"). `compact` rewrites the file atomically with one record per job;
 the caller passes at most SSD_JOB_HISTORY finished jobs (plus the unfinished ones), so the file stays
 bounded.
 """
@@ -14,15 +15,17 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.online.job_view import JobView
+from app.online.job_view import JobState, JobView
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "jobs.jsonl"
+INTERRUPTED = "interrupted: the server stopped before the job finished"
 
 
 class JobJournal:
@@ -55,6 +58,16 @@ class JobJournal:
             views[view.job_id] = view
         self._records = len(lines)
         return list(views.values())
+
+    def restore(self, restored_version: int) -> list[JobView]:
+        """The newest `history` jobs of previous runs, oldest first. A job whose last record is queued or
+        running was interrupted: it reads `failed`, with `restored_version` (the version this process
+        restored: its unsaved steps are gone)."""
+        views = self.replay()[-self.history :]
+        return [view if view.status.finished else view.model_copy(update={
+            "status": JobState.failed, "error": INTERRUPTED, "model_version": restored_version,
+            "finished_at": time.time(),  # when it was found interrupted
+        }) for view in views]
 
     def append(self, view: JobView, durable: bool) -> bool:
         """Add one record; `durable` fsyncs it. Returns False (logged) when the disk refuses it."""

@@ -11,7 +11,6 @@ import logging
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
-from app.online.job_view import REPLAY_KEYS_SHOWN, JobReplay
 from app.online.jobs import Job
 from ssd_core.data.datasets import Sample
 from ssd_core.online.replay import NO_OBJECT, ReplayMemory
@@ -26,29 +25,22 @@ class Replayer:
         self.memory = memory
         self.settings = settings
         self.metrics = metrics
+        self.update_metrics()
 
     def per_step(self, job: Job, new_images: int) -> int:
         """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0); opens its view."""
         if self.memory is None or not len(self.memory) or job.replay_ratio == 0:
             return 0
-        job.replay = JobReplay(ratio=job.replay_ratio, memory_images=len(self.memory), images=0, per_class={},
-                               keys=[])
+        job.open_replay(len(self.memory))
         return max(1, round(job.replay_ratio * new_images))
 
     def draw(self, job: Job, count: int) -> list[Sample]:
         """Draw `count` images class-balanced and note them in the job's view."""
         if count == 0:
             return []
-        assert self.memory is not None and job.replay is not None
+        assert self.memory is not None
         draw = self.memory.draw(count)
-        view = job.replay
-        view.images += len(draw.samples)
-        for sample in draw.samples:
-            for name in self._class_names(sample.labels.tolist()):
-                view.per_class[name] = view.per_class.get(name, 0) + 1
-        shown = set(view.keys)
-        view.keys.extend(k for k in dict.fromkeys(draw.keys) if k not in shown)
-        del view.keys[REPLAY_KEYS_SHOWN:]
+        job.record_replayed([self._class_names(sample.labels.tolist()) for sample in draw.samples], draw.keys)
         self.metrics.replayed_images_per_step.observe(len(draw.samples))
         return draw.samples
 

@@ -1,6 +1,6 @@
 """Writing the served version to the checkpoint store, once per version, and pinning saved versions.
 
-Callers hold the trainer's lock (`JobTraining.lock`) and pass the trainer state of the
+Callers (app.online.checkpoints) hold the trainer (`JobTraining.hold`) and pass the trainer state of the
 version being served: the trainer's own, or during a gated job the snapshot of the served version.
 """
 
@@ -14,6 +14,7 @@ from app.core.settings import Settings
 from app.online.job_view import JobCheckpoint
 from app.serving.model_host import ModelHost
 from ssd_core.storage.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
+from ssd_core.storage.checkpoint_meta import checkpoint_meta
 from ssd_core.training.trainer import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,10 @@ class VersionSaver:
             for info in reversed(store.versions()):
                 if info.version == current.version:
                     return info, False
-        meta = {
-            "version": current.version, "step": current.step, "model": self.settings.model,
-            "num_classes": self.settings.num_classes, "priors": self.host.spec.prior_set,
-            "class_names": self.settings.class_names,
-            "restored_from": current.restored_from,
-        }
+        meta = checkpoint_meta(
+            current.model, self.settings.class_names, current.version, current.step,
+            {"restored_from": current.restored_from},
+        )
         try:
             info = store.save(state.weights, meta, state.optimizer_state, state.training_weights)
         except Exception:
@@ -81,8 +80,8 @@ class VersionSaver:
         return JobCheckpoint(saved=self.saved_version == version, version=version, error=error)
 
     def pin(self, version: int, pinned: bool) -> set[int]:
-        """Pin (or unpin) saved `version`; every pinned version. 404 for a version not saved (pinning)
-        or not pinned (unpinning)."""
+        """Pin (or unpin) saved `version`; every pinned version. Raises NotFound for a version not saved
+        (pinning) or not pinned (unpinning)."""
         store = self.require_store()
         if pinned:
             try:

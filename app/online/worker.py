@@ -1,7 +1,8 @@
 """Online fine-tuning: a bounded job queue worked by ONE trainer thread.
 
-This module is the queue, its thread, the job journal and the checkpoint operations; how one job
-trains and is published (screening, holdout, steps, gate) is app.online.job_training. The trainer owns its
+This module is the queue and its thread; how one job trains and is published (screening, holdout,
+steps, gate) is app.online.job_training, the checkpoint operations app.online.checkpoints, the job
+journal app.online.journal, a job's lifecycle app.online.jobs. The trainer owns its
 own copy of the weights (`ssd_core.training.trainer.Trainer`). What is evaluated and published is
 `Trainer.published`: with `SSD_EMA_DECAY` > 0 the exponential moving average of the trainer's
 weights (`ssd_core.training.ema`), else those weights; the optimizer trains the raw ones and checkpoints hold
@@ -17,25 +18,24 @@ acceptance and at each final state), so after a restart, even after `kill -9`,
 `GET /finetune/{id}` still answers: a job the previous process did not finish reads `failed`
 ("interrupted"), with the restored version.
 
-Locks: `_jobs_lock` (a Condition) guards the queue and job states; `training.lock` guards the
-trainer's weights and optimizer and the checkpoint store. What a checkpoint of "the current
-version" writes is the served version's state (`training.served_state()`): the trainer's own outside
-a gated job, the snapshot taken when it started (or last published) during one.
+Locks: `_jobs_lock` (a Condition) guards the queue and job states; the trainer's (`JobTraining.hold`)
+guards its weights and optimizer and the checkpoint store. Where both are held, the trainer's is taken
+first.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict, deque
 
-from app.core.errors import Conflict, InvalidValue, NotFound, QueueFull, Unavailable, without_paths
+from app.core.errors import InvalidValue, NotFound, QueueFull, Unavailable
 from app.core.metrics import Metrics
 from app.core.settings import Settings
-from app.online.job_training import JobTraining
-from app.online.job_view import JobCheckpoint, JobState
-from app.online.jobs import INTERRUPTED, Job
+from app.online.checkpoints import Checkpoints
+from app.online.job_training import JobTraining, restore_trainer
+from app.online.job_view import JobState
+from app.online.jobs import Job
 from app.online.journal import JobJournal
 from app.online.replayer import Replayer
 from app.online.validation_set import ValidationSet
@@ -45,11 +45,12 @@ from ssd_core.data.datasets import Sample
 from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.models import SSD
 from ssd_core.online.replay import ReplayMemory
-from ssd_core.storage.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, LoadedCheckpoint
+from ssd_core.storage.checkpoint import CheckpointInfo, CheckpointStore, LoadedCheckpoint
 from ssd_core.training.ema import EMAConfig
 from ssd_core.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
+
 
 class FinetuneWorker:
     """The fine-tune queue and its trainer thread.
@@ -72,9 +73,10 @@ class FinetuneWorker:
         self.validation = validation
         self.settings = settings
         self.metrics = metrics
-        self.saver = VersionSaver(store, host, settings, metrics, saved_version)
         self.training = JobTraining(host, trainer, validation, Replayer(replay, settings, metrics), settings, metrics,
                                     stopping=lambda: self._stopping)
+        self.checkpoints = Checkpoints(VersionSaver(store, host, settings, metrics, saved_version), self.training,
+                                       running=self._running_job)
         self._journal = None if store is None else JobJournal(store.directory, settings.job_history)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: deque[Job] = deque()
@@ -103,7 +105,7 @@ class FinetuneWorker:
             while self._queue:
                 self._finish(self._queue.popleft(), JobState.cancelled, "server shutting down")
             if self._running is not None:
-                self._running.cancel_requested = True
+                self._running.request_cancel()
             self._jobs_lock.notify_all()
 
     def stop(self, timeout: float) -> None:
@@ -114,7 +116,7 @@ class FinetuneWorker:
         if self._thread.is_alive():
             logger.error("trainer still busy after %.0f s; exiting without a final checkpoint", timeout)
             return
-        self.save_if_unsaved()
+        self.checkpoints.save_if_unsaved()
         with self._jobs_lock:
             self._compact_journal()
 
@@ -131,21 +133,15 @@ class FinetuneWorker:
             self._journal.compact([job.view() for job in self._jobs.values()])
 
     def load_journal(self) -> None:
-        """Restore the newest SSD_JOB_HISTORY jobs of previous runs and compact the journal. A job
-        whose last record is queued or running was interrupted: it reads `failed`, with the version
-        this process restored (its unsaved steps are gone)."""
+        """Restore the newest SSD_JOB_HISTORY jobs of previous runs (`JobJournal.restore`) and their
+        screening losses, and compact the journal."""
         if self._journal is None:
             return
         restored = self.host.current.version
         with self._jobs_lock:
-            views = self._journal.replay()[-self.settings.job_history :]
-            self.training.gatekeeper.restore_history(views)
+            views = self._journal.restore(restored)
+            self.training.restore_screening(views)
             for view in views:
-                if not view.status.finished:
-                    view = view.model_copy(update={
-                        "status": JobState.failed, "error": INTERRUPTED, "model_version": restored,
-                        "finished_at": time.time(),  # when it was found interrupted
-                    })
                 self._jobs[view.job_id] = Job.from_view(view)
             self._compact_journal()
 
@@ -155,18 +151,16 @@ class FinetuneWorker:
         self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
         force: bool = False, replay: float | None = None,
     ) -> Job:
-        """Queue a job on `samples` (decoded from `images`, the bytes as sent); 429 when the queue is
-        full, 422 for too many steps or too high a learning rate. `replay`: replayed images per new
-        image (None: SSD_REPLAY_RATIO)."""
+        """Queue a job on `samples` (decoded from `images`, the bytes as sent). `replay`: replayed images
+        per new image (None: SSD_REPLAY_RATIO). Raises InvalidValue for too many steps, too high a learning
+        rate or too few images, QueueFull when the queue is full, Unavailable while shutting down."""
         if steps > self.settings.finetune_max_steps:
             raise InvalidValue("steps", f"{steps} exceeds the limit of {self.settings.finetune_max_steps}")
         limit = self.settings.learning_rate_limit()
         if learning_rate is not None and learning_rate > limit:
             raise InvalidValue("learning_rate", f"{learning_rate} exceeds the limit of {limit:g} "
                                "(SSD_MAX_LEARNING_RATE, unset: 10 x SSD_LEARNING_RATE)")
-        if len(samples) < self.training.min_images:
-            raise InvalidValue("images", f"{self.settings.model} has BatchNorm layers and needs at "
-                               f"least {self.training.min_images} images per fine-tune job")
+        self.training.require_images(len(samples))
         ratio = self.settings.replay_ratio if replay is None else replay
         job = Job(samples, steps, learning_rate, augment, images=images, force=force, num_images=len(samples),
                   replay_ratio=ratio)
@@ -184,6 +178,7 @@ class FinetuneWorker:
         return job
 
     def get(self, job_id: str) -> Job:
+        """Raises NotFound for a job this process does not know (never submitted, or forgotten)."""
         with self._jobs_lock:
             job = self._jobs.get(job_id)
         if job is None:
@@ -191,25 +186,28 @@ class FinetuneWorker:
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job now, or a running one after its current step; 409 if already finished."""
+        """Cancel a queued job now, or a running one after its current step. Raises NotFound for an unknown
+        job, Conflict for a finished one."""
         with self._jobs_lock:
             job = self.get(job_id)
-            if job.state.finished:
-                raise Conflict("job_finished", f"job {job_id} already {job.state.value}", "job_id")
             if job.state == JobState.queued:
                 self._queue.remove(job)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
                 self._finish(job, JobState.cancelled, "cancelled before it started")
             else:
-                job.cancel_requested = True
+                job.request_cancel()
         return job
+
+    def _running_job(self) -> Job | None:
+        with self._jobs_lock:
+            return self._running
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Move `job` to a final state (caller holds `_jobs_lock`) and forget the oldest finished jobs."""
-        job.state, job.error, job.finished_at, job.samples, job.images = state, error, time.time(), None, None
+        job.finish(state, error)
         self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
         self.metrics.finetune_jobs.labels(state=state.value).inc()
-        job.finished.set_result(None)
+        job.notify_finished()
         finished = [j for j in self._jobs.values() if j.state.finished]
         for old in finished[: max(0, len(finished) - self.settings.job_history)]:
             del self._jobs[old.job_id]
@@ -226,57 +224,25 @@ class FinetuneWorker:
                 if self._stopping:
                     return
                 job = self._running = self._queue.popleft()
-                job.state, job.started_at = JobState.running, time.time()
+                job.start()
                 self._journal_record(job, durable=False)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
             state, error = self.training.run(job)
-            job.checkpoint = self._save_for_job()
+            job.set_checkpoint(self.checkpoints.after_job())
             with self._jobs_lock:
                 self._running = None
                 self._finish(job, state, error)
 
-    # ---- checkpoints, rollback and pins (app.online.version_saver; callers outside the trainer thread)
+    # ---- the checkpoint operations the routes call (app.online.checkpoints)
 
     def checkpoint(self) -> tuple[CheckpointInfo, bool]:
-        """Save the current version now. Returns (its checkpoint, whether it was written just now)."""
-        with self.training.lock:
-            return self.saver.save(self.training.served_state())
+        return self.checkpoints.checkpoint()
 
     def rollback(self, version: int) -> ModelVersion:
-        """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
-
-        409 while a job is running (it would continue from different weights), 404 for an unknown version.
-        """
-        store = self.saver.require_store()
-        with self.training.lock:
-            with self._jobs_lock:
-                if self._running is not None:
-                    raise Conflict("trainer_busy", f"job {self._running.job_id} is running; "
-                                   "cancel it or wait before rolling back", "version")
-            try:
-                saved = store.load(version)
-            except CheckpointError as error:
-                raise NotFound("not_found", f"no loadable saved version {version}: {without_paths(str(error))}",
-                               "version") from None
-            restore_trainer(self.trainer, saved)
-            published = self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
-            self.saver.save(self.training.served_state())
-        return published
+        return self.checkpoints.rollback(version)
 
     def pin(self, version: int, pinned: bool) -> set[int]:
-        """Pin or unpin a saved version (serialised with saves: a pin never races a prune)."""
-        with self.training.lock:
-            return self.saver.pin(version, pinned)
-
-    def _save_for_job(self) -> JobCheckpoint | None:
-        with self.training.lock:
-            return self.saver.job_checkpoint(self.training.served_state())
-
-    def save_if_unsaved(self) -> None:
-        """Checkpoint the current version unless it is on disk (at start, at shutdown); failures are logged
-        and counted, never raised. After a job: `_save_for_job`."""
-        with self.training.lock:
-            self.saver.save_unsaved(self.training.served_state())
+        return self.checkpoints.pin(version, pinned)
 
 
 def train_config(settings: Settings) -> TrainConfig:
@@ -286,12 +252,6 @@ def train_config(settings: Settings) -> TrainConfig:
         clip_grad_norm=settings.clip_grad_norm,
         verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
     )
-
-
-def restore_trainer(trainer: Trainer, checkpoint: LoadedCheckpoint) -> None:
-    """Resume `trainer` from a checkpoint: served (EMA) weights, raw weights, optimizer, step count."""
-    trainer.restore(checkpoint.state_dict, checkpoint.optimizer_state, int(checkpoint.meta.get("step", 0)),
-                    checkpoint.training_weights)
 
 
 def start_worker(
@@ -312,8 +272,7 @@ def start_worker(
         replay = ReplayMemory(store.directory / "replay", settings.replay_max_images, settings.replay_max_bytes,
                               settings.max_image_pixels)
     worker = FinetuneWorker(host, trainer, store, validation, settings, metrics, saved_version, replay)
-    worker.training.replayer.update_metrics()
-    worker.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
+    worker.checkpoints.save_if_unsaved()  # a fresh start saves its initial weights: a rollback target
     worker.load_journal()
     worker.start()
     return worker

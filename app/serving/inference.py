@@ -4,8 +4,8 @@ requests by the rules of `app.serving.batching` (which requests share a forward 
 Routes prepare their images (decoded, checked and resized to S x S in their own worker thread), then
 `await forward(...)`: the images are queued under the model version the request was accepted with,
 the worker concatenates a batch into one [N, 3, S, S] forward and hands each request its rows. A
-request whose client disconnects while it waits is cancelled and never computed; a full queue is a
-503 with `Retry-After`.
+request whose client disconnects while it waits is cancelled and never computed; a full queue is
+`Unavailable` with a retry delay.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
-from starlette.requests import Request
 from torch import Tensor
 
 from app.core.errors import ClientGone, Unavailable
@@ -126,16 +126,16 @@ class InferenceWorker:
             start = rows.stop
 
 
-async def _client_gone(request: Request) -> None:
-    """Returns once the client disconnects (the body has been read: the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+WaitForDisconnect = Callable[[], Awaitable[object]]  # returns once the request's client has disconnected
 
 
 async def forward(
-    request: Request, worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str
+    client_gone: WaitForDisconnect, worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str
 ) -> tuple[Tensor, Tensor]:
     """Run version `served` on `images` [B, 3, S, S] through the batcher.
+
+    Args:
+        client_gone: awaited alongside the result; when it returns first the request is abandoned.
 
     Returns:
         loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]) on the host's device.
@@ -150,7 +150,7 @@ async def forward(
         raise Unavailable("queue_full", f"inference queue is full ({error}); retry later",
                           retry_after_s=RETRY_AFTER_S) from None
     results = asyncio.gather(*(asyncio.wrap_future(result) for _, result in parts))
-    gone = asyncio.ensure_future(_client_gone(request))
+    gone = asyncio.ensure_future(client_gone())
     try:
         await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler is cancelled: nothing stays queued for nobody

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
-from ssd_core.models import LEGACY_PRIOR_SETS, SSD, build_model
+from ssd_core.models import SSD, build_model
 from ssd_core.models.devices import resolve_device
 from ssd_core.storage.checkpoint import CheckpointStore, LoadedCheckpoint
+from ssd_core.storage.checkpoint_meta import recorded_priors
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def check_compatible(meta: dict, settings: Settings) -> None:
                 f"checkpoint in {settings.checkpoint_dir} has {key}={meta[key]!r}, settings say "
                 f"{getattr(settings, key)!r}"
             )
-    recorded = meta.get("priors", LEGACY_PRIOR_SETS.get(meta.get("model", settings.model)))
+    recorded = recorded_priors(meta, settings.model)
     if recorded != settings.prior_set:
         raise RuntimeError(
             f"checkpoint in {settings.checkpoint_dir} was trained with priors={recorded!r}, settings give "

@@ -1,13 +1,16 @@
 """The served model's loss on labelled images: the image form of `POST /score-loss`, also what
 screening (app.online.gatekeeper) scores a fine-tune batch with, so both read the same figure. The route runs
-the forward pass through the dynamic batcher (app.serving.inference), screening calls the host directly; the
-inputs and the loss are these functions in both."""
+the forward pass through the dynamic batcher (`score_batched`), screening calls the host directly
+(`score_samples`); the inputs and the loss are these functions in both."""
 
 from __future__ import annotations
 
 import torch
+from anyio import to_thread
 from torch import Tensor
 
+from app.core.metrics import Metrics
+from app.serving.inference import InferenceWorker, WaitForDisconnect, forward
 from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.data.datasets import Sample, collate
 from ssd_core.loss.multibox import LossOutput, MultiBoxLoss
@@ -49,3 +52,27 @@ def score_samples(samples: list[Sample], host: ModelHost, criterion: MultiBoxLos
     images, targets, class_mask = loss_inputs(samples, host.spec, criterion)
     loc, conf, priors = host.predict(images, served)  # [B, P, 4], [B, P, C], [P, 4]
     return score_predictions(loc, conf, priors, targets, class_mask, criterion), served
+
+
+async def score_batched(
+    client_gone: WaitForDisconnect, images: Tensor, targets: list[Tensor], class_mask: Tensor | None,
+    criterion: MultiBoxLoss, route: str, host: ModelHost, inference: InferenceWorker, metrics: Metrics,
+) -> tuple[LossOutput, ModelVersion]:
+    """Run the current version on `images` (Tensor[B, 3, S, S], as `loss_inputs` gives them) through the
+    batcher, its forward pass shared with other requests, and score its predictions.
+
+    Args:
+        client_gone: returns once the request's client has disconnected (`forward` abandons the request).
+
+    Returns:
+        (the loss with its match statistics, the version that predicted).
+
+    Raises:
+        Unavailable: the inference queue is full.
+        ClientGone: the client went away before the result.
+    """
+    served = host.current
+    loc, conf = await forward(client_gone, inference, images, served, route)  # [B, P, 4], [B, P, C]
+    metrics.images_processed.labels(route=route).inc(len(images))
+    output = await to_thread.run_sync(score_predictions, loc, conf, host.priors, targets, class_mask, criterion)
+    return output, served

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ssd_core.data.datasets import Sample
 from ssd_core.data.images import model_inputs
-from ssd_core.models.postprocess import Detections, detect
+from ssd_core.models.postprocess import Detections, detect_with_spec
 
 __all__ = ["average_precision_50", "evaluate", "mean_average_precision", "predict"]
 
@@ -47,11 +47,11 @@ def predict(
     batch = model_inputs(images, spec)  # [B, 3, S, S]
     model.eval()
     loc, conf, priors = model(batch.to(device))  # [B, P, 4], [B, P, C], [P, 4]
-    return detect(
+    return detect_with_spec(
+        spec,
         loc.float(),
         conf.float(),
         priors,
-        variances=spec.prior_config.variance,
         score_threshold=score_threshold,
         nms_iou=nms_iou,
         max_detections=max_detections,

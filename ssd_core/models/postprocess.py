@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -12,7 +13,10 @@ from torchvision.ops import batched_nms
 from ssd_core.ops.boxes import invalid_box_mask
 from ssd_core.ops.coder import decode
 
-__all__ = ["Detections", "detect"]
+if TYPE_CHECKING:
+    from ssd_core.models.base import ModelSpec
+
+__all__ = ["Detections", "detect", "detect_with_spec"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,17 @@ def detect(
             kept = Detections(kept.boxes * scale, kept.scores, kept.labels)
         results.append(kept)
     return results
+
+
+def detect_with_spec(spec: ModelSpec, loc: Tensor, conf: Tensor, priors: Tensor, **options: Any) -> list[Detections]:
+    """`detect` with the box coder variances of the network described by `spec` (its prior config's).
+
+    Args:
+        spec: the network's `ModelSpec`.
+        loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]), priors (Tensor[P, 4]): its output.
+        options: `detect`'s other keyword arguments (score_threshold, nms_iou, max_detections, ...).
+    """
+    return detect(loc, conf, priors, variances=spec.prior_config.variance, **options)
 
 
 def _detect_one(

@@ -3,7 +3,7 @@
 Both models are scored on the same validation images (`score_model`): mAP@0.5 (torchmetrics' COCO
 rule, computed from the bootstrap's matched detections: equal to `evaluation.average_precision_50`,
 tested, at a 60th of its cost) and the MultiBoxLoss of the set. A score is combined from per-image
-parts (`score_images`, `combine_scores`), so a caller that keeps a model's parts scores a grown
+parts (`per_image_scores`, `combine_scores`), so a caller that keeps a model's parts scores a grown
 validation set by running only the new images. The candidate is published when
 
     candidate mAP@0.5 >= served mAP@0.5 - (tolerance + noise_z * SE)
@@ -38,11 +38,11 @@ from ssd_core.evaluation.bootstrap import (
     resampled_map_50,
 )
 from ssd_core.loss.criterion import LossCriterion
-from ssd_core.models.postprocess import Detections, detect
+from ssd_core.models.postprocess import Detections, detect_with_spec
 
 __all__ = [
     "GateConfig", "GateDecision", "ImageScore", "ReferenceLine", "ValidationScore", "combine_scores", "decide",
-    "score_images", "score_model", "ungated",
+    "per_image_scores", "score_model", "ungated",
 ]
 
 Decision = Literal["published", "rejected", "ungated"]
@@ -131,7 +131,7 @@ class ImageScore:
 
 
 @torch.no_grad()
-def score_images(
+def per_image_scores(
     model: nn.Module, samples: Sequence[Sample], criterion: LossCriterion, *, batch_size: int = 32,
     device: torch.device | str = "cpu", score_threshold: float = 0.01, max_detections: int = 100,
 ) -> list[ImageScore]:
@@ -155,8 +155,8 @@ def score_images(
             loc, conf = loc.float(), conf.float()  # [b, P, 4], [b, P, C]
             stats = criterion.compute((loc, conf, priors), [t.to(device) for t in targets]).stats
             loss_sums = (stats.loss_l_sum + stats.loss_c_sum).tolist()  # [b]
-            detections = detect(
-                loc, conf, priors, variances=model.spec.prior_config.variance,
+            detections = detect_with_spec(
+                model.spec, loc, conf, priors,
                 score_threshold=score_threshold, max_detections=max_detections,
                 image_sizes=[(s.image.shape[-2], s.image.shape[-1]) for s in batch],
             )
@@ -168,7 +168,7 @@ def score_images(
 
 
 def combine_scores(images: Sequence[ImageScore], samples: Sequence[Sample], num_classes: int) -> ValidationScore:
-    """The validation set's score from its images' (`score_images`, in `samples`' order): mAP@0.5 and
+    """The validation set's score from its images' (`per_image_scores`, in `samples`' order): mAP@0.5 and
     AP per class of all detections, and the loss of the set as one batch (loss sums / total positives)."""
     if not samples:
         raise ValueError("cannot score a model on an empty validation set")
@@ -181,9 +181,9 @@ def combine_scores(images: Sequence[ImageScore], samples: Sequence[Sample], num_
 def score_model(
     model: nn.Module, samples: Sequence[Sample], criterion: LossCriterion, *, num_classes: int, **options,
 ) -> ValidationScore:
-    """`combine_scores(score_images(model, samples, criterion, **options), samples, num_classes)`;
+    """`combine_scores(per_image_scores(model, samples, criterion, **options), samples, num_classes)`;
     num_classes: object classes (background not counted)."""
-    return combine_scores(score_images(model, samples, criterion, **options), samples, num_classes)
+    return combine_scores(per_image_scores(model, samples, criterion, **options), samples, num_classes)
 
 
 def _cpu(detections: Detections) -> Detections:

@@ -53,6 +53,11 @@ class ScreeningVerdict:
     jobs: int
     reason: str | None = None
 
+    def stops(self, force: bool) -> bool:
+        """Whether the job ends here, rejected: a batch that failed screening trains only when its client
+        forces it past (the publish gate still judges what it trains)."""
+        return not self.passed and not force
+
 
 class ScreeningHistory:
     """The pre-training losses (loss_l, loss_c) of the last `config.window` accepted jobs."""

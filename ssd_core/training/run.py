@@ -1,8 +1,8 @@
-"""The offline training run of `ssd train`, and the checkpoint meta it shares with the other commands.
+"""The offline training run of `ssd train`.
 
 `run_training(args)` trains `args.model` on `args.data` (a `load_dataset` spec) for `args.steps` steps,
 single-process or under torchrun (DDP, one data shard per rank; rank 0 logs, evaluates and saves), and
-writes `CheckpointStore` versions whose meta is `checkpoint_meta(...)`, plus `history.json`,
+writes `CheckpointStore` versions (meta: `storage.checkpoint_meta`), plus `history.json`,
 `loss_curve.png` and (with `--eval-every`) `map_curve.png` in `args.checkpoint_dir`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
@@ -28,9 +28,10 @@ from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.evaluation.mean_ap import evaluate
 from ssd_core.evaluation.plotting import save_curves
 from ssd_core.loss.multibox import MultiBoxLoss
-from ssd_core.models import LEGACY_PRIOR_SETS, SSD, build_model
+from ssd_core.models import SSD, build_model
 from ssd_core.models.devices import resolve_device
 from ssd_core.storage.checkpoint import CheckpointStore
+from ssd_core.storage.checkpoint_meta import checkpoint_meta, next_version, recorded_priors
 from ssd_core.training.distributed import (
     DistributedContext,
     DistributedTrainer,
@@ -39,7 +40,7 @@ from ssd_core.training.distributed import (
 )
 from ssd_core.training.trainer import TrainConfig, Trainer
 
-__all__ = ["checkpoint_meta", "load_dataset", "next_version", "recorded_priors", "run_training"]
+__all__ = ["load_dataset", "run_training"]
 
 
 def load_dataset(spec: str, *, split: str, synthetic_images: int, synthetic_size: int = 256):
@@ -71,30 +72,6 @@ def _dataset(args: argparse.Namespace, spec: str, split: str, synthetic_images: 
     return load_dataset(
         spec, split=split, synthetic_images=synthetic_images, synthetic_size=args.synthetic_size
     )
-
-
-def next_version(store: CheckpointStore) -> int:
-    """The version a new checkpoint in `store` gets: one past the newest, 1 in an empty store."""
-    versions = store.versions()
-    return versions[-1].version + 1 if versions else 1
-
-
-def checkpoint_meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra: dict | None = None) -> dict:
-    """The sidecar meta of an `ssd` checkpoint (`ssd train` and `ssd import`); `extra` adds keys."""
-    return {
-        "version": version,
-        "step": step,
-        "model": model.spec.name,
-        "num_classes": model.spec.num_classes,
-        "priors": model.spec.prior_set,
-        "class_names": list(class_names),
-        **(extra or {}),
-    }
-
-
-def recorded_priors(meta: dict[str, Any]) -> str:
-    """The prior set a checkpoint was trained with (VOC for VGG checkpoints written before it was recorded)."""
-    return meta.get("priors", LEGACY_PRIOR_SETS[meta["model"]])
 
 
 def _batches(
@@ -178,115 +155,163 @@ def run_training(args: argparse.Namespace) -> int:
 
 def _train_rank(args: argparse.Namespace, context: DistributedContext) -> int:
     torch.manual_seed(args.seed)
-    device = context.device
-    log = tqdm.write if context.is_main else _silent
     dataset = _dataset(args, args.data, args.split, args.synthetic_images)
     num_classes = args.num_classes or len(dataset.class_names) + 1
     if num_classes < len(dataset.class_names) + 1:
         raise ValueError(f"--num-classes {num_classes} < {len(dataset.class_names)} classes + background")
     model = build_model(args.model, num_classes, args.priors)
-    criterion = MultiBoxLoss(num_classes, 0.5, True, 0, True, 3, 0.5, False, use_gpu=device.type == "cuda")
+    trainer = _trainer(args, context, model, num_classes)
+    store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
+    if args.resume:
+        _resume(trainer, model, store, context)
+    run = _TrainingRun(args, context, dataset, model, trainer, store)
+    run.train()
+    run.finish()
+    return 0
+
+
+def _trainer(args: argparse.Namespace, context: DistributedContext, model: SSD, num_classes: int) -> Trainer:
+    """The trainer of `model` with ssd.pytorch's loss: DDP under torchrun, else single-process."""
+    criterion = MultiBoxLoss.ssd_pytorch(num_classes, use_gpu=context.device.type == "cuda")
     config = TrainConfig(
         lr=args.lr, warmup_steps=args.warmup, clip_grad_norm=args.clip_grad_norm, amp=args.amp
     )
-    if context.distributed:
-        trainer = DistributedTrainer(model, criterion, config, context, sync_batchnorm=args.sync_bn)
-        torch.manual_seed(args.seed + context.rank)  # same initial weights, different augmentation per rank
-    else:
-        trainer = Trainer(model, criterion, config, device)
-    store = CheckpointStore(args.checkpoint_dir, keep=args.keep)
-    directory = Path(args.checkpoint_dir)
-    if args.resume:
-        loaded = store.load_latest()
-        context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
-        if loaded is not None and recorded_priors(loaded.meta) != model.spec.prior_set:
-            raise ValueError(f"--resume: the checkpoint has priors {recorded_priors(loaded.meta)!r}, this run "
-                             f"{model.spec.prior_set!r}; pass --priors {recorded_priors(loaded.meta)}")
-        if loaded is not None:
-            trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"], loaded.training_weights)
-    val_set = None
-    if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
-        val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
-    history = _History()
+    if not context.distributed:
+        return Trainer(model, criterion, config, context.device)
+    trainer = DistributedTrainer(model, criterion, config, context, sync_batchnorm=args.sync_bn)
+    torch.manual_seed(args.seed + context.rank)  # same initial weights, different augmentation per rank
+    return trainer
 
-    def save() -> None:
-        if not context.is_main:
+
+def _resume(trainer: Trainer, model: SSD, store: CheckpointStore, context: DistributedContext) -> None:
+    """`--resume`: every rank restores the newest checkpoint in `store` (none: start afresh), refusing
+    one trained with other priors than `model`'s."""
+    loaded = store.load_latest()
+    context.check_same(loaded.meta["version"] if loaded else -1, "--resume: checkpoint version")
+    if loaded is None:
+        return
+    priors, expected = recorded_priors(loaded.meta), model.spec.prior_set
+    if priors != expected:
+        raise ValueError(f"--resume: the checkpoint has priors {priors!r}, this run {expected!r}; pass --priors {priors}")
+    trainer.restore(loaded.state_dict, loaded.optimizer_state, loaded.meta["step"], loaded.training_weights)
+
+
+class _TrainingRun:
+    """One rank's training loop: its batches, history and progress bar, and the training time, which
+    leaves out evaluation. Under torchrun rank 0 alone logs, evaluates the held-out set and saves."""
+
+    def __init__(
+        self, args: argparse.Namespace, context: DistributedContext, dataset, model: SSD, trainer: Trainer,
+        store: CheckpointStore,
+    ) -> None:
+        self.args = args
+        self.context = context
+        self.dataset = dataset
+        self.trainer = trainer
+        self.model = model  # unwrapped: under torchrun the trainer holds it in DDP
+        self.store = store
+        self.directory = Path(args.checkpoint_dir)
+        self.log = tqdm.write if context.is_main else _silent
+        self.val_set = None
+        if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
+            self.val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
+        self.history = _History()
+        generator = torch.Generator().manual_seed(args.seed + context.rank)
+        sampler = distributed_sampler(dataset, context, args.seed)
+        self.batches = _batches(dataset, self.model, args, generator, sampler)
+        self.start = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.running_loss: float | None = None  # exponential moving average, for the progress bar
+        self.progress = tqdm(
+            total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet or not context.is_main
+        )
+
+    def train_seconds(self) -> float:
+        """Seconds since the start, evaluation left out."""
+        return time.perf_counter() - self.start - self.eval_seconds
+
+    def train(self) -> None:
+        """Step up to `--steps` (or `--time-limit`), evaluating every `--eval-every` and saving every
+        `--save-every` recorded steps."""
+        args, trainer = self.args, self.trainer
+        while trainer.steps < args.steps:
+            if args.time_limit and self.context.from_main(self.train_seconds() > args.time_limit):
+                self.log(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
+                break
+            if not self.step():
+                continue
+            if args.eval_every and trainer.steps % args.eval_every == 0:
+                self.evaluate()
+            if args.save_every and trainer.steps % args.save_every == 0:
+                self.save()
+        self.progress.close()
+
+    def step(self) -> bool:
+        """One optimizer step on the next batch, recorded in the history; False if it was skipped."""
+        images, targets = next(self.batches)  # [B, 3, S, S], list of B Tensor[n_i, 6]
+        result = self.trainer.step(images, targets)
+        if result.skipped:
+            self.log(f"step {self.trainer.steps}: non-finite loss or gradient, skipped")
+            return False
+        loss = result.loss_l + result.loss_c
+        self.running_loss = loss if self.running_loss is None else 0.95 * self.running_loss + 0.05 * loss
+        self.history.steps.append(self.trainer.steps)
+        self.history.loss_l.append(result.loss_l)
+        self.history.loss_c.append(result.loss_c)
+        self.history.lr.append(result.lr)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{self.running_loss:.3f}", lr=f"{result.lr:.2g}")
+        return True
+
+    def evaluate(self) -> None:
+        """Rank 0 scores the held-out set with the unwrapped network while the other ranks wait."""
+        eval_start = time.perf_counter()
+        scores = None
+        if self.val_set is not None:
+            scores = evaluate(self.model, self.val_set, batch_size=self.args.batch_size, device=self.context.device)
+        self.context.barrier()
+        self.eval_seconds += time.perf_counter() - eval_start
+        history = self.history
+        history.eval_steps.append(self.trainer.steps)  # on every rank: it decides the final evaluation
+        if scores is not None:
+            history.map_50.append(scores["map_50"])
+            history.map.append(scores["map"])
+            history.eval_elapsed_s.append(self.train_seconds())
+            self.log(f"step {self.trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
+
+    def save(self) -> None:
+        """Rank 0 writes history.json, the curves and, unless this step is saved already, a checkpoint."""
+        if not self.context.is_main:
             return
-        history.write(directory)
+        self.history.write(self.directory)
+        store, trainer = self.store, self.trainer
         if store.versions() and store.versions()[-1].step == trainer.steps:
             return  # already saved at this step (--save-every divides the step count)
         state = trainer.state()
         meta = checkpoint_meta(
-            model,
-            dataset.class_names,
+            self.model,
+            self.dataset.class_names,
             next_version(store),
             trainer.steps,
-            {"config": _config(args), "world_size": context.world_size},
+            {"config": _config(self.args), "world_size": self.context.world_size},
         )
         store.save(state.weights, meta, state.optimizer_state, state.training_weights)
 
-    generator = torch.Generator().manual_seed(args.seed + context.rank)
-    batches = _batches(dataset, model, args, generator, distributed_sampler(dataset, context, args.seed))
-    start = time.perf_counter()
-    eval_seconds = 0.0
-    running = None
-    progress = tqdm(
-        total=args.steps, initial=trainer.steps, desc="train", disable=args.quiet or not context.is_main
-    )
-
-    def run_eval() -> None:
-        """Rank 0 scores the held-out set with the unwrapped network while the other ranks wait."""
-        nonlocal eval_seconds
-        eval_start = time.perf_counter()
-        scores = None
-        if val_set is not None:
-            scores = evaluate(model, val_set, batch_size=args.batch_size, device=device)
-        context.barrier()
-        eval_seconds += time.perf_counter() - eval_start
-        history.eval_steps.append(trainer.steps)  # on every rank: it decides the final evaluation
-        if scores is not None:
-            history.map_50.append(scores["map_50"])
-            history.map.append(scores["map"])
-            history.eval_elapsed_s.append(time.perf_counter() - start - eval_seconds)
-            log(f"step {trainer.steps}: mAP@0.5 {scores['map_50']:.4f}  mAP {scores['map']:.4f}")
-
-    while trainer.steps < args.steps:
-        if args.time_limit and context.from_main(
-            time.perf_counter() - start - eval_seconds > args.time_limit
-        ):
-            log(f"time limit of {args.time_limit} s of training reached at step {trainer.steps}")
-            break
-        images, targets = next(batches)
-        result = trainer.step(images, targets)
-        if result.skipped:
-            log(f"step {trainer.steps}: non-finite loss or gradient, skipped")
-            continue
-        loss = result.loss_l + result.loss_c
-        running = loss if running is None else 0.95 * running + 0.05 * loss
-        history.steps.append(trainer.steps)
-        history.loss_l.append(result.loss_l)
-        history.loss_c.append(result.loss_c)
-        history.lr.append(result.lr)
-        progress.update(1)
-        progress.set_postfix(loss=f"{running:.3f}", lr=f"{result.lr:.2g}")
-        if args.eval_every and trainer.steps % args.eval_every == 0:
-            run_eval()
-        if args.save_every and trainer.steps % args.save_every == 0:
-            save()
-    progress.close()
-    if args.eval_every and history.steps and history.eval_steps[-1:] != [trainer.steps]:
-        run_eval()  # the run ended between evaluation points
-    history.skipped_steps = trainer.skipped_steps
-    history.train_seconds = time.perf_counter() - start - eval_seconds
-    history.images_per_second = (
-        len(history.steps) * args.batch_size * context.world_size / max(history.train_seconds, 1e-9)
-    )
-    save()
-    log(
-        f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), "
-        f"{history.images_per_second:.1f} images/s; checkpoints, history.json and loss_curve.png in {directory}"
-    )
-    return 0
+    def finish(self) -> None:
+        """A last evaluation unless the run ended on one, the throughput, and the final save."""
+        args, trainer, history = self.args, self.trainer, self.history
+        if args.eval_every and history.steps and history.eval_steps[-1:] != [trainer.steps]:
+            self.evaluate()  # the run ended between evaluation points
+        history.skipped_steps = trainer.skipped_steps
+        history.train_seconds = self.train_seconds()
+        history.images_per_second = (
+            len(history.steps) * args.batch_size * self.context.world_size / max(history.train_seconds, 1e-9)
+        )
+        self.save()
+        self.log(
+            f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), {history.images_per_second:.1f} "
+            f"images/s; checkpoints, history.json and loss_curve.png in {self.directory}"
+        )
 
 
 def _silent(message: str) -> None:

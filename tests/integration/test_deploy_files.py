@@ -371,13 +371,8 @@ def test_promql_name_extraction_sees_metrics_not_functions_or_labels():
         metric_names_in("made_up(ssd_a)")
 
 
-# Shared contract of issue 10 (app.online.validation_set defines and sets it; this dashboard plots it): allowed before
-# that branch's table row is merged. Once docs/ARCHITECTURE.md lists it, this set changes nothing.
-PLOTTED_FROM_THE_SHARED_CONTRACT = {"ssd_validation_ap_50"}
-
-
 def test_dashboard_queries_use_only_metric_names_from_the_architecture_table():
-    allowed = exposed_names(architecture_metrics()) | PLOTTED_FROM_THE_SHARED_CONTRACT
+    allowed = exposed_names(architecture_metrics())
     assert "ssd_loss_loc_bucket" in allowed and "ssd_finetune_steps_total" in allowed  # the table was read
     expressions = dashboard_expressions()
     assert expressions

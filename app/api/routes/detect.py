@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
-from torch import Tensor
 
 from app.api.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
+from app.api.disconnect import wait_for_disconnect
 from app.api.errors import invalid
 from app.api.inputs import (
     JSON,
@@ -20,12 +19,7 @@ from app.api.inputs import (
 )
 from app.api.openapi import ERROR_RESPONSES, request_body
 from app.api.schemas import Detection, DetectOptions, DetectRequest, DetectResponse
-from app.core.settings import Settings
-from app.serving.inference import InferenceWorker, forward
-from app.serving.model_host import ModelHost, ModelVersion
-from ssd_core.data.images import model_inputs
-from ssd_core.evaluation.drawing import captions, draw_detections
-from ssd_core.models.postprocess import Detections, detect
+from app.serving.detection import detect_images, render_png
 
 router = APIRouter(tags=["detect"])
 
@@ -41,39 +35,6 @@ MULTIPART_SCHEMA = {
 }
 _PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "JSON detections, or with render=true "
                        "the image as PNG with its detections drawn (header X-Model-Version)"}}
-
-
-def detection_options(options: DetectOptions, settings: Settings) -> tuple[float, int]:
-    """(score_threshold, max_detections) of a request, the settings' defaults where unset."""
-    threshold = settings.score_threshold if options.score_threshold is None else options.score_threshold
-    return threshold, options.max_detections or settings.max_detections
-
-
-async def detect_images(
-    request: Request, images: list[Tensor], options: DetectOptions, route: str, served: ModelVersion,
-    host: ModelHost, inference: InferenceWorker, settings: Settings,
-) -> list[Detections]:
-    """Detections of version `served` on decoded images, the forward pass batched with other requests.
-
-    Args:
-        images: B uint8 RGB images, each Tensor[3, H_k, W_k].
-
-    Returns:
-        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K].
-    """
-    batch = await run_in_threadpool(model_inputs, images, host.spec)  # [B, 3, S, S]
-    loc, conf = await forward(request, inference, batch, served, route)  # [B, P, 4], [B, P, C]
-    score_threshold, max_detections = detection_options(options, settings)
-
-    def postprocess() -> list[Detections]:
-        with torch.inference_mode():
-            return detect(
-                loc, conf, host.priors, variances=host.spec.prior_config.variance, score_threshold=score_threshold,
-                nms_iou=settings.nms_iou, max_detections=max_detections,
-                image_sizes=[(image.shape[1], image.shape[2]) for image in images],
-            )
-
-    return await run_in_threadpool(postprocess)
 
 
 @router.post(
@@ -101,7 +62,8 @@ async def detect_objects(
         raise invalid("images", f"render=true draws one image per request, got {len(encoded)}")
     images = await run_in_threadpool(lambda: [decode_image(data, settings, field) for data, field in encoded])
     served = host.current
-    found = await detect_images(request, images, options, "/detect", served, host, inference, settings)
+    found = await detect_images(wait_for_disconnect(request), images, options.score_threshold, options.max_detections,
+                                "/detect", served, host, inference, settings)
     metrics.images_processed.labels(route="/detect").inc(len(images))
     if options.render:
         png = await run_in_threadpool(render_png, images[0], found[0], settings)
@@ -114,9 +76,3 @@ async def detect_objects(
         for d in found
     ]
     return DetectResponse(detections=per_image, model_version=served.version)
-
-
-def render_png(image: Tensor, found: Detections, settings: Settings) -> bytes:
-    """`image` (Tensor[3, H, W] uint8) with `found` (pixel boxes) drawn, as PNG bytes."""
-    names = [settings.class_name(label) for label in found.labels.tolist()]
-    return draw_detections(image, found.boxes, captions(names, found.scores.tolist()))

@@ -11,32 +11,13 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import Authorized, SettingsDep, TrainerRole, WorkerDep
 from app.api.errors import ErrorResponse
 from app.api.inputs import JSON, MULTIPART, labelled_request
-from app.api.openapi import AUTH_RESPONSES, ERROR_RESPONSES, ROLE_RESPONSES, request_body
+from app.api.openapi import AUTH_RESPONSES, ERROR_RESPONSES, FINETUNE_MULTIPART, ROLE_RESPONSES, request_body
 from app.api.schemas import FinetuneOptions, FinetuneRequest
 from app.online.job_view import JobView
 
 # jobs live on the trainer: a server replica answers 409 wrong_role to every route here
 router = APIRouter(prefix="/finetune", tags=["finetune"], dependencies=[TrainerRole], responses=ROLE_RESPONSES)
 
-MULTIPART_SCHEMA = {
-    "type": "object",
-    "required": ["images", "annotations"],
-    "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "PNG/JPEG files"},
-        "annotations": {
-            "type": "string",
-            "description": 'JSON list, one entry per file: {"boxes": [[x1, y1, x2, y2] pixels], "labels": [...], '
-                           '"difficult": [...]?, "labelled_classes": [...]?}',
-        },
-        "labelled_classes": {"type": "string", "description": "JSON list of 0-based labels: partial labels of "
-                             "every image whose annotation gives none (see the JSON form)"},
-        "steps": {"type": "integer", "minimum": 1, "default": 1},
-        "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-        "augment": {"type": "boolean", "default": False},
-        "force": {"type": "boolean", "default": False, "description": "skip screening (the gate still applies)"},
-        "replay": {"type": "number", "minimum": 0, "maximum": 8, "description": "default: SSD_REPLAY_RATIO"},
-    },
-}
 _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune queue is full"}}
 
 
@@ -47,7 +28,7 @@ _QUEUE_RESPONSES = {429: {"model": ErrorResponse, "description": "The fine-tune 
     dependencies=[Authorized],
     responses={**ERROR_RESPONSES, **AUTH_RESPONSES, **_QUEUE_RESPONSES, 200: {"model": JobView,
                "description": "?wait=true: the finished job"}},
-    openapi_extra=request_body({JSON: FinetuneRequest, MULTIPART: MULTIPART_SCHEMA}),
+    openapi_extra=request_body({JSON: FinetuneRequest, MULTIPART: FINETUNE_MULTIPART}),
     summary="Queue a fine-tune job on labelled images",
 )
 async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep, wait: bool = False) -> JSONResponse:

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
-import threading
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -27,9 +24,9 @@ from app.api.schemas import (
 )
 from app.core.errors import describe
 from app.core.settings import Settings
+from app.serving.export import export_served
 from app.serving.model_host import ModelHost
-from ssd_core.models.export import SUFFIXES, export_model, metadata
-from ssd_core.storage.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore
+from app.serving.saved_versions import intact_versions
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -58,19 +55,6 @@ async def get_model(host: HostDep, settings: SettingsDep) -> ModelInfo:
     return model_info(host, settings)
 
 
-def intact_versions(store: CheckpointStore) -> list[CheckpointInfo]:
-    """The saved versions whose every file has the size and sha256 its sidecar records (what a
-    restart or a rollback can load), oldest first. Verifying reads every checkpoint in full."""
-    intact = []
-    for info in store.versions():
-        try:
-            store.load(info.version)
-        except CheckpointError:
-            continue  # torn or corrupt: listed nowhere, never loaded
-        intact.append(info)
-    return intact
-
-
 @router.get("/versions", response_model=VersionsResponse, summary="The current version and the saved ones")
 async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
     """Only checkpoints that verify (size and sha256 of each file) are listed: each one is a valid
@@ -82,24 +66,6 @@ async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
         versions=[VersionInfo(version=i.version, step=i.step, created=i.created, pinned=i.version in pins)
                   for i in saved],
     )
-
-
-_EXPORTING = threading.Lock()  # one export at a time: each one holds a copy of the weights and both cores
-
-
-def export_served(host: ModelHost, settings: Settings, fmt: str) -> tuple[Path, int]:
-    """Export the served version to a file in a fresh temporary directory; returns (file, version)."""
-    served = host.current
-    directory = Path(tempfile.mkdtemp(prefix="ssd-export-"))
-    names = settings.object_class_names()
-    try:
-        with _EXPORTING:
-            path = export_model(served.model, directory / f"{settings.model}-v{served.version}{SUFFIXES[fmt]}", fmt,
-                                metadata(served.model, served.version, names))
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return path, served.version
 
 
 @router.get(

@@ -26,12 +26,11 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
+from app.api.disconnect import wait_for_disconnect
 from app.api.errors import ApiError, from_validation_error
 from app.api.inputs import check_image_count, decode_image, validate_as
 from app.api.loss_batch import tensor_batch
-from app.api.routes.detect import detect_images
-from app.api.routes.score_loss import response as loss_response
-from app.api.routes.score_loss import score_batch
+from app.api.loss_scoring import score_batch, score_response
 from app.api.schemas import DetectOptions, LossOptions
 from app.api.v2_codec import (
     HEADER_LENGTH,
@@ -42,6 +41,7 @@ from app.api.v2_codec import (
 )
 from app.core.metrics import INFERENCE_ROUTES, Metrics, record_match_stats
 from app.core.settings import Settings
+from app.serving.detection import detect_images
 from app.serving.inference import InferenceWorker
 from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.models.postprocess import Detections
@@ -246,7 +246,8 @@ async def infer_detector(
     expect_inputs(parsed, {"images"})
     options = model_parameters(parsed, _DETECT_OPTIONS)
     images = await run_in_threadpool(image_list, parsed.inputs["images"], settings)
-    found = await detect_images(request, images, options, ROUTE, served, host, inference, settings)
+    found = await detect_images(wait_for_disconnect(request), images, options.score_threshold, options.max_detections,
+                                ROUTE, served, host, inference, settings)
     metrics.images_processed.labels(route=ROUTE).inc(len(images))
     return detection_tensors(found)
 
@@ -265,7 +266,7 @@ def infer_loss(
     options = model_parameters(parsed, _LOSS_OPTIONS)
     tensors = {name: torch.from_numpy(np.array(array)) for name, array in parsed.inputs.items()}
     output = score_batch(tensor_batch(tensors, options, host.priors, settings), settings.num_classes)
-    scored = loss_response(output, version, settings.object_class_names())
+    scored = score_response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     per_image = output.stats.per_image()  # what /score-loss answers as `per_image`
     return [

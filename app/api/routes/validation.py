@@ -7,15 +7,17 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import Authorized, SettingsDep, TrainerRole, WorkerDep
 from app.api.inputs import JSON, MULTIPART, labelled_request
-from app.api.openapi import AUTH_RESPONSES, ERROR_RESPONSES, ROLE_RESPONSES, request_body
-from app.api.routes.finetune import MULTIPART_SCHEMA as FINETUNE_MULTIPART
+from app.api.openapi import (
+    AUTH_RESPONSES,
+    ERROR_RESPONSES,
+    ROLE_RESPONSES,
+    VALIDATION_MULTIPART,
+    request_body,
+)
 from app.api.schemas import ValidationAdded, ValidationOptions, ValidationRequest, ValidationView
 
 # the set lives in the trainer's checkpoint directory: a server replica answers 409 wrong_role
 router = APIRouter(prefix="/validation", tags=["validation"], dependencies=[TrainerRole], responses=ROLE_RESPONSES)
-
-MULTIPART_SCHEMA = {**FINETUNE_MULTIPART, "properties": {
-    name: FINETUNE_MULTIPART["properties"][name] for name in ("images", "annotations")}}
 
 
 @router.post(
@@ -23,7 +25,7 @@ MULTIPART_SCHEMA = {**FINETUNE_MULTIPART, "properties": {
     response_model=ValidationAdded,
     dependencies=[Authorized],
     responses={**ERROR_RESPONSES, **AUTH_RESPONSES},
-    openapi_extra=request_body({JSON: ValidationRequest, MULTIPART: MULTIPART_SCHEMA}),
+    openapi_extra=request_body({JSON: ValidationRequest, MULTIPART: VALIDATION_MULTIPART}),
     summary="Add labelled images to the validation set",
 )
 async def add_images(request: Request, worker: WorkerDep, settings: SettingsDep) -> ValidationAdded:

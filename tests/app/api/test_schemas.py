@@ -7,8 +7,8 @@ import json
 import pytest
 
 from ssd_core import MultiBoxLoss
-from tests.app.conftest import labelled
 from tests.app.api.routes.test_score_loss import NUM_CLASSES, good
+from tests.app.conftest import labelled
 
 SEED_ARGS = dict(overlap_thresh=0.5, prior_for_matching=True, bkg_label=0, neg_mining=True, neg_pos=3,
                  neg_overlap=0.5, encode_target=False)

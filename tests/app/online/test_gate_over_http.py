@@ -12,7 +12,7 @@ import signal
 import httpx
 
 from tests.app.conftest import OVERFIT, labelled
-from tests.app.online.test_gatekeeper import EVERYTHING, shifted
+from tests.app.online.conftest import EVERYTHING, shifted
 from tests.integration.live import run_service
 
 SETTINGS = {"SSD_GATE_MIN_IMAGES": "4", "SSD_HOLDOUT_FRACTION": "0", "SSD_WARMUP_STEPS": "0",

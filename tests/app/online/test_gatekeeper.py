@@ -1,59 +1,16 @@
-"""Gated publishing in process: the holdout, the validation set routes, screening, the gate and its
-bitwise restore, `ungated`, pins, the learning-rate limit and warm-up."""
+"""Screening and the publish gate (app.online.gatekeeper) in process: a damaged candidate is rejected
+(and the trainer restored bitwise), `ungated` below the minimum, screening rejects a shifted batch and
+`force` skips it, and the served version's figures are cached per image."""
 
 from __future__ import annotations
 
-import copy
-import json
-import time
-
 import pytest
-import torch
 
-from ssd_core.data.datasets import Sample
 from ssd_core.data.images import encode_png
 from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.online.holdout import holdout_rank
-from ssd_core.storage.sample_store import content_key
-from tests.app.conftest import OVERFIT, assert_error, labelled, make_settings, start_client
-
-EVERYTHING = (0, 1, 2, 3)
-
-
-def gated_settings(tmp_path, **overrides):
-    # max_learning_rate: the damaging jobs below train at 0.05, above the default limit (10 x 1e-3)
-    values = dict(publish="gated", holdout_fraction=0.0, warmup_steps=0, gate_min_images=4, checkpoint_keep=20,
-                  max_learning_rate=0.1)
-    return make_settings(tmp_path, **{**values, **overrides})
-
-
-def shifted(sample: Sample) -> Sample:
-    """Boxes moved right and down by half their size (clipped to the image): a coordinate bug upstream."""
-    boxes = sample.boxes.clone()
-    size = boxes[:, 2:] - boxes[:, :2]
-    boxes[:, :2] += size / 2
-    boxes[:, 2:] = (boxes[:, 2:] + size / 2).clamp(max=float(sample.image.shape[-1]))
-    return Sample(sample.image, boxes, sample.labels, sample.difficult)
-
-
-def trainer_state(client) -> tuple[dict, dict, int]:
-    trainer = client.app.state.worker.trainer
-    return copy.deepcopy(trainer.module.state_dict()), copy.deepcopy(trainer.optimizer.state_dict()), trainer.steps
-
-
-def assert_bitwise_equal(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_bitwise_equal(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_bitwise_equal(x, y)
-    else:
-        assert a == b
+from tests.app.conftest import OVERFIT, labelled, start_client
+from tests.app.online.conftest import EVERYTHING, assert_bitwise_equal, gated_settings, shifted, trainer_state
 
 
 def detections(client, items) -> list:
@@ -101,27 +58,6 @@ def test_gate_rejects_damaged_weights_restores_the_trainer_bitwise_and_stores_no
         assert again["evaluation"]["decision"] == "published" and again["model_version"] == 2
 
 
-def test_holdout_is_stable_under_resending_and_accepted_images_join_the_validation_set(tmp_path):
-    pool = ShapesDataset(60, image_size=64, seed=5)
-    images = [encode_png(pool[i].image) for i in range(60)]
-    held = [i for i in range(60) if holdout_rank(images[i]) < 0.3][:2]
-    kept = [i for i in range(60) if holdout_rank(images[i]) >= 0.3][:2]
-    with start_client(make_settings(tmp_path, holdout_fraction=0.3)) as client:  # every_step: holdout too
-        body = {"images": labelled(pool, held + kept), "steps": 1}
-        job = client.post("/finetune?wait=true", json=body).json()
-        assert job["status"] == "succeeded" and job["held_out"] == 2
-        view = client.get("/validation").json()
-        assert {e["key"] for e in view["entries"]} == {content_key(images[i]) for i in held}
-        resent = client.post("/finetune?wait=true", json={**body, "images": body["images"][::-1]}).json()
-        assert resent["held_out"] == 2
-        assert client.get("/validation").json()["hash"] == view["hash"]  # the same two, nothing new
-        # a job left with fewer than two training images (BatchNorm) trains on none
-        lone = client.post("/finetune?wait=true", json={"images": labelled(pool, held + kept[:1]), "steps": 3}).json()
-        assert lone["status"] == "succeeded" and lone["steps_done"] == 0 and lone["held_out"] == 2
-        assert lone["model_version"] == client.version
-        assert client.sample("ssd_validation_images") == 2
-
-
 def test_ungated_below_the_minimum_publishes_at_the_end_only(tmp_path):
     with start_client(gated_settings(tmp_path, gate_min_images=10)) as client:
         job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT, EVERYTHING), "steps": 3}).json()
@@ -159,116 +95,16 @@ def test_screening_rejects_a_shifted_batch_and_force_skips_it_but_not_the_gate(t
         assert client.version == version and client.sample("ssd_screening_rejections_total") == 1
 
 
-def test_validation_routes_json_multipart_view_and_clear(tmp_path):
-    with start_client(gated_settings(tmp_path, validation_max_images=3)) as client:
-        added = client.post("/validation", json={"images": labelled(OVERFIT, (0, 1))}).json()
-        assert added["added"] == 2 and added["images"] == 2 and added["dropped"] == 0
-        files = [("images", (f"{i}.png", encode_png(OVERFIT[i].image), "image/png")) for i in (2, 3)]
-        notes = [{"boxes": OVERFIT[i].boxes.tolist(), "labels": OVERFIT[i].labels.tolist()} for i in (2, 3)]
-        response = client.post("/validation", files=files, data={"annotations": json.dumps(notes)})
-        assert response.status_code == 200, response.text
-        assert response.json()["images"] == 3  # bounded: reservoir sampling past 3
-        view = client.get("/validation").json()
-        assert view["images"] == 3 and view["max_images"] == 3 and len(view["entries"]) == 3
-        counts = {}
-        for i in EVERYTHING:
-            if content_key(encode_png(OVERFIT[i].image)) in {e["key"] for e in view["entries"]}:
-                for label in OVERFIT[i].labels.tolist():
-                    name = ["rectangle", "ellipse", "triangle"][label]
-                    counts[name] = counts.get(name, 0) + 1
-        assert view["boxes"] == counts and view["bytes"] == sum(e["bytes"] for e in view["entries"])
-        assert_error(client.post("/validation", json={"images": [{**labelled(OVERFIT, (0,))[0], "labels": [7]}]}),
-                     422, "images[0].labels[0]")
-        cleared = client.delete("/validation").json()
-        assert cleared["images"] == 0 and client.sample("ssd_validation_images") == 0
-
-
-def test_corrupt_validation_entries_are_dropped_and_counted_at_restart(tmp_path):
-    settings = gated_settings(tmp_path)
-    with start_client(settings) as client:
-        client.post("/validation", json={"images": labelled(OVERFIT, EVERYTHING)})
-    entries = sorted((settings.checkpoint_dir / "validation").glob("*.sample"))
-    entries[0].write_bytes(entries[0].read_bytes()[:-10])  # torn
-    with start_client(settings) as client:
-        view = client.get("/validation").json()
-        assert view["images"] == 3 and view["corrupt_dropped"] == 1
-        assert client.get("/readyz").status_code == 200
-
-
-def test_pinned_versions_survive_pruning_and_are_listed(tmp_path):
-    with start_client(make_settings(tmp_path, checkpoint_keep=2)) as client:
-        pinned = client.post("/model/versions/0/pin").json()
-        assert pinned == {"version": 0, "pinned": True, "pins": [0]}
-        for _ in range(3):
-            client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 1})
-        versions = client.get("/model/versions").json()["versions"]
-        assert [(v["version"], v["pinned"]) for v in versions] == [(0, True), (2, False), (3, False)]
-        assert client.post("/model/rollback", json={"version": 0}).status_code == 200
-        assert client.delete("/model/versions/0/pin").json() == {"version": 0, "pinned": False, "pins": []}
-        assert_error(client.delete("/model/versions/0/pin"), 404, "version", "not_found")
-        assert_error(client.post("/model/versions/1/pin"), 404, "version", "not_found")  # pruned long ago
-        client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 1})
-        assert 0 not in [v["version"] for v in client.get("/model/versions").json()["versions"]]
-
-
-def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_model(tmp_path):
-    with start_client(make_settings(tmp_path, max_learning_rate=0.05, warmup_steps=4, clip_grad_norm=5.0)) as client:
-        assert_error(client.post("/finetune", json={"images": labelled(OVERFIT), "learning_rate": 0.06}), 422,
-                     "learning_rate")
-        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 5,
-                                                       "learning_rate": 0.04}).json()
-        assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.04])
-        assert client.app.state.worker.trainer.config.clip_grad_norm == 5.0
-    with pytest.raises(ValueError, match="exceeds max_learning_rate"):
-        make_settings(tmp_path, learning_rate=0.2, max_learning_rate=0.1)
-
-
-def test_the_default_learning_rate_limit_is_ten_times_the_recipes_rate(tmp_path):
-    assert make_settings(tmp_path).learning_rate_limit() == pytest.approx(0.01)  # AdamW 1e-3
-    assert make_settings(tmp_path, optimizer="sgd", learning_rate=0.005).learning_rate_limit() == pytest.approx(0.05)
-    with start_client(make_settings(tmp_path)) as client:
-        refused = client.post("/finetune", json={"images": labelled(OVERFIT), "learning_rate": 0.011})
-        assert "10 x SSD_LEARNING_RATE" in assert_error(refused, 422, "learning_rate")["message"]
-        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "learning_rate": 0.01}).json()
-        assert job["status"] == "succeeded" and job["learning_rate"] == 0.01
-
-
-def test_publish_every_steps_judges_within_a_job(tmp_path, trained_weights):
-    with start_client(gated_settings(tmp_path, weights=trained_weights, publish_every_steps=2)) as client:
-        client.post("/validation", json={"images": labelled(OVERFIT, EVERYTHING)})
-        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT, EVERYTHING), "steps": 4,
-                                                       "learning_rate": 1e-5}).json()
-        assert job["status"] == "succeeded" and job["evaluation"]["decision"] == "published", job
-        assert [step["model_version"] for step in job["losses"]] == [0, 0, 1, 1]  # published after step 2
-        assert job["model_version"] == client.version == 2
-        assert client.sample("ssd_gate_decisions_total", decision="published") == 2
-
-
-def test_a_cancelled_gated_job_publishes_nothing_and_restores_the_trainer(tmp_path):
-    with start_client(gated_settings(tmp_path)) as client:
-        before = trainer_state(client)
-        job = client.post("/finetune", json={"images": labelled(OVERFIT, EVERYTHING), "steps": 200}).json()
-        while client.get(f"/finetune/{job['job_id']}").json()["steps_done"] < 2:
-            time.sleep(0.02)
-        client.delete(f"/finetune/{job['job_id']}")
-        done = client.app.state.worker.get(job["job_id"]).finished.result(timeout=60)
-        assert done is None
-        view = client.get(f"/finetune/{job['job_id']}").json()
-        assert view["status"] == "cancelled" and view["steps_done"] >= 2 and view["evaluation"] is None
-        assert client.version == 0
-        assert_bitwise_equal(trainer_state(client), before)
-
-
 def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(tmp_path, trained_weights, monkeypatch):
     """A grown validation set (new hash) does not re-run the served version on the images it has seen:
     its per-image parts are kept (a published candidate's become the served version's), and the figures
     combined from them equal the version scored on the whole set from scratch."""
-    from app import publishing
+    from app.online import gatekeeper
     from ssd_core.online.gate import score_model
 
     scored: list[int] = []
-    real = publishing.score_images
-    monkeypatch.setattr(publishing, "score_images", lambda model, samples, *a, **k: scored.append(len(samples))
+    real = gatekeeper.per_image_scores
+    monkeypatch.setattr(gatekeeper, "per_image_scores", lambda model, samples, *a, **k: scored.append(len(samples))
                         or real(model, samples, *a, **k))
     pool = labelled(ShapesDataset(7, image_size=64, seed=21), range(7))
     job = {"images": labelled(OVERFIT, EVERYTHING), "steps": 1, "learning_rate": 1e-5}

@@ -11,9 +11,16 @@ import torch
 from ssd_core import MultiBoxLoss
 from ssd_core.data.datasets import collate
 from ssd_core.loss.partial_labels import labelled_class_mask
+from tests.app.api.routes.test_score_loss import (
+    NUM_CLASSES,
+    PRIORS,
+    as_json,
+    as_safetensors,
+    post_binary,
+    random_batch,
+)
 from tests.app.conftest import CriterionSpy, assert_error, labelled, png_bytes
 from tests.app.online.test_worker import wait_for
-from tests.app.api.routes.test_score_loss import NUM_CLASSES, PRIORS, as_json, as_safetensors, post_binary, random_batch
 
 
 def declared_for(targets) -> list[list[int] | None]:

@@ -1,21 +1,17 @@
-"""Fine-tune jobs: training lowers the batch's loss and publishes versions; queue, cancel, wait,
-multipart, auth and every bad input."""
+"""The fine-tune queue and its thread (app.online.worker): jobs queue then run, queue full, cancel,
+wait, multipart, auth, every bad input and the limits on steps and learning rate, and the job journal
+across restarts."""
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 
 import pytest
-import torch
 
-import app.online.gatekeeper
-from ssd_core.online.gate import GateDecision
-from ssd_core.storage.checkpoint import CheckpointStore
 from tests.app.conftest import (
+    OVERFIT,
     TOKEN,
-    CriterionSpy,
     assert_error,
     labelled,
     make_settings,
@@ -32,31 +28,6 @@ def wait_for(client, job_id: str, states: set[str], timeout: float = 60.0) -> di
             return job
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {job}")
-
-
-def test_finetune_lowers_the_batch_loss_and_publishes_versions(client, shapes):
-    torch.manual_seed(0)
-    items = labelled(shapes)
-    before = client.post("/score-loss", json={"images": items}).json()
-    assert before["model_version"] == 0
-    response = client.post("/finetune?wait=true", json={"images": items, "steps": 40, "learning_rate": 0.005})
-    assert response.status_code == 200, response.text
-    job = response.json()
-    assert job["status"] == "succeeded"
-    assert job["steps_done"] == job["steps_total"] == 40
-    assert [step["model_version"] for step in job["losses"]] == list(range(1, 41))  # one version per step
-    assert job["model_version"] == 40
-    after = client.post("/score-loss", json={"images": items}).json()
-    assert after["model_version"] == 40
-    assert after["loss"] < 0.5 * before["loss"]
-    assert client.get("/model").json()["training_steps"] == 40
-    assert client.sample("ssd_finetune_steps_total") == 40
-    assert client.sample("ssd_model_version") == 40
-    assert client.sample("ssd_finetune_jobs_total", state="succeeded") == 1
-    assert client.sample("ssd_loss_conf_count", source="finetune") == 40
-    assert client.sample("ssd_learning_rate") == pytest.approx(0.005)
-    assert client.sample("ssd_images_processed_total", route="/finetune") == 80
-    assert client.sample("ssd_checkpoints_total", outcome="saved") == 2  # the initial weights, then the job
 
 
 def test_accepted_job_is_queued_then_runs(client, shapes):
@@ -113,23 +84,6 @@ def test_queue_full_cancel_queued_and_running(tmp_path, shapes):
 def test_unknown_job(client):
     assert_error(client.get("/finetune/nope"), 404, "job_id", "not_found")
     assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
-
-
-def test_skipped_non_finite_steps(tmp_path, shapes):
-    with start_client(make_settings(tmp_path, max_learning_rate=1e13)) as client:
-        _check_skipped_steps(client, shapes)
-
-
-def _check_skipped_steps(client, shapes):
-    job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3,
-                                                   "learning_rate": 1e12}).json()
-    assert job["skipped_steps"] >= 1
-    version = 0
-    for step in job["losses"]:  # a completed step publishes the next version, a skipped one nothing
-        version += 0 if step["skipped"] else 1
-        assert step["model_version"] == version
-    assert client.version == version
-    assert client.sample("ssd_finetune_skipped_steps_total") == job["skipped_steps"]
 
 
 # ---- bad input leaves the model, its version and the queue untouched
@@ -264,58 +218,11 @@ def test_a_queued_job_is_on_disk_before_the_202(client, shapes):
     client.delete(f"/finetune/{running['job_id']}")
 
 
-def test_with_ema_the_served_version_is_the_average_and_a_restart_resumes_both(tmp_path, shapes):
-    settings = make_settings(tmp_path, ema_decay=0.9, ema_tau=1.0)
-    with start_client(settings) as client:
-        done = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 3}).json()
-        assert done["status"] == "succeeded" and done["model_version"] == 3
-        trainer = client.app.state.worker.trainer
-        served = client.app.state.host.current.model.state_dict()
-        assert all(torch.equal(served[k], v) for k, v in trainer.weights().items())  # the EMA is served
-        raw = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-        assert not torch.equal(served["loc.0.weight"], raw["loc.0.weight"])
-        ema = {k: v.clone() for k, v in trainer.weights().items()}
-    info = CheckpointStore(settings.checkpoint_dir).versions()[-1]
-    assert info.version == 3 and info.training_weights is not None
-    with start_client(settings) as client:
-        trainer = client.app.state.worker.trainer
-        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
-        assert all(torch.equal(ema[k], v) for k, v in client.app.state.host.current.model.state_dict().items())
-        assert trainer.ema.updates == trainer.steps == 3
-
-
-def test_a_rejected_job_puts_the_ema_and_the_raw_weights_back_bitwise(tmp_path, shapes, monkeypatch):
-    settings = make_settings(tmp_path, publish="gated", gate_min_images=1, ema_decay=0.9, ema_tau=1.0)
-    with start_client(settings) as client:
-        assert client.post("/validation", json={"images": labelled(shapes, (6, 7))}).status_code == 200
-        monkeypatch.setattr(app.online.gatekeeper, "decide", lambda *args: GateDecision("published"))
-        assert client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 2}).json()[
-            "status"] == "succeeded"
-        trainer = client.app.state.worker.trainer
-        ema, raw = copy.deepcopy(trainer.weights()), copy.deepcopy(trainer.module.state_dict())
-        monkeypatch.setattr(app.online.gatekeeper, "decide", lambda *args: GateDecision("rejected", reason="forced"))
-        job = client.post("/finetune?wait=true", json={"images": labelled(shapes, (2, 3)), "steps": 2}).json()
-        assert job["status"] == "rejected" and job["steps_done"] == 2, job
-        assert all(torch.equal(ema[k], v) for k, v in trainer.weights().items())
-        assert all(torch.equal(raw[k], v) for k, v in trainer.module.state_dict().items())
-        assert trainer.ema.updates == trainer.steps == 2
-        served = client.app.state.host.current.model.state_dict()
-        assert all(torch.equal(ema[k], v) for k, v in served.items())  # the EMA was what the gate published
-
-
-def test_job_view_pools_per_class_statistics_over_its_steps(client, shapes):
-    spy = CriterionSpy.install(client)
-    response = client.post("/finetune?wait=true", json={"images": labelled(shapes, (0, 1, 2)), "steps": 3})
-    assert response.status_code == 200, response.text
-    job = response.json()
-    assert len(spy.training_outputs) == 3
-    per_class = [output.stats.per_class for output in spy.training_outputs]
-    pooled = per_class[0] + per_class[1] + per_class[2]
-    names = ["rectangle", "ellipse", "triangle"]
-    assert [row["class_name"] for row in job["per_class"]] == names
-    for got, want in zip(job["per_class"], pooled.rows(names), strict=True):
-        assert got == {key: value if key == "class_name" else pytest.approx(value, rel=1e-5, abs=1e-7)
-                       for key, value in want.items()}
-    truths = sum(len(shapes[i].boxes) for i in (0, 1, 2))
-    assert sum(row["num_ground_truth"] for row in job["per_class"]) == 3 * truths
-    assert client.get(f"/finetune/{job['job_id']}").json()["per_class"] == job["per_class"]
+def test_the_default_learning_rate_limit_is_ten_times_the_recipes_rate(tmp_path):
+    assert make_settings(tmp_path).learning_rate_limit() == pytest.approx(0.01)  # AdamW 1e-3
+    assert make_settings(tmp_path, optimizer="sgd", learning_rate=0.005).learning_rate_limit() == pytest.approx(0.05)
+    with start_client(make_settings(tmp_path)) as client:
+        refused = client.post("/finetune", json={"images": labelled(OVERFIT), "learning_rate": 0.011})
+        assert "10 x SSD_LEARNING_RATE" in assert_error(refused, 422, "learning_rate")["message"]
+        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "learning_rate": 0.01}).json()
+        assert job["status"] == "succeeded" and job["learning_rate"] == 0.01

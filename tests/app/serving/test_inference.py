@@ -13,9 +13,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from app.api.errors import ApiError
-from app.api.routes.score_loss import criterion_for
+from app.api.loss_scoring import criterion_for
 from app.api.schemas import LossOptions
+from app.core.errors import ClientGone
 from app.core.metrics import Metrics
 from app.serving.inference import InferenceWorker, batch_policy, forward
 from ssd_core.data.datasets import collate
@@ -137,15 +137,13 @@ def test_full_queue_answers_503_with_retry_after(tmp_path, shapes, monkeypatch):
         assert client.get("/readyz").status_code == 200
 
 
-class _Gone:
-    """A request whose client disconnects after `after` seconds."""
+def gone_after(seconds: float):
+    """The disconnect wait of a request whose client disconnects after `seconds`."""
 
-    def __init__(self, after: float) -> None:
-        self.after = after
+    async def wait() -> None:
+        await asyncio.sleep(seconds)
 
-    async def receive(self) -> dict:
-        await asyncio.sleep(self.after)
-        return {"type": "http.disconnect"}
+    return wait
 
 
 def test_a_request_whose_client_has_gone_leaves_the_queue_uncomputed(tmp_path):
@@ -164,15 +162,14 @@ def test_a_request_whose_client_has_gone_leaves_the_queue_uncomputed(tmp_path):
     worker = InferenceWorker(host, batch_policy(settings), metrics)  # type: ignore[arg-type]
     served = type("Served", (), {"version": 7})()
     try:
-        with pytest.raises(ApiError) as gone:
-            asyncio.run(forward(_Gone(0.05), worker, torch.zeros(1, 3, 4, 4), served, "/detect"))
-        assert gone.value.status == 499
+        with pytest.raises(ClientGone):
+            asyncio.run(forward(gone_after(0.05), worker, torch.zeros(1, 3, 4, 4), served, "/detect"))
         assert worker.queue.queued_images == 0
         assert metrics.registry.get_sample_value("ssd_inference_cancelled_images_total", {"route": "/detect"}) == 1
 
         async def two() -> list:  # two live requests fill a batch: computed once, each gets its own rows
             images = [torch.full((1, 3, 4, 4), float(k)) for k in range(2)]
-            return await asyncio.gather(*(forward(_Gone(60), worker, im, served, "/detect") for im in images))
+            return await asyncio.gather(*(forward(gone_after(60), worker, im, served, "/detect") for im in images))
 
         (loc0, _), (loc1, _) = asyncio.run(two())
         assert host.calls == [2]  # the cancelled request was never part of a forward pass

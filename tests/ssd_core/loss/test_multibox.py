@@ -11,6 +11,7 @@ from ssd_core import VOC_300, LossOutput, MultiBoxLoss, center_size, encode, pri
 from tests.ssd_core.loss.ssd_pytorch_reference import ssd_pytorch_multibox_loss
 from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
 
+
 def losses_and_grads(loss_fn, loc, conf):
     loc.grad = conf.grad = None
     loss_l, loss_c = loss_fn()

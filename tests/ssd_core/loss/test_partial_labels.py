@@ -8,7 +8,6 @@ import torch
 from ssd_core import MultiBoxLoss
 from ssd_core.loss.partial_labels import labelled_class_mask
 from ssd_core.training.trainer import TrainConfig, Trainer
-from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
 from tests.ssd_core.loss.test_multibox import (
     FAR,
     HAND_PRIORS,
@@ -18,6 +17,7 @@ from tests.ssd_core.loss.test_multibox import (
     losses_and_grads,
     selected,
 )
+from tests.ssd_core.random_data import random_predictions, random_targets, small_priors
 
 # Hand-made: truth T (label 1 = column 2) fits p0..p2; an unboxed object of class 0 (column 1) lies on
 # p5 and the network already sees it there (column 1 logit 6). p6's column-1 logit 10 makes it the

@@ -1,13 +1,15 @@
-"""detect(): hand-worked cases and a per-class loop reference."""
+"""detect(): hand-worked cases and a per-class loop reference; detect_with_spec()."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from torchvision.ops import nms
 
 from ssd_core.models import build_model
-from ssd_core.models.postprocess import detect
+from ssd_core.models.postprocess import detect, detect_with_spec
 from ssd_core.ops.boxes import point_form
 from ssd_core.ops.coder import decode
 
@@ -118,6 +120,19 @@ def test_model_output_runs_through():
             (det.boxes[:, 2] <= width).all() and (det.boxes[:, 3] <= height).all() and (det.boxes >= 0).all()
         )
         assert ((det.labels >= 0) & (det.labels < 3)).all()
+
+
+def test_detect_with_spec_decodes_with_the_specs_variances():
+    model = build_model("ssd-small", 4).eval()
+    spec = replace(model.spec, prior_config=replace(model.spec.prior_config, variance=(0.2, 0.3)))
+    generator = torch.Generator().manual_seed(5)
+    loc, conf = torch.randn(1, 6, 4, generator=generator), torch.randn(1, 6, 4, generator=generator)
+    priors = torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3], [0.8, 0.3, 0.2, 0.4]] * 2)
+    (got,) = detect_with_spec(spec, loc, conf, priors, score_threshold=0.05)
+    (want,) = detect(loc, conf, priors, variances=(0.2, 0.3), score_threshold=0.05)
+    (default,) = detect(loc, conf, priors, score_threshold=0.05)
+    assert len(got.boxes) > 0 and torch.equal(got.boxes, want.boxes) and torch.equal(got.scores, want.scores)
+    assert not torch.equal(got.boxes, default.boxes)
 
 
 @pytest.mark.parametrize(

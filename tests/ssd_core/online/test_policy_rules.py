@@ -17,7 +17,7 @@ from ssd_core.online.gate import (
     ValidationScore,
     combine_scores,
     decide,
-    score_images,
+    per_image_scores,
     score_model,
 )
 from ssd_core.online.holdout import holdout_rank, split_holdout
@@ -155,7 +155,8 @@ def test_a_score_combined_from_parts_scored_apart_equals_the_whole_sets():
     samples = [ShapesDataset(7, image_size=64, seed=2)[i] for i in range(7)]
     criterion = MultiBoxLoss.ssd_pytorch(4)
     whole = score_model(model, samples, criterion, num_classes=3, batch_size=7)
-    parts = score_images(model, samples[:3], criterion, batch_size=2) + score_images(model, samples[3:], criterion)
+    parts = (per_image_scores(model, samples[:3], criterion, batch_size=2)
+             + per_image_scores(model, samples[3:], criterion))
     combined = combine_scores(parts, samples, 3)
     assert combined.map_50 == pytest.approx(whole.map_50, abs=1e-6) and combined.per_class == pytest.approx(whole.per_class)
     assert combined.loss == pytest.approx(whole.loss, rel=1e-5)

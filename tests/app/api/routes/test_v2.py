@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ssd_core.data.images import encode_jpeg, encode_png
-from tests.app.conftest import png_bytes
 from tests.app.api.routes.test_score_loss import as_safetensors, post_binary, random_batch
+from tests.app.conftest import png_bytes
 
 
 def error_of(response, status: int) -> str:

@@ -1,0 +1,83 @@
+"""The SSD loss of a request and its answer, shared by `POST /score-loss` and the Open Inference Protocol's
+`ssd-loss` model: the criterion of the request's options, the loss of a checked `LossBatch`, of a
+safetensors body or of labelled images (the hosted model predicts), and the `ScoreLossResponse`.
+A value the loss cannot use is an `ApiError` naming the field."""
+
+from __future__ import annotations
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from app.api.errors import invalid
+from app.api.inputs import check_bkg_label, labelled_samples
+from app.api.loss_batch import LossBatch, safetensors_batch
+from app.api.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
+from app.core.metrics import Metrics
+from app.core.settings import Settings
+from app.serving.inference import InferenceWorker, WaitForDisconnect
+from app.serving.model_host import ModelHost
+from app.serving.scoring import loss_inputs, score_batched
+from ssd_core.loss.multibox import LossOutput, MultiBoxLoss
+
+
+def criterion_for(options: LossOptions, num_classes: int) -> MultiBoxLoss:
+    """The seed's constructor with the request's options."""
+    return MultiBoxLoss(
+        num_classes, options.overlap_thresh, options.prior_for_matching, options.bkg_label, options.neg_mining,
+        options.neg_pos, options.neg_overlap, options.encode_target,
+        variance=options.variance, loc_weight=options.loc_weight, match_type=options.match_type,
+    )
+
+
+def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
+    """The loss of a validated batch (no gradients)."""
+    with torch.inference_mode():
+        try:
+            return criterion_for(batch.options, num_classes).compute(
+                (batch.loc, batch.conf, batch.priors), batch.targets, batch.class_mask)
+        except ValueError as error:  # the loss's own checks (e.g. option combinations)
+            raise invalid("body", str(error)) from None
+
+
+def score_safetensors(body: bytearray, model_priors: torch.Tensor, settings: Settings) -> LossOutput:
+    """The binary form in one worker-thread call: parse (tensors are views of `body`), check, score."""
+    return score_batch(safetensors_batch(body, model_priors, settings), settings.num_classes)
+
+
+async def score_labelled_images(
+    client_gone: WaitForDisconnect, parsed: ScoreLossRequest, route: str, host: ModelHost,
+    inference: InferenceWorker, settings: Settings, metrics: Metrics,
+) -> tuple[LossOutput, int]:
+    """The image form: decode, run the current model version (batched with other requests), score its predictions.
+
+    Returns:
+        (the loss with its match statistics, the version that predicted).
+    """
+    assert parsed.images is not None
+    check_bkg_label(parsed.options, settings)  # before any decoding
+    criterion = criterion_for(parsed.options, settings.num_classes)
+
+    def prepare() -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        samples = labelled_samples([(item.image, item) for item in parsed.images], settings)
+        return loss_inputs(samples, host.spec, criterion)  # [B, 3, S, S], list[[n, 6]], [B, C] or None
+
+    images, targets, class_mask = await run_in_threadpool(prepare)
+    output, served = await score_batched(
+        client_gone, images, targets, class_mask, criterion, route, host, inference, metrics)
+    return output, served.version
+
+
+def score_response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
+    """The answer of `/score-loss` to a loss computed with model version `version`'s priors or predictions;
+    a 422 when the loss overflowed."""
+    loss_l, loss_c = float(output.loss_l), float(output.loss_c)
+    if not all(abs(v) < float("inf") for v in (loss_l, loss_c)):
+        raise invalid("predictions", "the loss overflowed to a non-finite value (predictions too large)")
+    stats = output.stats
+    totals = stats.totals()
+    return ScoreLossResponse(
+        loss=loss_l + loss_c, loss_l=loss_l, loss_c=loss_c, num_positives=totals["num_positives"],
+        num_negatives=totals["num_negatives"], per_image=stats.per_image(),
+        per_class=stats.per_class.rows(class_names),
+        loss_c_negatives=float(stats.per_class.negative_loss_c_sum / stats.normalizer), model_version=version,
+    )
