@@ -19,8 +19,8 @@ from app.core.errors import (
     ClientGone,
     Conflict,
     InvalidValue,
+    JobQueueFull,
     NotFound,
-    QueueFull,
     ServiceError,
     Unavailable,
 )
@@ -85,7 +85,7 @@ def from_validation_error(errors: Sequence[dict], prefix: str = "") -> ApiError:
 
 # The one place a domain exception becomes an HTTP status.
 _STATUS_OF: dict[type[ServiceError], int] = {
-    InvalidValue: 422, NotFound: 404, Conflict: 409, QueueFull: 429, Unavailable: 503, ClientGone: 499,
+    InvalidValue: 422, NotFound: 404, Conflict: 409, JobQueueFull: 429, Unavailable: 503, ClientGone: 499,
 }
 
 

@@ -38,7 +38,7 @@ class Conflict(ServiceError):
     the wrong role, no checkpoint directory); retrying the same request unchanged does not help."""
 
 
-class QueueFull(ServiceError):
+class JobQueueFull(ServiceError):
     """The fine-tune queue is full; the same request may succeed after `retry_after_s`."""
 
 

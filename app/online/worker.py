@@ -29,7 +29,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 
-from app.core.errors import InvalidValue, NotFound, QueueFull, Unavailable
+from app.core.errors import InvalidValue, JobQueueFull, NotFound, Unavailable
 from app.core.metrics import Metrics
 from app.core.settings import Settings
 from app.online.checkpoints import Checkpoints
@@ -153,7 +153,7 @@ class FinetuneWorker:
     ) -> Job:
         """Queue a job on `samples` (decoded from `images`, the bytes as sent). `replay`: replayed images
         per new image (None: SSD_REPLAY_RATIO). Raises InvalidValue for too many steps, too high a learning
-        rate or too few images, QueueFull when the queue is full, Unavailable while shutting down."""
+        rate or too few images, JobQueueFull when the queue is full, Unavailable while shutting down."""
         if steps > self.settings.finetune_max_steps:
             raise InvalidValue("steps", f"{steps} exceeds the limit of {self.settings.finetune_max_steps}")
         limit = self.settings.learning_rate_limit()
@@ -168,7 +168,7 @@ class FinetuneWorker:
             if self._stopping:
                 raise Unavailable("shutting_down", "the server is shutting down")
             if len(self._queue) >= self.settings.finetune_queue_size:
-                raise QueueFull("queue_full", f"the fine-tune queue holds {len(self._queue)} jobs "
+                raise JobQueueFull("queue_full", f"the fine-tune queue holds {len(self._queue)} jobs "
                                 f"(limit {self.settings.finetune_queue_size}); retry later", retry_after_s=5)
             self._jobs[job.job_id] = job
             self._queue.append(job)

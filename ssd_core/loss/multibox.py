@@ -24,10 +24,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ssd_core.loss.matching import MATCH_TYPES, MatchResult, match, pairwise_iou
 from ssd_core.loss.partial_labels import check_declared, class_mask_bias
+from ssd_core.loss.selected_cross_entropy import SelectedCrossEntropy, background_log_prob
 from ssd_core.loss.stats import ClassStats, MatchStats
 from ssd_core.loss.targets import pad_targets
 from ssd_core.ops.boxes import point_form
@@ -201,7 +201,7 @@ class MultiBoxLoss(nn.Module):
         negative_target = neg_image.new_full(neg_image.shape, self.background_label)  # [Kn]
         target = torch.cat((truth_columns[pos_image, pos_truth], negative_target))  # [K]
         row_bias = None if bias is None else bias[image]  # [K, C]
-        cross_entropy = _SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target, row_bias)  # [K]
+        cross_entropy = SelectedCrossEntropy.apply(conf, image * conf.shape[1] + prior, target, row_bias)  # [K]
         loss_c_sum = conf.new_zeros(conf.shape[0]).index_add(0, image, cross_entropy)  # [B]
         loc_loss = self._loc_loss(loc, priors, boxes[pos_image, pos_truth], pos_image, pos_prior)  # [Kp]
         loss_l_sum = loc.new_zeros(loc.shape[0]).index_add(0, pos_image, loc_loss)  # [B]
@@ -269,7 +269,7 @@ class MultiBoxLoss(nn.Module):
         pos_image, pos_prior = positive.nonzero(as_tuple=True)  # [Kp] each
         num_positives = pos_image.bincount(minlength=conf.shape[0])  # [B]
         if self.do_neg_mining:
-            background = _background_log_prob(conf.detach(), self.background_label, bias)  # [B, P], minus the loss
+            background = background_log_prob(conf.detach(), self.background_label, bias)  # [B, P], minus the loss
             neg_image, neg_prior = self._mine(background, num_positives, eligible)  # [Kn] each
         else:
             neg_image, neg_prior = eligible.nonzero(as_tuple=True)  # [Kn] each
@@ -317,63 +317,6 @@ class MultiBoxLoss(nn.Module):
             scale = loc.new_tensor([v_center, v_center, v_size, v_size])
             predicted, target = predicted / scale, target / scale
         return F.smooth_l1_loss(predicted, target, reduction="none").sum(dim=1) * self.loc_weight  # [K]
-
-
-# conf elements per log_softmax call on the CPU (4 MB of float32): no [B, P, C] log-probability tensor
-# is allocated (a fresh 20-90 MB buffer costs more in page faults than the pass itself), while blocks
-# stay large enough for two threads; measured best among 2^16..2^22 for C = 21 and 81
-_ELEMENTS_PER_BLOCK = 2**20
-
-
-def _background_log_prob(conf: Tensor, background_label: int, bias: Tensor | None = None) -> Tensor:
-    """log softmax(conf + bias)[..., background_label] of every prior, block by block of rows on the CPU.
-
-    Args:
-        conf (Tensor[B, P, C]): logits.
-        bias (Tensor[B, C], optional): per-image logit bias (a class mask's 0 / -inf).
-
-    Returns:
-        Tensor[B, P]: each prior's background log-probability (minus its conf loss as a negative).
-    """
-    rows = conf.reshape(-1, conf.shape[-1])  # [B * P, C]
-    block = max(1, _ELEMENTS_PER_BLOCK // rows.shape[1] if rows.device.type == "cpu" else len(rows))
-    out = rows.new_empty(len(rows))  # [B * P]
-    for start in range(0, len(rows), block):
-        logits = rows[start : start + block]  # [n, C]
-        if bias is not None:
-            image = torch.arange(start, start + len(logits), device=rows.device) // conf.shape[1]  # [n]
-            logits = logits + bias[image]
-        out[start : start + block] = F.log_softmax(logits, dim=-1)[:, background_label]
-    return out.view(conf.shape[:2])
-
-
-class _SelectedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the selected priors only.
-
-    Forward: log_softmax on the K selected rows of conf (plus a row bias [K, C] of 0 / -inf for a class
-    mask), -log_probs[k, target[k]], Tensor[K]. Backward: softmax - one_hot written into those rows of a
-    zero d conf (masked columns get 0); nothing else touches [B, P, C].
-    """
-
-    @staticmethod
-    def forward(ctx, conf: Tensor, row: Tensor, target: Tensor, row_bias: Tensor | None) -> Tensor:
-        logits = conf.reshape(-1, conf.shape[-1]).index_select(0, row)  # [K, C]
-        if row_bias is not None:
-            logits += row_bias
-        log_probs = F.log_softmax(logits, dim=-1)  # [K, C]
-        ctx.save_for_backward(log_probs, row, target)
-        ctx.conf_shape = conf.shape
-        return -log_probs.gather(1, target[:, None]).squeeze(1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        log_probs, row, target = ctx.saved_tensors
-        grad_rows = log_probs.exp()  # softmax, [K, C]
-        grad_rows[torch.arange(len(target), device=target.device), target] -= 1
-        grad_conf = grad_rows.new_zeros(ctx.conf_shape)  # [B, P, C]
-        grad_conf.view(-1, grad_rows.shape[1]).index_copy_(0, row, grad_rows.mul_(grad[:, None]))
-        return grad_conf, None, None, None
 
 
 def _check_options(

@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from app.api.errors import field_path, from_service_error
-from app.core.errors import ClientGone, Conflict, InvalidValue, NotFound, QueueFull, ServiceError, Unavailable
+from app.core.errors import (
+    ClientGone,
+    Conflict,
+    InvalidValue,
+    JobQueueFull,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from app.main import create_app
 from tests.app.conftest import assert_error, make_settings
 
@@ -19,7 +27,7 @@ def test_field_path():
 
 def test_each_domain_error_kind_has_its_status():
     cases = [(InvalidValue("steps", "too many"), 422), (NotFound("not_found", "no job"), 404),
-             (Conflict("trainer_busy", "busy"), 409), (QueueFull("queue_full", "full", retry_after_s=5), 429),
+             (Conflict("trainer_busy", "busy"), 409), (JobQueueFull("queue_full", "full", retry_after_s=5), 429),
              (Unavailable("shutting_down", "stopping"), 503), (ClientGone("client_closed_request", "gone"), 499)]
     for error, status in cases:
         answer = from_service_error(error)

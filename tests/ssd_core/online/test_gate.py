@@ -1,4 +1,4 @@
-"""The online-learning rules on hand-made cases: holdout by content, screening, the gate's decision."""
+"""The publish gate (ssd_core.online.gate) on hand-made cases: scores, the decision and its margin, the reference line."""
 
 from __future__ import annotations
 
@@ -20,70 +20,6 @@ from ssd_core.online.gate import (
     per_image_scores,
     score_model,
 )
-from ssd_core.online.holdout import holdout_rank, split_holdout
-from ssd_core.online.screening import BOX_HINT, LABEL_HINT, ScreeningConfig, ScreeningHistory
-
-# ---- holdout
-
-
-def test_holdout_is_a_function_of_the_bytes_and_stable_under_resending():
-    images = [bytes([i, i + 1, 7]) * 5 for i in range(200)]
-    first = split_holdout(images, 0.1, min_train=1)
-    resent = split_holdout(list(reversed(images)), 0.1, min_train=1)  # the same images, another job order
-    held = {images[i] for i in first.held_out}
-    assert held == {images[::-1][i] for i in resent.held_out}
-    assert set(first.train) | set(first.held_out) == set(range(200)) and not set(first.train) & set(first.held_out)
-    assert 8 <= len(held) <= 35  # ~Binomial(200, 0.1)
-    assert all(holdout_rank(image) < 0.1 for image in held)
-    assert split_holdout(images, 0.0, 1).held_out == ()
-
-
-def test_a_job_left_with_too_few_training_images_trains_on_none():
-    images = [i.to_bytes(2, "little") * 9 for i in range(400)]
-    held = [im for im in images if holdout_rank(im) < 0.5]
-    kept = [im for im in images if holdout_rank(im) >= 0.5]
-    split = split_holdout([held[0], held[1], kept[0]], 0.5, min_train=2)
-    assert split.held_out == (0, 1) and split.train == ()
-    assert split_holdout([held[0], kept[0], kept[1]], 0.5, min_train=2).train == (1, 2)
-    with pytest.raises(ValueError, match=r"got 1\.0"):
-        split_holdout(images, 1.0, 1)
-
-
-# ---- screening
-
-
-def test_screening_waits_for_min_jobs_then_rejects_above_ratio_with_a_hint():
-    history = ScreeningHistory(ScreeningConfig(ratio=1.5, window=10, min_jobs=5))
-    for parts in [(1.0, 2.0), (1.1, 2.0), (0.9, 2.1), (1.0, 1.9)]:
-        assert history.judge(*parts).passed and history.judge(*parts).median is None
-        history.accept(*parts)
-    assert history.judge(9.0, 9.0).passed  # 4 jobs: not judged yet
-    history.accept(1.0, 2.2)
-    verdict = history.judge(1.0, 2.0)
-    assert verdict.passed and verdict.median == pytest.approx(3.0) and verdict.threshold == pytest.approx(4.5)
-    boxes = history.judge(7.0, 2.0)
-    assert not boxes.passed and BOX_HINT in boxes.reason and "4.500" in boxes.reason and "force" in boxes.reason
-    labels = history.judge(1.0, 5.0)
-    assert not labels.passed and LABEL_HINT in labels.reason
-    assert not history.judge(float("nan"), 1.0).passed
-
-
-def test_screening_window_forgets_old_jobs():
-    history = ScreeningHistory(ScreeningConfig(ratio=2.0, window=5, min_jobs=5), [(10.0, 10.0)] * 5)
-    assert history.judge(30.0, 0.0).passed
-    for _ in range(5):
-        history.accept(1.0, 1.0)
-    assert len(history) == 5 and not history.judge(3.0, 2.0).passed
-
-
-def test_screening_config_checks():
-    with pytest.raises(ValueError, match=r"ratio must be > 1, got 1\.0"):
-        ScreeningConfig(ratio=1.0)
-    with pytest.raises(ValueError, match="min_jobs=6, window=5"):
-        ScreeningConfig(window=5, min_jobs=6)
-
-
-# ---- the gate
 
 
 def _score(samples: list[Sample], detections: list[Detections]) -> ValidationScore:

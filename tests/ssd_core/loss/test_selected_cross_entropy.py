@@ -1,0 +1,54 @@
+"""The conf loss's passes (ssd_core.loss.selected_cross_entropy) against plain log_softmax / cross_entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssd_core.loss import selected_cross_entropy
+from ssd_core.loss.selected_cross_entropy import SelectedCrossEntropy, background_log_prob
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_background_log_prob_equals_log_softmax_across_blocks(monkeypatch, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    conf = torch.randn(3, 50, 5, generator=generator)  # [B, P, C]
+    bias = None
+    if with_bias:
+        bias = torch.zeros(3, 5)
+        bias[1, 2:] = float("-inf")  # image 1 uses background and class column 1 only
+    monkeypatch.setattr(selected_cross_entropy, "_ELEMENTS_PER_BLOCK", 35)  # 7 rows a block: blocks cut images
+    expected = F.log_softmax(conf + (0 if bias is None else bias[:, None, :]), dim=-1)[..., 0]  # [B, P]
+    torch.testing.assert_close(background_log_prob(conf, 0, bias), expected)
+
+
+def test_selected_cross_entropy_equals_cross_entropy_on_the_selected_rows():
+    generator = torch.Generator().manual_seed(1)
+    conf = torch.randn(2, 6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    row = torch.tensor([0, 3, 7, 11])  # rows of the flattened [B * P, C]
+    target = torch.tensor([1, 0, 3, 2])
+    loss = SelectedCrossEntropy.apply(conf, row, target, None)  # [K]
+    reference = F.cross_entropy(conf.reshape(-1, 4)[row], target, reduction="none")
+    torch.testing.assert_close(loss, reference)
+    (grad,) = torch.autograd.grad(loss.sum(), conf)
+    (reference_grad,) = torch.autograd.grad(reference.sum(), conf)
+    torch.testing.assert_close(grad, reference_grad)
+    assert grad.reshape(-1, 4)[[1, 2, 4, 5, 6, 8, 9, 10]].abs().sum() == 0  # unselected rows untouched
+
+
+def test_selected_cross_entropy_gradcheck_with_a_row_bias():
+    generator = torch.Generator().manual_seed(2)
+    conf = torch.randn(1, 5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    row, target = torch.tensor([0, 2, 4]), torch.tensor([0, 2, 0])
+    row_bias = torch.zeros(3, 3, dtype=torch.float64)
+    row_bias[0, 1] = float("-inf")  # a class the image did not declare
+    assert torch.autograd.gradcheck(lambda c: SelectedCrossEntropy.apply(c, row, target, row_bias), (conf,))
+
+
+def test_selected_cross_entropy_of_no_rows_is_empty():
+    conf = torch.randn(1, 4, 3, requires_grad=True)
+    loss = SelectedCrossEntropy.apply(conf, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), None)
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    assert torch.equal(conf.grad, torch.zeros_like(conf))
