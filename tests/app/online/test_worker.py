@@ -1,6 +1,5 @@
-"""The fine-tune queue and its thread (app.online.worker): jobs queue then run, queue full, cancel,
-wait, multipart, auth, every bad input and the limits on steps and learning rate, and the job journal
-across restarts."""
+"""The fine-tune queue and its thread (app.online.worker): jobs queue then run, queue full, cancel, the
+limit on the learning rate, and the job journal across restarts."""
 
 from __future__ import annotations
 
@@ -11,11 +10,9 @@ import pytest
 
 from tests.app.conftest import (
     OVERFIT,
-    TOKEN,
     assert_error,
     labelled,
     make_settings,
-    png_bytes,
     start_client,
 )
 
@@ -43,17 +40,6 @@ def test_accepted_job_is_queued_then_runs(client, shapes):
     assert done["losses"][0]["learning_rate"] == pytest.approx(1e-3)
 
 
-def test_multipart_upload(client, shapes):
-    annotations = [{"boxes": shapes[i].boxes.tolist(), "labels": shapes[i].labels.tolist()} for i in (0, 1)]
-    files = [("images", (f"{i}.png", png_bytes(shapes, i), "image/png")) for i in (0, 1)]
-    response = client.post("/finetune?wait=true", files=files,
-                           data={"annotations": json.dumps(annotations), "steps": "2", "learning_rate": "0.002"})
-    assert response.status_code == 200, response.text
-    job = response.json()
-    assert job["status"] == "succeeded" and job["num_images"] == 2 and job["learning_rate"] == 0.002
-    assert client.version == 2
-
-
 def test_queue_full_cancel_queued_and_running(tmp_path, shapes):
     with start_client(make_settings(tmp_path, finetune_queue_size=2)) as client:
         items = labelled(shapes, (0, 1))
@@ -79,97 +65,6 @@ def test_queue_full_cancel_queued_and_running(tmp_path, shapes):
         assert_error(client.delete(f"/finetune/{long_job['job_id']}"), 409, "job_id", "job_finished")
         for job in queued:
             assert client.get(f"/finetune/{job['job_id']}").json()["steps_done"] == 0
-
-
-def test_unknown_job(client):
-    assert_error(client.get("/finetune/nope"), 404, "job_id", "not_found")
-    assert_error(client.delete("/finetune/nope"), 404, "job_id", "not_found")
-
-
-# ---- bad input leaves the model, its version and the queue untouched
-
-
-def test_bad_json_requests(client, unchanged, shapes):
-    items = labelled(shapes)
-    cases = [
-        ({"images": items, "steps": 0}, "steps"),
-        ({"images": items, "steps": 201}, "steps"),
-        ({"images": items, "learning_rate": -1}, "learning_rate"),
-        ({"images": items, "learning_rate": "fast"}, "learning_rate"),
-        ({"images": []}, "images"),
-        ({"images": items * 3}, "images"),
-        ({"images": [{**items[0], "labels": [0]}] if len(items[0]["labels"]) != 1 else [{**items[0], "labels": []}]},
-         "images[0].labels"),
-        ({"images": [{**items[0], "labels": [3] * len(items[0]["labels"])}]}, "images[0].labels[0]"),
-        ({"images": [{**items[0], "boxes": [[5, 5, 5, 9]] * len(items[0]["boxes"])}]}, "images[0].boxes"),
-        ({"images": [{**items[0], "boxes": [[1, 2, 3]] * len(items[0]["boxes"])}]}, "images[0].boxes[0]"),
-        ({"images": [{**items[0], "image": "aGVsbG8="}]}, "images[0].image"),
-        ({"images": items, "colour": "red"}, "colour"),
-        ({"images": items[:1]}, "images"),  # ssd-small's BatchNorm needs two images
-    ]
-    for body, field in cases:
-        assert_error(client.post("/finetune", json=body), 422, field)
-    assert_error(client.post("/finetune", content=b"{", headers={"Content-Type": "application/json"}),
-                 400, "body", "invalid_json")
-
-
-def test_bad_multipart_requests(client, unchanged, shapes):
-    files = [("images", ("0.png", png_bytes(shapes, 0), "image/png"))]
-    note = [{"boxes": shapes[0].boxes.tolist(), "labels": shapes[0].labels.tolist()}]
-    assert_error(client.post("/finetune", files=files), 422, "annotations")
-    assert_error(client.post("/finetune", files=files, data={"annotations": "[{"}), 400, "annotations")
-    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note * 2)}), 422, "annotations")
-    bad_label = [{**note[0], "labels": [9] * len(note[0]["labels"])}]
-    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(bad_label)}), 422,
-                 "annotations[0].labels[0]")
-    assert_error(client.post("/finetune", files=files, data={"annotations": json.dumps(note), "steps": "x"}), 422,
-                 "steps")
-    garbage = [("images", ("0.png", b"\x89PNG garbage", "image/png"))]
-    assert_error(client.post("/finetune", files=garbage, data={"annotations": json.dumps(note)}), 422, "images[0]",
-                 "invalid_image")
-
-
-# ---- token
-
-
-@pytest.fixture
-def secured(tmp_path):
-    with start_client(make_settings(tmp_path, api_token=TOKEN)) as client:
-        yield client
-
-
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
-                                     {"Authorization": TOKEN}])
-def test_mutating_endpoints_need_the_token(secured, shapes, headers):
-    items = labelled(shapes, (0,))
-    for method, path, body in [
-        ("POST", "/finetune", {"images": items}),
-        ("DELETE", "/finetune/whatever", None),
-        ("POST", "/model/checkpoint", None),
-        ("POST", "/model/rollback", {"version": 0}),
-        ("POST", "/model/versions/0/pin", None),
-        ("DELETE", "/model/versions/0/pin", None),
-        ("POST", "/validation", {"images": items}),
-        ("DELETE", "/validation", None),
-    ]:
-        response = secured.request(method, path, json=body, headers=headers)
-        error = assert_error(response, 401, "Authorization", "unauthorized")
-        assert response.headers["WWW-Authenticate"] == "Bearer", error
-    assert secured.version == 0
-    assert secured.sample("ssd_finetune_queue_depth") == 0
-    assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "pinned": False,
-                                                                  "created": secured.get(
-        "/model/versions").json()["versions"][0]["created"]}]
-    assert secured.get("/validation").json()["images"] == 0
-
-
-def test_the_right_token_is_accepted(secured, shapes):
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    job = secured.post("/finetune?wait=true", json={"images": labelled(shapes)}, headers=auth)
-    assert job.status_code == 200 and job.json()["status"] == "succeeded"
-    assert secured.post("/model/checkpoint", headers=auth).status_code == 200
-    assert secured.get(f"/finetune/{job.json()['job_id']}").status_code == 200  # reading needs no token
-    assert secured.post("/score-loss", json={"images": labelled(shapes, (0,))}).status_code == 200
 
 
 def journal_records(settings) -> list[dict]:
