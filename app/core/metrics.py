@@ -101,6 +101,16 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, class_names: Sequence[str] = ()) -> None:
         self.registry = registry
         self.class_names = tuple(class_names)
+        # registration order is the exposition order
+        self._loss_metrics(registry)
+        self._training_metrics(registry)
+        self._http_metrics(registry)
+        self._inference_metrics(registry)
+        self._validation_metrics(registry)
+        self._info_and_zeros(registry)
+
+    def _loss_metrics(self, registry: CollectorRegistry) -> None:
+        """The loss and match statistics of every scored or trained batch, per source and per class."""
         source = ("source",)
         self.loss_loc = _histogram(
             registry, "ssd_loss_loc", "Localisation (Smooth L1) loss per batch.", source, LOSS_BUCKETS
@@ -127,6 +137,9 @@ class Metrics:
         )
         for attribute, name, documentation, _ in CLASS_COUNTERS:
             setattr(self, attribute, Counter(name, documentation, ("class", "source"), registry=registry))
+
+    def _training_metrics(self, registry: CollectorRegistry) -> None:
+        """The trainer: steps, jobs, the queue, versions, checkpoints, replay."""
         self.finetune_steps = Counter("ssd_finetune_steps", "Completed optimizer steps.", registry=registry)
         self.finetune_skipped_steps = Counter(
             "ssd_finetune_skipped_steps", "Steps skipped for a non-finite loss or gradients.", registry=registry
@@ -158,6 +171,9 @@ class Metrics:
             registry, "ssd_replayed_images_per_step", "Replayed images mixed into each training step.", (),
             REPLAY_BUCKETS,
         )
+
+    def _http_metrics(self, registry: CollectorRegistry) -> None:
+        """Requests by route."""
         http = ("route", "method")
         self.http_requests = Counter(
             "ssd_http_requests", "HTTP requests (route = path template).", (*http, "status"), registry=registry
@@ -172,6 +188,9 @@ class Metrics:
         self.images_processed = Counter(
             "ssd_images_processed", "Images decoded and run through the model.", ("route",), registry=registry
         )
+
+    def _inference_metrics(self, registry: CollectorRegistry) -> None:
+        """The inference thread: batches, waits, queued and cancelled images."""
         route = ("route",)  # batch size and compute: one observation per forward under each route in it
         self.inference_batch_size = _histogram(
             registry, "ssd_inference_batch_size", "Images per forward pass of the hosted model.", route, BATCH_BUCKETS
@@ -192,6 +211,9 @@ class Metrics:
             "ssd_inference_cancelled_images", "Queued images dropped because their client disconnected.", route,
             registry=registry,
         )
+
+    def _validation_metrics(self, registry: CollectorRegistry) -> None:
+        """The validation set and the publish gate."""
         self.validation_images = Gauge(
             "ssd_validation_images", "Images in the validation set.", registry=registry, multiprocess_mode="mostrecent"
         )
@@ -218,6 +240,9 @@ class Metrics:
             registry, "ssd_evaluation_seconds", "Time the publish gate spent evaluating one job.", (),
             EVALUATION_BUCKETS,
         )
+
+    def _info_and_zeros(self, registry: CollectorRegistry) -> None:
+        """Build and model info; every label set known up front, at zero before its first event."""
         self.build = Info("ssd_build", "Build information.", registry=registry)
         self.model = Info("ssd_model", "Hosted model.", registry=registry)
         # label sets known up front appear at zero before their first event
