@@ -21,7 +21,7 @@ from ssd_core.loss.multibox import LossOutput, MultiBoxLoss
 
 
 def criterion_for(options: LossOptions, num_classes: int) -> MultiBoxLoss:
-    """The seed's constructor with the request's options."""
+    """ssd.pytorch's constructor with the request's options."""
     return MultiBoxLoss(
         num_classes, options.overlap_thresh, options.prior_for_matching, options.bkg_label, options.neg_mining,
         options.neg_pos, options.neg_overlap, options.encode_target,

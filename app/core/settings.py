@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     # model
     model: ModelName = "ssd300"
-    num_classes: int = Field(21, ge=2, description="classes counting background, as the seed's num_classes")
+    num_classes: int = Field(21, ge=2, description="classes counting background, as ssd.pytorch's num_classes")
     class_names: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="object class names (background excluded); JSON list or comma list, "
         "or a preset: shapes (the synthetic data set's), voc"

@@ -258,7 +258,7 @@ def start_worker(
     host: ModelHost, model: SSD, store: CheckpointStore | None, checkpoint: LoadedCheckpoint | None,
     settings: Settings, metrics: Metrics,
 ) -> FinetuneWorker:
-    """Give `model` (the weights `host` serves) to a Trainer with the seed's loss, resume its optimizer
+    """Give `model` (the weights `host` serves) to a Trainer with ssd.pytorch's loss, resume its optimizer
     from `checkpoint`, and start the trainer thread."""
     criterion = MultiBoxLoss.ssd_pytorch(settings.num_classes)
     trainer = Trainer(model, criterion, train_config(settings), host.device)
