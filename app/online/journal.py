@@ -11,16 +11,15 @@ bounded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from app.online.job_view import JobState, JobView
+from ssd_core.storage.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +90,7 @@ class JobJournal:
         """Replace the file by one record per job of `views` (atomically; failures logged)."""
         data = b"".join(view.model_dump_json().encode() + b"\n" for view in views)
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{JOURNAL_NAME}.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp, self.path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
-                raise
+            atomic_write(self.path, data, ".")  # the temp file: .jobs.jsonl.<random>
         except OSError:
             logger.exception("cannot compact the job journal %s", self.path)
             return

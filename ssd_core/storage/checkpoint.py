@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +31,9 @@ from typing import Any, NamedTuple
 import safetensors.torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "CheckpointInfo", "CheckpointStore", "LoadedCheckpoint", "atomic_write"]
+from ssd_core.storage.atomic import atomic_write
+
+__all__ = ["CheckpointError", "CheckpointInfo", "CheckpointStore", "LoadedCheckpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,32 +99,6 @@ def _serialise(state_dict: dict[str, Tensor]) -> bytes:
 def _file_entry(path: Path, data: bytes) -> dict[str, Any]:
     """The sidecar's record of one data file: name, size and sha256."""
     return {"name": path.name, "size": len(data), "sha256": _sha256(data)}
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, temp_prefix: str = _TEMP_PREFIX) -> None:
-    """Write `data` to `path` so that readers see either the old file or all of the new one (a temp
-    file `temp_prefix + name + ".*"` in the same directory, fsync'd, renamed, then the directory fsync'd)."""
-    fd, temp_name = tempfile.mkstemp(prefix=temp_prefix + path.name + ".", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from readers running as other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
 
 
 def _flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -239,16 +214,16 @@ class CheckpointStore:
             "optimizer_layout": optimizer_layout,
         }
         sidecar_bytes = json.dumps(sidecar, indent=2, sort_keys=True).encode()  # fails before any write
-        atomic_write(weights_path, weights)
+        atomic_write(weights_path, weights, _TEMP_PREFIX)
         if optimizer_state is not None:
-            atomic_write(optim_path, optim)
+            atomic_write(optim_path, optim, _TEMP_PREFIX)
         else:
             optim_path.unlink(missing_ok=True)
         if training_weights is not None:
-            atomic_write(training_path, training)
+            atomic_write(training_path, training, _TEMP_PREFIX)
         else:
             training_path.unlink(missing_ok=True)
-        atomic_write(sidecar_path, sidecar_bytes)
+        atomic_write(sidecar_path, sidecar_bytes, _TEMP_PREFIX)
         self._prune()
         return self._info(sidecar_path, sidecar)
 
@@ -380,7 +355,7 @@ class CheckpointStore:
         return True
 
     def _write_pins(self, pins: set[int]) -> None:
-        atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode())
+        atomic_write(self.directory / PINS_NAME, json.dumps({"pinned": sorted(pins)}).encode(), _TEMP_PREFIX)
 
     def _prune(self) -> None:
         """Delete every file of versions older than the newest `keep` valid ones, except pinned ones."""

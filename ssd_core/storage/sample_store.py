@@ -5,7 +5,7 @@ bytes exactly as they were sent. The key is the sha256 of those bytes, so the fi
 the header records the image's size and the sha256 of its own annotation, and an entry whose file is
 torn (a `kill -9` during a write), truncated or corrupt is dropped (file removed) and counted in
 `corrupt`, never raised. Every write is atomic (temp file in the same directory, fsync, `os.replace`,
-fsync the directory; `checkpoint.atomic_write`), as for the checkpoints. Nothing is pickled.
+fsync the directory; `atomic.atomic_write`), as for the checkpoints. Nothing is pickled.
 
 The bounds are a number of entries and a number of bytes. `offer` implements reservoir sampling
 (Vitter's algorithm R) over every distinct image ever offered: once the store is full, the n-th image
@@ -35,7 +35,7 @@ import torch
 
 from ssd_core.data.datasets import Sample
 from ssd_core.data.images import decode_image_bytes
-from ssd_core.storage.checkpoint import atomic_write
+from ssd_core.storage.atomic import atomic_write
 
 __all__ = ["OfferResult", "SampleStore", "StoredSample", "annotation_of", "content_key", "to_sample"]
 
