@@ -247,7 +247,7 @@ def test_prometheus_holds_inference_batching_series(scraped):
     assert value(prometheus, 'sum(ssd_inference_queue_wait_seconds_bucket{le="0.25"})') == 6
 
 
-# series the service exposes only once it holds a validation set (issue 10's gauges; this live service has
+# series the service exposes only once it holds a validation set (the per-class validation gauge; this live service has
 # none): their panels' expressions must be accepted by Prometheus, and may return no data
 ONLY_WITH_A_VALIDATION_SET = ("ssd_validation_ap_50",)
 
