@@ -30,7 +30,7 @@ from app.online.job_view import (
 from app.online.jobs import finite_or_none
 from app.online.validation_set import ValidationSet
 from app.serving.model_host import ModelHost, ModelVersion
-from app.serving.scoring import score_samples
+from app.serving.served_loss import served_loss
 from ssd_core.data.datasets import Sample
 from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.online.gate import (
@@ -104,7 +104,7 @@ class Gatekeeper:
     def screen(self, samples: list[Sample], force: bool) -> tuple[JobScreening, str | None]:
         """Score the batch with the served model (the image form of /score-loss) and judge it: the job's
         screening view, and why the job ends rejected (None: it trains)."""
-        output, served = score_samples(samples, self.host, self.criterion)
+        output, served = served_loss(samples, self.host, self.criterion)
         verdict = self._history.judge(float(output.loss_l), float(output.loss_c))
         rejection = verdict.reason if verdict.stops(force) else None
         if rejection is not None:

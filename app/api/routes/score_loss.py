@@ -11,7 +11,7 @@ from app.api.disconnect import wait_for_disconnect
 from app.api.errors import ApiError, invalid
 from app.api.inputs import BINARY, JSON, media_type, parse_json
 from app.api.loss_batch import predictions_batch, read_body
-from app.api.loss_scoring import score_batch, score_labelled_images, score_response, score_safetensors
+from app.api.loss_requests import batch_loss, labelled_images_loss, loss_response, safetensors_loss
 from app.api.openapi import ERROR_RESPONSES, request_body
 from app.api.schemas import ScoreLossRequest, ScoreLossResponse
 from app.core.metrics import record_match_stats
@@ -56,18 +56,18 @@ async def score_loss(
     if kind == BINARY:
         body = await read_body(request)
         version = host.current.version
-        output = await run_in_threadpool(score_safetensors, body, host.priors, settings)
+        output = await run_in_threadpool(safetensors_loss, body, host.priors, settings)
     else:
         body = await request.body()
         parsed = await run_in_threadpool(parse_json, ScoreLossRequest, body)
         check_form(parsed)
         if parsed.images is not None:
-            output, version = await score_labelled_images(
+            output, version = await labelled_images_loss(
                 wait_for_disconnect(request), parsed, "/score-loss", host, inference, settings, metrics)
         else:
             batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
             version = host.current.version
-            output = await run_in_threadpool(score_batch, batch, settings.num_classes)
-    result = score_response(output, version, settings.object_class_names())
+            output = await run_in_threadpool(batch_loss, batch, settings.num_classes)
+    result = loss_response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     return result

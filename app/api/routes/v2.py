@@ -30,7 +30,7 @@ from app.api.disconnect import wait_for_disconnect
 from app.api.errors import ApiError, from_validation_error
 from app.api.inputs import check_image_count, decode_image, validate_as
 from app.api.loss_batch import tensor_batch
-from app.api.loss_scoring import score_batch, score_response
+from app.api.loss_requests import batch_loss, loss_response
 from app.api.schemas import DetectOptions, LossOptions
 from app.api.v2_codec import (
     HEADER_LENGTH,
@@ -265,8 +265,8 @@ def infer_loss(
             raise bad_request(f"input {name!r} must be FP32, got {array.dtype}")
     options = model_parameters(parsed, _LOSS_OPTIONS)
     tensors = {name: torch.from_numpy(np.array(array)) for name, array in parsed.inputs.items()}
-    output = score_batch(tensor_batch(tensors, options, host.priors, settings), settings.num_classes)
-    scored = score_response(output, version, settings.object_class_names())
+    output = batch_loss(tensor_batch(tensors, options, host.priors, settings), settings.num_classes)
+    scored = loss_response(output, version, settings.object_class_names())
     record_match_stats(metrics, "score", output)
     per_image = output.stats.per_image()  # what /score-loss answers as `per_image`
     return [

@@ -13,7 +13,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from app.api.loss_scoring import criterion_for
+from app.api.loss_requests import criterion_for
 from app.api.schemas import LossOptions
 from app.core.errors import ClientGone
 from app.core.metrics import Metrics

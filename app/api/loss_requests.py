@@ -16,7 +16,7 @@ from app.core.metrics import Metrics
 from app.core.settings import Settings
 from app.serving.inference import InferenceWorker, WaitForDisconnect
 from app.serving.model_host import ModelHost
-from app.serving.scoring import loss_inputs, score_batched
+from app.serving.served_loss import loss_inputs, served_loss_batched
 from ssd_core.loss.multibox import LossOutput, MultiBoxLoss
 
 
@@ -29,7 +29,7 @@ def criterion_for(options: LossOptions, num_classes: int) -> MultiBoxLoss:
     )
 
 
-def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
+def batch_loss(batch: LossBatch, num_classes: int) -> LossOutput:
     """The loss of a validated batch (no gradients)."""
     with torch.inference_mode():
         try:
@@ -39,12 +39,12 @@ def score_batch(batch: LossBatch, num_classes: int) -> LossOutput:
             raise invalid("body", str(error)) from None
 
 
-def score_safetensors(body: bytearray, model_priors: torch.Tensor, settings: Settings) -> LossOutput:
+def safetensors_loss(body: bytearray, model_priors: torch.Tensor, settings: Settings) -> LossOutput:
     """The binary form in one worker-thread call: parse (tensors are views of `body`), check, score."""
-    return score_batch(safetensors_batch(body, model_priors, settings), settings.num_classes)
+    return batch_loss(safetensors_batch(body, model_priors, settings), settings.num_classes)
 
 
-async def score_labelled_images(
+async def labelled_images_loss(
     client_gone: WaitForDisconnect, parsed: ScoreLossRequest, route: str, host: ModelHost,
     inference: InferenceWorker, settings: Settings, metrics: Metrics,
 ) -> tuple[LossOutput, int]:
@@ -62,12 +62,12 @@ async def score_labelled_images(
         return loss_inputs(samples, host.spec, criterion)  # [B, 3, S, S], list[[n, 6]], [B, C] or None
 
     images, targets, class_mask = await run_in_threadpool(prepare)
-    output, served = await score_batched(
+    output, served = await served_loss_batched(
         client_gone, images, targets, class_mask, criterion, route, host, inference, metrics)
     return output, served.version
 
 
-def score_response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
+def loss_response(output: LossOutput, version: int, class_names: list[str]) -> ScoreLossResponse:
     """The answer of `/score-loss` to a loss computed with model version `version`'s priors or predictions;
     a 422 when the loss overflowed."""
     loss_l, loss_c = float(output.loss_l), float(output.loss_c)

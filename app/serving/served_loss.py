@@ -1,7 +1,7 @@
 """The served model's loss on labelled images: the image form of `POST /score-loss`, also what
 screening (app.online.gatekeeper) scores a fine-tune batch with, so both read the same figure. The route runs
-the forward pass through the dynamic batcher (`score_batched`), screening calls the host directly
-(`score_samples`); the inputs and the loss are these functions in both."""
+the forward pass through the dynamic batcher (`served_loss_batched`), screening calls the host directly
+(`served_loss`); the inputs and the loss are these functions in both."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def loss_inputs(
     return images, targets, class_mask
 
 
-def score_predictions(
+def predictions_loss(
     loc: Tensor, conf: Tensor, priors: Tensor, targets: list[Tensor], class_mask: Tensor | None,
     criterion: MultiBoxLoss,
 ) -> LossOutput:
@@ -42,7 +42,7 @@ def score_predictions(
         return criterion.compute((loc, conf, priors), targets, class_mask)
 
 
-def score_samples(samples: list[Sample], host: ModelHost, criterion: MultiBoxLoss) -> tuple[LossOutput, ModelVersion]:
+def served_loss(samples: list[Sample], host: ModelHost, criterion: MultiBoxLoss) -> tuple[LossOutput, ModelVersion]:
     """Run the current version on `samples` and score its predictions.
 
     Returns:
@@ -51,10 +51,10 @@ def score_samples(samples: list[Sample], host: ModelHost, criterion: MultiBoxLos
     served = host.current
     images, targets, class_mask = loss_inputs(samples, host.spec, criterion)
     loc, conf, priors = host.predict(images, served)  # [B, P, 4], [B, P, C], [P, 4]
-    return score_predictions(loc, conf, priors, targets, class_mask, criterion), served
+    return predictions_loss(loc, conf, priors, targets, class_mask, criterion), served
 
 
-async def score_batched(
+async def served_loss_batched(
     client_gone: WaitForDisconnect, images: Tensor, targets: list[Tensor], class_mask: Tensor | None,
     criterion: MultiBoxLoss, route: str, host: ModelHost, inference: InferenceWorker, metrics: Metrics,
 ) -> tuple[LossOutput, ModelVersion]:
@@ -74,5 +74,5 @@ async def score_batched(
     served = host.current
     loc, conf = await forward(client_gone, inference, images, served, route)  # [B, P, 4], [B, P, C]
     metrics.images_processed.labels(route=route).inc(len(images))
-    output = await to_thread.run_sync(score_predictions, loc, conf, host.priors, targets, class_mask, criterion)
+    output = await to_thread.run_sync(predictions_loss, loc, conf, host.priors, targets, class_mask, criterion)
     return output, served

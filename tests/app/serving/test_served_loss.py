@@ -1,5 +1,5 @@
-"""The served model's loss on labelled images: through the batcher (`score_batched`) the same figure as
-the host called directly (`score_samples`), the images counted under the route."""
+"""The served model's loss on labelled images: through the batcher (`served_loss_batched`) the same figure as
+the host called directly (`served_loss`), the images counted under the route."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from app.core.metrics import Metrics
 from app.serving.inference import InferenceWorker, batch_policy
 from app.serving.model_host import ModelHost, initial_model
-from app.serving.scoring import loss_inputs, score_batched, score_samples
+from app.serving.served_loss import loss_inputs, served_loss, served_loss_batched
 from ssd_core.loss.multibox import MultiBoxLoss
 from tests.app.conftest import make_settings
 
@@ -30,11 +30,11 @@ def test_batched_scoring_equals_the_direct_one_and_counts_the_images(tmp_path, s
     samples = [shapes[0], shapes[1]]
     try:
         images, targets, class_mask = loss_inputs(samples, host.spec, criterion)
-        batched, served = asyncio.run(score_batched(
+        batched, served = asyncio.run(served_loss_batched(
             never_gone, images, targets, class_mask, criterion, "/score-loss", host, inference, metrics))
     finally:
         inference.stop(5)
-    direct, direct_served = score_samples(samples, host, criterion)
+    direct, direct_served = served_loss(samples, host, criterion)
     assert served is direct_served is host.current
     assert float(batched.loss_l) == pytest.approx(float(direct.loss_l), rel=1e-5)
     assert float(batched.loss_c) == pytest.approx(float(direct.loss_c), rel=1e-5)

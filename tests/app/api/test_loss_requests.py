@@ -8,7 +8,7 @@ import torch
 
 from app.api.errors import ApiError
 from app.api.loss_batch import LossBatch
-from app.api.loss_scoring import criterion_for, score_batch, score_response
+from app.api.loss_requests import batch_loss, criterion_for, loss_response
 from app.api.schemas import LossOptions
 
 
@@ -24,15 +24,15 @@ def test_the_criterion_takes_the_request_options():
 
 
 def test_a_batch_is_scored_and_answered_with_the_version():
-    output = score_batch(batch(LossOptions()), 4)
-    answer = score_response(output, 7, ["a", "b", "c"])
+    output = batch_loss(batch(LossOptions()), 4)
+    answer = loss_response(output, 7, ["a", "b", "c"])
     assert answer.model_version == 7
     assert answer.loss == pytest.approx(answer.loss_l + answer.loss_c)
     assert answer.num_positives == 1
 
 
 def test_a_non_finite_loss_is_a_422_on_the_predictions():
-    output = score_batch(batch(LossOptions()), 4)._replace(loss_c=torch.tensor(float("inf")))
+    output = batch_loss(batch(LossOptions()), 4)._replace(loss_c=torch.tensor(float("inf")))
     with pytest.raises(ApiError) as refused:
-        score_response(output, 0, ["a", "b", "c"])
+        loss_response(output, 0, ["a", "b", "c"])
     assert (refused.value.status, refused.value.field) == (422, "predictions")
