@@ -13,7 +13,7 @@ from app.serving.inference import InferenceWorker, WaitForDisconnect, forward
 from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.data.images import model_inputs
 from ssd_core.evaluation.drawing import captions, draw_detections
-from ssd_core.models.postprocess import Detections, detect
+from ssd_core.models.postprocess import Detections, detect_with_spec
 
 
 async def detect_images(
@@ -41,9 +41,9 @@ async def detect_images(
 
     def postprocess() -> list[Detections]:
         with torch.inference_mode():
-            return detect(
-                loc, conf, host.priors, variances=host.spec.prior_config.variance, score_threshold=threshold,
-                nms_iou=settings.nms_iou, max_detections=limit,
+            return detect_with_spec(
+                host.spec, loc, conf, host.priors, score_threshold=threshold, nms_iou=settings.nms_iou,
+                max_detections=limit,
                 image_sizes=[(image.shape[1], image.shape[2]) for image in images],
             )
 
