@@ -24,7 +24,9 @@ RUN groupadd --system --gid 10001 ssd \
     && mkdir -p /var/lib/ssd/checkpoints \
     && chown -R ssd:ssd /var/lib/ssd
 COPY --from=builder /opt/venv /opt/venv
-# Every setting is an SSD_* variable (see README, "Settings"); these are the container's defaults.
+# Every setting is an SSD_* variable (docs/configuration.md); these are the container's defaults: SSD300 with
+# VOC's 21 classes, for GPUs. The demo model ships in the package too (SSD_MODEL=ssd-small SSD_NUM_CLASSES=4
+# SSD_WEIGHTS=demo).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

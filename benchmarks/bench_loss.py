@@ -37,6 +37,8 @@ from ssd_core import VOC_300, MultiBoxLoss, point_form, prior_boxes  # noqa: E40
 from tests.ssd_core.loss.ssd_pytorch_reference import ssd_pytorch_multibox_loss  # noqa: E402
 from tests.ssd_core.random_data import random_predictions, random_targets  # noqa: E402
 
+CPU = torch.device("cpu")
+
 
 def torchvision_ssd(num_classes: int) -> SSD:
     """An SSD whose only used parts are `proposal_matcher` and `compute_loss` (the network is a stub)."""
@@ -80,13 +82,19 @@ def time_once(fn, loc, conf, backward: bool) -> float:
     loss_l, loss_c = fn()
     if backward:
         (loss_l + loss_c).backward()
+    if loc.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_case(batch: int, num_classes: int, repeats: int, priors, baseline: type | None) -> dict[str, float]:
+def bench_case(
+    batch: int, num_classes: int, repeats: int, priors, baseline: type | None, device: torch.device = CPU
+) -> dict[str, float]:
     generator = torch.Generator().manual_seed(batch * 1000 + num_classes)
-    targets = random_targets(batch, 8, num_classes, generator, allow_empty=False)
-    loc, conf = random_predictions(batch, len(priors), num_classes, generator)
+    targets = [t.to(device) for t in random_targets(batch, 8, num_classes, generator, allow_empty=False)]
+    loc, conf = (t.detach().to(device).requires_grad_() for t in random_predictions(batch, len(priors), num_classes,
+                                                                                     generator))
+    priors = priors.to(device)
     ours = MultiBoxLoss.ssd_pytorch(num_classes)
     tv_model, anchors_xyxy = torchvision_ssd(num_classes), point_form(priors)
 
@@ -119,29 +127,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only B=32, C=21")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--baseline", default=None, help="git revision whose MultiBoxLoss is timed alongside")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where every loss runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [(32, 21)] if args.quick else [(8, 21), (8, 81), (32, 21), (32, 81)]
     repeats = args.repeats
     priors = prior_boxes(VOC_300)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {args.device}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} interleaved repeats, fwd+bwd; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory() as directory:
         baseline = None if args.baseline is None else baseline_loss_class(args.baseline, Path(directory))
-        print_table(cases, repeats, priors, baseline, args.baseline)
+        print_table(cases, repeats, priors, baseline, args.baseline, torch.device(args.device))
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
-def print_table(cases, repeats: int, priors, baseline: type | None, revision: str | None) -> None:
+def print_table(
+    cases, repeats: int, priors, baseline: type | None, revision: str | None, device: torch.device = CPU
+) -> None:
     extra = "" if baseline is None else f" {revision} (ms) | seed / {revision} | torchvision / {revision} |"
     print()
     print("| B | C | statistic | ours (ms) | seed (ms) | torchvision (ms) | seed / ours | torchvision / ours "
           "| ours no-grad (ms) |" + extra)
     print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if extra else ""))
     for batch, num_classes in cases:
-        ms = bench_case(batch, num_classes, repeats, priors, baseline)
+        ms = bench_case(batch, num_classes, repeats, priors, baseline, device)
         for i, stat in enumerate(("median", "min")):
             ours, seed, tv, no_grad = (ms[name][i] for name in ("ours", "seed", "torchvision", "ours_no_grad"))
             row = (f"| {batch} | {num_classes} | {stat} | {ours:.1f} | {seed:.1f} | {tv:.1f} | {seed / ours:.1f}x "

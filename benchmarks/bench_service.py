@@ -12,10 +12,17 @@
   the Open Inference Protocol with `tritonclient` (BYTES PNG, binary), and the in-process bare forward
   + post-processing (`model_inputs`, the model, `detect`) at batch sizes N and 32 (the limit).
 
+* Serving backends (`--part backends`, `service_backends.py`): `/detect` over HTTP with 1 and N clients
+  (JSON and multipart), SSD_BACKEND torch and onnxruntime (and with `--baseline REV` a server of that git
+  revision), against the bare in-process forward + post-processing of the same backend at batch 1 and N;
+  `--device cuda --model ssd300` for the GPU table.
+
 Goals (issue 4): binary >= 5x the JSON throughput; B = 8 binary overhead < 25% of the request time.
 Goals (issue 12, 2 CPU cores): 8 clients >= 0.8x the bare batch-8 throughput and >= 1.5x batching off;
 1 client: p99 with batching no worse than off by more than the delay.
-Run: `python benchmarks/bench_service.py [--clients 4] [--seconds 8] [--threads 1] [--part all|loss|batching]`.
+Goals (serving at the speed of the hardware): 8 clients >= 0.9 of the bare batch-8 torch forward; 1 client >= 0.8
+of the bare batch-1 forward; onnxruntime >= 1.5x torch over HTTP on CPU.
+Run: `python benchmarks/bench_service.py [--clients 4] [--seconds 8] [--threads 1] [--part all|loss|batching|backends]`.
 """
 
 from __future__ import annotations
@@ -49,13 +56,14 @@ from ssd_core.data.images import encode_png  # noqa: E402
 from ssd_core.data.synthetic import ShapesDataset  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import service_backends  # noqa: E402
 import service_batching  # noqa: E402
 
 NUM_CLASSES = 21
 
 
 @contextlib.contextmanager
-def live_server(model: str, num_classes: int, threads: int, **env: str) -> Iterator[str]:
+def live_server(model: str, num_classes: int, threads: int, cwd: Path = REPO, **env: str) -> Iterator[str]:
     """`python -m app` on a free loopback port (role all: a server-only replica waits for a trainer's checkpoint; temporary checkpoint dir); SIGTERM at exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +72,7 @@ def live_server(model: str, num_classes: int, threads: int, **env: str) -> Itera
         env = {**os.environ, "SSD_MODEL": model, "SSD_NUM_CLASSES": str(num_classes), "SSD_ROLE": "all",
                "SSD_CHECKPOINT_DIR": checkpoints, "SSD_HOST": "127.0.0.1", "SSD_PORT": str(port),
                "SSD_TORCH_THREADS": str(threads), "SSD_MAX_IMAGES_PER_REQUEST": "64", **env}
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=cwd, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -222,10 +230,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process")
     parser.add_argument("--repeats", type=int, default=40, help="interleaved request/loss pairs for the overhead")
     parser.add_argument("--detect-batch", type=int, default=4, help="images per /detect request")
-    parser.add_argument("--part", choices=["all", "loss", "batching"], default="all",
-                        help="loss: the /score-loss and /detect tables; batching: the dynamic batching table")
+    parser.add_argument("--part", choices=["all", "loss", "batching", "backends"], default="all",
+                        help="loss: the /score-loss and /detect tables; batching: the dynamic batching table; "
+                        "backends: the serving backends table (not part of all)")
+    parser.add_argument("--many-clients", type=int, default=8, help="backends: the concurrent client count")
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], help="backends: SSD_BACKEND values")
+    parser.add_argument("--baseline", default=None, help="backends: also a torch server of this git revision")
+    parser.add_argument("--model", default="ssd-small", help="backends: SSD_MODEL")
+    parser.add_argument("--num-classes", type=int, default=4, help="backends: SSD_NUM_CLASSES")
+    parser.add_argument("--device", default="cpu", help="backends: SSD_DEVICE and the bare forward's device")
+    parser.add_argument("--delay-ms", type=float, default=5.0, help="backends: SSD_MAX_BATCH_DELAY_MS")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "backends":
+        service_backends.run(live_server, drive, run_clients, args)
+        return
     if args.part != "loss":
         service_batching.run(live_server, drive, run_clients, args.threads, args.seconds)
     if args.part == "batching":

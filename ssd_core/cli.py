@@ -1,10 +1,11 @@
-"""The `ssd` command: train, evaluate, import ssd.pytorch weights, detect on an image.
+"""The `ssd` command: train, evaluate, import ssd.pytorch weights, detect on an image, export.
 
     ssd train  --data synthetic|voc:ROOT|coco:IMAGES_DIR:ANN.json --model ssd-small --steps N ...
     ssd eval   --checkpoint-dir DIR --data ...
     ssd import SRC.pth --model ssd300 --num-classes 21 --checkpoint-dir DIR
-    ssd detect --checkpoint-dir DIR IMAGE --out OUT.png
+    ssd detect --checkpoint-dir DIR IMAGE [--out OUT.png]
     ssd export --checkpoint-dir DIR [--version V] --format onnx|torchscript OUT
+    ssd shapes OUT.png [--seed N]      a synthetic test image; prints its boxes and labels
 
 Checkpoints are `CheckpointStore` directories; training also writes `history.json`, `loss_curve.png`
 and (when it evaluates) `map_curve.png` there. `ssd train` also runs under torchrun (DDP, one data
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +27,8 @@ import torch
 
 from ssd_core.data.class_names import CLASS_NAME_PRESETS, expand_class_names
 from ssd_core.data.datasets import VOC_CLASSES
-from ssd_core.data.images import decode_image_bytes
+from ssd_core.data.images import decode_image_bytes, encode_jpeg, encode_png
+from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.evaluation.drawing import captions, draw_detections
 from ssd_core.evaluation.mean_ap import evaluate, predict
 from ssd_core.models import MODEL_NAMES, SSD, build_model
@@ -36,9 +39,16 @@ from ssd_core.ops.priors import PRIOR_SETS
 from ssd_core.storage.checkpoint import CheckpointStore
 from ssd_core.storage.checkpoint_meta import checkpoint_meta, next_version, recorded_priors
 from ssd_core.training.run import load_dataset, run_training
+from ssd_core.training.trainer import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
+_OFFLINE = TrainConfig()  # `ssd train`'s optimizer defaults: the one source is TrainConfig
+DEMO_COMMAND = (
+    "ssd train --data synthetic --synthetic-images 100000 --no-augment --batch-size 16 --lr 0.05 --warmup 200 "
+    "--clip-grad-norm 10 --steps 800 --eval-every 200 --eval-images 200 --workers 1 --checkpoint-dir runs/demo "
+    "--weights-out ssd_core/models/weights/ssd-small-shapes.safetensors"
+)
 PRIORS_HELP = "prior set of ssd300/ssd512 (default: ssd.pytorch's rule: voc for 21 classes, else coco)"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head` leaves for `yes`
 MAX_IMAGE_PIXELS = 40_000_000  # `detect` refuses larger images (decompression bombs)
@@ -86,16 +96,36 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
+    """Prints one JSON object: the image, the model version and its detections (as `POST /detect` names them);
+    with `--out` also draws them."""
     device = resolve_device(args.device, "--device")
     model, meta = _load_model(args.checkpoint_dir, device)
     image = decode_image_bytes(Path(args.image).read_bytes(), MAX_IMAGE_PIXELS)  # [3, H, W] uint8
-    detections = predict(model, [image], device=device, score_threshold=args.score_threshold)[0]
-    names = [meta["class_names"][int(label)] for label in detections.labels]
-    png = draw_detections(image, detections.boxes, captions(names, detections.scores.tolist()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_bytes(png)
-    for name, score, box in zip(names, detections.scores.tolist(), detections.boxes.tolist(), strict=True):
-        print(json.dumps({"label": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}))
+    detections = predict(model, [image], device=device, score_threshold=args.score_threshold,
+                         max_detections=args.max_detections)[0]
+    labels = detections.labels.tolist()
+    names = [meta["class_names"][label] for label in labels]
+    if args.out is not None:
+        png = draw_detections(image, detections.boxes, captions(names, detections.scores.tolist()), labels)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_bytes(png)
+    found = [
+        {"box": [round(v, 1) for v in box], "label": label, "class_name": name, "score": round(score, 4)}
+        for box, label, name, score in zip(detections.boxes.tolist(), labels, names, detections.scores.tolist(),
+                                           strict=True)
+    ]
+    print(json.dumps({"image": str(args.image), "model_version": meta["version"], "detections": found}))
+    return 0
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    """Writes one `ShapesDataset` image (PNG, or JPEG for .jpg/.jpeg) and prints its annotation as the
+    service's labelled-image forms take it: {"boxes": pixel (x1, y1, x2, y2), "labels": 0-based classes}."""
+    sample = ShapesDataset(1, image_size=args.size, seed=args.seed, split="example")[0]
+    jpeg = args.out.suffix.lower() in (".jpg", ".jpeg")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(encode_jpeg(sample.image) if jpeg else encode_png(sample.image))
+    print(json.dumps({"boxes": sample.boxes.tolist(), "labels": sample.labels.tolist()}))
     return 0
 
 
@@ -109,9 +139,10 @@ def _export(args: argparse.Namespace) -> int:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every --help shows each option's default; required options, flags and options whose default is
-    None (their help says what None means) get no `(default: ...)`."""
+    None (their help says what None means) get no `(default: ...)`. Descriptions and examples keep their
+    line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or action.default is None or action.default is False:
@@ -128,30 +159,55 @@ def _add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
 
 
+EXAMPLES = """examples:
+  # train ssd-small on the synthetic shapes for 300 steps, measuring held-out mAP every 100
+  ssd train --data synthetic --steps 300 --eval-every 100 --checkpoint-dir runs/shapes
+  # mAP of its newest checkpoint on the held-out split
+  ssd eval --data synthetic --checkpoint-dir runs/shapes
+  # detections as JSON, and drawn (one colour per class)
+  ssd detect --checkpoint-dir runs/shapes shapes.jpg --out shapes-detected.png
+  # ssd.pytorch weights -> a checkpoint the service resumes (SSD_CHECKPOINT_DIR=checkpoints)
+  ssd import ssd300_mAP_77.43_v2.pth --model ssd300 --num-classes 21 --checkpoint-dir checkpoints
+  ssd export --checkpoint-dir runs/shapes --format onnx ssd-small.onnx
+  # a synthetic test image, and its boxes and labels as the service takes them
+  ssd shapes shapes.png
+
+`ssd COMMAND --help` lists a command's options and their defaults; `ssd train --help` ends with the
+command that made the shipped demo model."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `ssd` and its five subcommands."""
-    parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0], formatter_class=_DefaultsHelp)
+    """The argument parser of `ssd` and its six subcommands."""
+    parser = argparse.ArgumentParser(prog="ssd", description=__doc__.split("\n")[0], epilog=EXAMPLES,
+                                     formatter_class=_DefaultsHelp)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_command(commands)
     _add_eval_command(commands)
     _add_import_command(commands)
     _add_detect_command(commands)
     _add_export_command(commands)
+    _add_shapes_command(commands)
     return parser
 
 
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
-    train = commands.add_parser("train", help="train a model, writing checkpoints and a loss curve",
-                                formatter_class=_DefaultsHelp)
+    train = commands.add_parser(
+        "train", help="train a model, writing checkpoints and a loss curve", formatter_class=_DefaultsHelp,
+        description="Train a model offline. The optimizer defaults are `TrainConfig`'s, ssd.pytorch's recipe "
+                    "(SGD, no warm-up, no clipping); the service's online recipe differs on purpose "
+                    "(docs/online-learning.md, \"Offline and online defaults\").",
+        epilog="example (the shipped demo model, docs/demo-model.md):\n  " + DEMO_COMMAND)
     _add_data_arguments(train, split="train")
     train.add_argument("--model", choices=MODEL_NAMES, default="ssd-small", help="architecture")
     train.add_argument("--num-classes", type=int,
                        help="conf columns incl. background (default: the data set's classes + 1)")
     train.add_argument("--priors", choices=PRIOR_SETS, help=PRIORS_HELP)
     train.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (with --resume: up to)")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    train.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    train.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this (default: no clipping)")
+    train.add_argument("--lr", type=float, default=_OFFLINE.lr, help="peak learning rate (SGD, momentum "
+                       f"{_OFFLINE.momentum}, weight decay {_OFFLINE.weight_decay})")
+    train.add_argument("--warmup", type=int, default=_OFFLINE.warmup_steps, help="linear warm-up steps")
+    train.add_argument("--clip-grad-norm", type=float, default=_OFFLINE.clip_grad_norm,
+                       help="clip the gradient norm to this (default: no clipping)")
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only; refused on CPU)")
     train.add_argument(
         "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
@@ -165,6 +221,9 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--val-split", default="val", help="held-out split (synthetic) or VOC image set")
     train.add_argument("--eval-images", type=int, default=64, help="size of the synthetic held-out set")
     train.add_argument("--time-limit", type=float, default=0, help="stop after this many training seconds (0: none)")
+    train.add_argument("--weights-out", type=Path,
+                       help="also write the final weights as float16 safetensors with a JSON card beside it "
+                            "(command, held-out mAP@0.5; evaluates at the end): how the demo model is made")
     train.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and augmentation")
     train.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="SSD photometric and geometric augmentation")
@@ -197,12 +256,17 @@ def _add_import_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_detect_command(commands: argparse._SubParsersAction) -> None:
-    detect = commands.add_parser("detect", help="draw the newest checkpoint's detections on an image",
-                                 formatter_class=_DefaultsHelp)
+    detect = commands.add_parser(
+        "detect", help="the newest checkpoint's detections on an image, as JSON (and drawn with --out)",
+        formatter_class=_DefaultsHelp,
+        epilog="prints {\"image\", \"model_version\", \"detections\": [{\"box\" (x1, y1, x2, y2 pixels), "
+               "\"label\", \"class_name\", \"score\"}]}\nexample:\n  ssd detect --checkpoint-dir runs/shapes "
+               "shapes.jpg --out drawn.png | jq '.detections[].class_name'")
     detect.add_argument("image", type=Path, help="PNG or JPEG")
     detect.add_argument("--checkpoint-dir", required=True, help="read only: nothing is created or written")
-    detect.add_argument("--out", required=True, type=Path, help="PNG to write")
+    detect.add_argument("--out", type=Path, help="also write the image with its detections drawn here (PNG)")
     detect.add_argument("--score-threshold", type=float, default=0.3, help="least score of a detection")
+    detect.add_argument("--max-detections", type=int, default=100, help="most detections kept (the best)")
     detect.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     detect.set_defaults(handler=_detect)
 
@@ -217,10 +281,24 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_export)
 
 
+def _add_shapes_command(commands: argparse._SubParsersAction) -> None:
+    shapes = commands.add_parser(
+        "shapes", help="write a synthetic test image and print its boxes and labels as JSON",
+        formatter_class=_DefaultsHelp,
+        epilog="example: ANNOTATION=$(ssd shapes shapes.png); curl localhost:8000/finetune -F images=@shapes.png "
+               "-F images=@shapes.png -F annotations=\"[$ANNOTATION, $ANNOTATION]\"")
+    shapes.add_argument("out", type=Path, help="image to write: PNG, or JPEG for .jpg/.jpeg")
+    shapes.add_argument("--seed", type=int, default=0, help="which image (each seed another)")
+    shapes.add_argument("--size", type=int, default=256, help="side in pixels")
+    shapes.set_defaults(handler=_shapes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ssd`; returns the exit status (2 with a message for bad input)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["ssd", *argv])  # what made a `ssd train --weights-out` file, for its card
     try:
         status = args.handler(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) is then handled below

@@ -69,7 +69,10 @@ def require_token(
     supplied = credentials.credentials.encode() if credentials is not None else b""
     if not secrets.compare_digest(supplied, expected):
         raise ApiError(
-            401, "unauthorized", "missing or wrong Bearer token", "Authorization",
+            401, "unauthorized",
+            "missing or wrong Bearer token: send the header `Authorization: Bearer <SSD_API_TOKEN>` (curl -H "
+            "\"Authorization: Bearer $SSD_API_TOKEN\"), the token the server was started with",
+            "Authorization",
             headers={"WWW-Authenticate": "Bearer"},
         )
 

@@ -34,6 +34,7 @@ Model = TypeVar("Model", bound=BaseModel)
 JSON = "application/json"
 BINARY = "application/octet-stream"
 MULTIPART = "multipart/form-data"
+PIXEL_LIMIT = "pixels exceeds the limit"  # how `decode_image_bytes` words an image over SSD_MAX_IMAGE_PIXELS
 
 
 def media_type(content_type: str | None, accepted: Sequence[str]) -> str:
@@ -99,7 +100,8 @@ def check_boxes(
     """422 for too many boxes, or one that is non-finite, inverted/empty, entirely outside the image, or
     (pixel boxes) under 1 px or more than 1 px beyond the image (`rules`: `check_pixel_boxes`'s)."""
     if len(boxes) > settings.max_boxes_per_image:
-        raise invalid(field, f"{len(boxes)} boxes exceed the limit of {settings.max_boxes_per_image}")
+        raise invalid(field, f"{len(boxes)} boxes exceed the limit of {settings.max_boxes_per_image} "
+                      "(SSD_MAX_BOXES_PER_IMAGE)")
     try:
         check_pixel_boxes(boxes, image_hw, name=field, **rules)
     except ValueError as error:
@@ -114,14 +116,16 @@ def decode_image(data: bytes, settings: Settings, field: str) -> Tensor:
     try:
         return decode_image_bytes(data, settings.max_image_pixels)
     except ImageError as error:
-        raise ApiError(422, "invalid_image", f"{field}: {error}", field) from None
+        hint = " (SSD_MAX_IMAGE_PIXELS; or send the image scaled down)" if PIXEL_LIMIT in str(error) else ""
+        raise ApiError(422, "invalid_image", f"{field}: {error}{hint}", field) from None
 
 
 def check_image_count(count: int, settings: Settings, field: str = "images") -> None:
     if count == 0:
         raise invalid(field, "the batch is empty")
     if count > settings.max_images_per_request:
-        raise invalid(field, f"{count} images exceed the limit of {settings.max_images_per_request}")
+        raise invalid(field, f"{count} images exceed the limit of {settings.max_images_per_request} "
+                      "(SSD_MAX_IMAGES_PER_REQUEST); send them in several requests")
 
 
 def labelled_samples(

@@ -119,7 +119,8 @@ def check_batch(
     if batch == 0:
         raise invalid(f"{prefix}loc", "the batch is empty")
     if batch > settings.max_images_per_request:
-        raise invalid(f"{prefix}loc", f"batch of {batch} exceeds the limit of {settings.max_images_per_request}")
+        raise invalid(f"{prefix}loc", f"batch of {batch} exceeds the limit of {settings.max_images_per_request} "
+                      "(SSD_MAX_IMAGES_PER_REQUEST)")
     if conf.dim() != 3 or conf.shape[:2] != loc.shape[:2]:
         raise invalid(f"{prefix}conf", f"must be [B={batch}][P={num_priors}][C], got shape {list(conf.shape)}")
     if conf.shape[-1] != settings.num_classes:

@@ -1,7 +1,11 @@
-"""OpenAPI documentation for bodies the routes parse themselves (JSON, safetensors, multipart on one path)."""
+"""OpenAPI documentation for bodies the routes parse themselves (JSON, safetensors, multipart on one path),
+and a working example of every JSON body, so that "Try it out" in /docs succeeds as it stands."""
 
 from __future__ import annotations
 
+import base64
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -10,6 +14,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from app.api.errors import ErrorResponse
+from app.core.settings import Settings
+from ssd_core.data.images import encode_png
+from ssd_core.data.synthetic import ShapesDataset
 
 _REF = "#/components/schemas/{model}"
 _DOCUMENTED: list[type[BaseModel]] = []  # request models referenced only from `request_body`
@@ -48,7 +55,7 @@ FINETUNE_MULTIPART: dict[str, Any] = {
         "steps": {"type": "integer", "minimum": 1, "default": 1},
         "learning_rate": {"type": "number", "exclusiveMinimum": 0},
         "augment": {"type": "boolean", "default": False},
-        "force": {"type": "boolean", "default": False, "description": "skip screening (the gate still applies)"},
+        "force": {"type": "boolean", "default": False, "description": "train quarantined images and a batch screening would reject (the gate still judges)"},
         "replay": {"type": "number", "minimum": 0, "maximum": 8, "description": "default: SSD_REPLAY_RATIO"},
     },
 }
@@ -72,8 +79,72 @@ def request_body(content: dict[str, type[BaseModel] | str | dict[str, Any]]) -> 
     return {"requestBody": {"required": True, "content": documented}}
 
 
+# ---- examples: a 64 px synthetic image holding one rectangle (label 0, a class of every model)
+
+
+@functools.cache
+def example_image() -> tuple[str, list[list[float]], list[int]]:
+    """(base64 PNG, its boxes in pixels, their labels): `ShapesDataset`'s 64 px image with one rectangle."""
+    sample = ShapesDataset(1, image_size=64, seed=1, min_objects=1, max_objects=1, min_size=0.4, split="example")[0]
+    return base64.b64encode(encode_png(sample.image)).decode(), sample.boxes.tolist(), sample.labels.tolist()
+
+
+def _labelled(copies: int) -> list[dict[str, Any]]:
+    image, boxes, labels = example_image()
+    return [{"image": image, "boxes": boxes, "labels": labels} for _ in range(copies)]
+
+
+def _examples(summary_to_value: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"examples": {name: {"summary": summary, "value": value}
+                         for name, (summary, value) in summary_to_value.items()}}
+
+
+def _score_loss_examples(settings: Settings) -> dict[str, Any]:
+    zeros = [0.0] * settings.num_classes  # one prediction's logits: every class equally likely
+    return _examples({
+        "images": ("the hosted model on a labelled image", {"images": _labelled(1)}),
+        "predictions": ("given predictions for 2 priors", {
+            "predictions": {"loc": [[[0, 0, 0, 0], [0, 0, 0, 0]]], "conf": [[zeros, zeros]]},
+            "targets": [[{"box": [0.1, 0.1, 0.5, 0.5], "label": 0}]],
+            "priors": [[0.3, 0.3, 0.4, 0.4], [0.7, 0.7, 0.2, 0.2]],
+        }),
+    })
+
+
+def _detect_examples(_: Settings) -> dict[str, Any]:
+    images = [{"image": example_image()[0]}]
+    return _examples({
+        "json": ("detections as JSON", {"images": images, "score_threshold": 0.3}),
+        "render": ("the image with its detections drawn (PNG)", {"images": images, "render": True}),
+    })
+
+
+# JSON request model -> its examples for the hosted model's settings
+BODY_EXAMPLES: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "DetectRequest": _detect_examples,
+    "ScoreLossRequest": _score_loss_examples,
+    # ssd-small has BatchNorm: a job needs 2 images
+    "FinetuneRequest": lambda _: _examples({"job": ("a 5-step job, waited for with ?wait=true",
+                                                    {"images": _labelled(2), "steps": 5})}),
+    "ValidationRequest": lambda _: _examples({"image": ("one labelled image", {"images": _labelled(1)})}),
+    "RollbackRequest": lambda _: _examples({"first": ("the first saved version (GET /model/versions lists them)",
+                                                      {"version": 0})}),
+}
+
+
+def _add_examples(schema: dict[str, Any], settings: Settings) -> None:
+    """Put `BODY_EXAMPLES` on every JSON request body of `schema` whose model has them."""
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            model = content and content["schema"].get("$ref", "").rsplit("/", 1)[-1]
+            if model in BODY_EXAMPLES:
+                content.update(BODY_EXAMPLES[model](settings))
+
+
 def install_openapi(app: FastAPI) -> None:
-    """Generate the schema once, adding the self-parsed request models to `components.schemas`."""
+    """Generate the schema once, adding the self-parsed request models to `components.schemas` and an
+    example of every JSON body."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -82,6 +153,7 @@ def install_openapi(app: FastAPI) -> None:
             models = [(m, "validation") for m in dict.fromkeys(_DOCUMENTED)]
             _, definitions = models_json_schema(models, ref_template=_REF)
             schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+            _add_examples(schema, app.state.settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

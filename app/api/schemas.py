@@ -3,13 +3,16 @@ classes not counting background. Non-finite numbers are rejected at parse time, 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Literal
 
 from annotated_types import Len
-from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
-from app.online.job_view import ClassLoss
+from app.online.job_view import ClassLoss, JobView
 
 Box = Annotated[list[float], Len(4, 4)]  # (x1, y1, x2, y2)
 _DATA_URL = re.compile(r"data:[^,]*;base64,", re.IGNORECASE)
@@ -22,8 +25,39 @@ def _strip_data_url(value: object) -> object:
     return value
 
 
+# characters of file names, paths and URLs that base64 never holds (its `/` and `+` start JPEG's: `/9j/`)
+_NOT_BASE64 = re.compile(r"[.:~\\]")
+BASE64_HOW = "send the file's bytes as base64 (`base64 -w0 photo.jpg`) or as a data URL (data:image/png;base64,...)"
+
+
+def _decode_base64_image(value: object) -> object:
+    """base64 text (a data URL prefix allowed, line breaks ignored) -> bytes; a file name, path or URL gets
+    an error saying how to send the image instead of the decoder's "Incorrect padding"."""
+    if isinstance(value, bytes):  # base64 as bytes, as pydantic's Base64Bytes takes it
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return value  # fails the `bytes` type below
+    text = "".join(str(_strip_data_url(value)).split())
+    if _NOT_BASE64.search(text):
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise PydanticCustomError(
+            "base64_image",
+            "'{shown}' looks like a file name, path or URL, not an image: the service reads no files and fetches "
+            "no URLs; {how}, or upload the file as multipart (curl -F images=@photo.jpg)",
+            {"shown": shown, "how": BASE64_HOW},
+        )
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)  # url-safe too
+    except binascii.Error as error:
+        raise PydanticCustomError(
+            "base64_image", "not valid base64 ({reason}); {how}", {"reason": str(error), "how": BASE64_HOW}
+        ) from None
+
+
 # base64 image bytes, with or without a data URL prefix (the decoder tells PNG from JPEG by content)
-ImageBase64 = Annotated[Base64Bytes, BeforeValidator(_strip_data_url)]
+ImageBase64 = Annotated[
+    bytes, BeforeValidator(_decode_base64_image), WithJsonSchema({"type": "string", "format": "base64"})
+]
 
 
 class Request(BaseModel):
@@ -102,7 +136,7 @@ class FinetuneOptions(Request):
     replay: float | None = Field(
         None, ge=0, le=8, description="replayed images per new image in each step; 0: none; default: SSD_REPLAY_RATIO"
     )
-    force: bool = Field(False, description="skip screening (the publish gate still applies)")
+    force: bool = Field(False, description="train quarantined images and a batch screening would reject (they still enter no store; the publish gate still judges)")
     labelled_classes: LabelledClasses = Field(
         None, description="the default of every image that gives none itself (an image's own overrides it); "
         f"{LABELLED_CLASSES_DOC}")
@@ -200,10 +234,19 @@ class VersionInfo(BaseModel):
     pinned: bool = Field(False, description="protected from pruning (POST /model/versions/{version}/pin)")
 
 
+class LostVersions(BaseModel):
+    first: int
+    last: int
+
+
 class VersionsResponse(BaseModel):
     current: int
     versions: list[VersionInfo] = Field(description="saved checkpoints whose files verify (size and sha256), "
                                         "oldest first: the rollback targets")
+    lost: list[LostVersions] = Field(
+        default_factory=list, description="version numbers handed out (and possibly served) before a crash that "
+        "no checkpoint holds, as inclusive ranges, oldest first: their weights are gone, and the numbers are "
+        "never handed out again")
 
 
 class PinResponse(BaseModel):
@@ -249,3 +292,64 @@ class CheckpointResponse(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+# ---- Label Studio's ML backend protocol (/labelstudio; docs/LABEL_STUDIO.md). Label Studio sends more keys than
+# these (hostname, access_token, params, ...): they are accepted and not used.
+
+
+class LabelStudioSetup(BaseModel):
+    project: str | int | None = Field(None, description="Label Studio's `<project id>.<created timestamp>`")
+    schema_: str = Field(alias="schema", description="the project's label config (XML)")
+
+
+class LabelStudioPredictRequest(BaseModel):
+    tasks: list[dict] = Field(description="Label Studio tasks: `id`, `data` with the image URL")
+    label_config: str = Field(description="the project's label config (XML)")
+    project: str | int | None = None
+
+
+class LabelStudioPrediction(BaseModel):
+    result: list[dict] = Field(description="rectangle results: value x, y, width, height in percent of the image")
+    score: float = Field(description="mean confidence of the boxes (0 without any): sort ascending to label the "
+                         "least certain tasks first")
+    model_version: str
+
+
+class LabelStudioPredictions(BaseModel):
+    results: list[LabelStudioPrediction] = Field(description="one per task, in the request's order")
+
+
+class LabelStudioModelVersion(BaseModel):
+    model_version: str
+
+
+class LabelStudioHealth(BaseModel):
+    status: Literal["UP"]
+    model_class: str
+    model_version: str
+
+
+class LabelStudioVersions(BaseModel):
+    versions: list[str] = Field(description="the served version and the saved ones, newest first")
+
+
+class LabelStudioWebhook(BaseModel):
+    """A Label Studio webhook: `action` and the objects it names (`annotation`, `task`, `project`); only the ids
+    are read, everything else is fetched from Label Studio."""
+
+    model_config = ConfigDict(extra="allow")
+    action: str
+
+
+class LabelStudioWebhookAnswer(BaseModel):
+    status: Literal["queued", "ignored"] = Field(
+        description="queued: the annotation or project is fetched from Label Studio and trained on in the "
+        "background; ignored: an action the backend does not act on")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView] = Field(description="newest first")
+    total: int = Field(description="jobs matching the filters")
+    offset: int
+    limit: int

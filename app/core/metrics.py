@@ -27,9 +27,23 @@ if TYPE_CHECKING:  # annotations only: `python -m app`'s supervising parent impo
 Source = Literal["score", "finetune"]
 # the routes whose forward passes the inference worker batches (the `route` label of ssd_inference_*)
 INFERENCE_ROUTES = ("/detect", "/score-loss", "/v2/models/ssd/infer")
+SERVING_BACKENDS = ("torch", "onnxruntime")  # the `backend` label of ssd_inference_compute_seconds
 SOURCES: tuple[Source, ...] = ("score", "finetune")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# the label values of ssd_label_studio_* (app.labelstudio)
+LABEL_STUDIO_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING", "other")
+LABEL_STUDIO_OUTCOMES = (
+    "streamed",  # fetched from Label Studio and added to the annotation stream
+    "removed",  # deleted in Label Studio: its pending image left the stream
+    "not_found",  # Label Studio has no such annotation (a forged or stale webhook): nothing trained
+    "cancelled",  # a skipped task (was_cancelled)
+    "no_boxes",  # no box usable for training
+    "failed",  # Label Studio, the task or its image could not be read
+    "dropped",  # the intake queue was full
+)
+LABEL_STUDIO_SKIP_REASONS = ("rotated", "unknown_label", "not_rectangle", "empty")
 
 LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # log-spaced
 COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # per image
@@ -107,6 +121,7 @@ class Metrics:
         self._http_metrics(registry)
         self._inference_metrics(registry)
         self._validation_metrics(registry)
+        self._label_studio_metrics(registry)
         self._info_and_zeros(registry)
 
     def _loss_metrics(self, registry: CollectorRegistry) -> None:
@@ -185,6 +200,10 @@ class Metrics:
             "ssd_http_requests_in_progress", "HTTP requests in flight.", http, registry=registry,
             multiprocess_mode="livesum",
         )
+        self.http_stalled_bodies = Counter(
+            "ssd_http_stalled_bodies", "Requests dropped (408): no body bytes for SSD_BODY_STALL_TIMEOUT_S.",
+            registry=registry,
+        )
         self.images_processed = Counter(
             "ssd_images_processed", "Images decoded and run through the model.", ("route",), registry=registry
         )
@@ -199,9 +218,13 @@ class Metrics:
             registry, "ssd_inference_queue_wait_seconds", "Wait of a request's images for their forward pass.", route,
             WAIT_BUCKETS,
         )
-        self.inference_compute = _histogram(
-            registry, "ssd_inference_compute_seconds", "Duration of a forward pass of the hosted model.", route,
-            COMPUTE_BUCKETS,
+        self.inference_compute = _histogram(  # backend: torch or onnxruntime (SERVING_BACKENDS)
+            registry, "ssd_inference_compute_seconds", "Duration of a forward pass of the hosted model.",
+            ("route", "backend"), COMPUTE_BUCKETS,
+        )
+        self.backend_fallbacks = Counter(
+            "ssd_backend_fallbacks", "Published versions the configured backend could not build, served by torch.",
+            registry=registry,
         )
         self.inference_queued_images = Gauge(
             "ssd_inference_queued_images", "Images waiting for a forward pass.", registry=registry,
@@ -236,10 +259,49 @@ class Metrics:
             "ssd_screening_rejections", "Fine-tune jobs rejected by screening before their first step.",
             registry=registry,
         )
+        self.quarantined_images = Counter(
+            "ssd_quarantined_images", "Fine-tune images quarantined by screening (not trained on unless forced, "
+            "never stored).", registry=registry,
+        )
         self.evaluation_seconds = _histogram(
             registry, "ssd_evaluation_seconds", "Time the publish gate spent evaluating one job.", (),
             EVALUATION_BUCKETS,
         )
+
+    def _label_studio_metrics(self, registry: CollectorRegistry) -> None:
+        """Label Studio's ML backend (app.labelstudio): webhooks, the annotations they name, the stream, predictions;
+        every label value from a fixed list (LABEL_STUDIO_*), all at zero from the start."""
+        self.label_studio_webhooks = Counter(
+            "ssd_label_studio_webhooks", "Webhooks received from Label Studio, by action (other: any other action).",
+            ("action",), registry=registry,
+        )
+        self.label_studio_annotations = Counter(
+            "ssd_label_studio_annotations", "Label Studio annotations the webhook intake handled, by outcome.",
+            ("outcome",), registry=registry,
+        )
+        self.label_studio_skipped_boxes = Counter(
+            "ssd_label_studio_skipped_boxes", "Annotated boxes not trained on, by reason.", ("reason",),
+            registry=registry,
+        )
+        self.label_studio_pending_images = Gauge(
+            "ssd_label_studio_pending_images", "Annotated images waiting in the annotation stream for a job.",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.label_studio_stream_jobs = Counter(
+            "ssd_label_studio_stream_jobs", "Fine-tune jobs queued by the annotation stream.", registry=registry
+        )
+        self.label_studio_predicted_tasks = Counter(
+            "ssd_label_studio_predicted_tasks", "Tasks answered by /labelstudio/predict, by outcome (image_failed: "
+            "empty result, the image could not be fetched or decoded).", ("outcome",), registry=registry,
+        )
+        for action in LABEL_STUDIO_ACTIONS:
+            self.label_studio_webhooks.labels(action=action)
+        for outcome in LABEL_STUDIO_OUTCOMES:
+            self.label_studio_annotations.labels(outcome=outcome)
+        for reason in LABEL_STUDIO_SKIP_REASONS:
+            self.label_studio_skipped_boxes.labels(reason=reason)
+        for outcome in ("predicted", "image_failed"):
+            self.label_studio_predicted_tasks.labels(outcome=outcome)
 
     def _info_and_zeros(self, registry: CollectorRegistry) -> None:
         """Build and model info; every label set known up front, at zero before its first event."""

@@ -1,7 +1,9 @@
-"""Pure-ASGI middleware: request body limit (413) and per-route request metrics."""
+"""Pure-ASGI middleware: request body limits (413 past a size, 408 when it stalls) and per-route request
+metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -12,27 +14,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.metrics import Metrics
 
 
-class BodyTooLarge(Exception):
-    """Raised from `receive` once the streamed body passes the limit."""
+class BodyRefused(Exception):
+    """Raised from `receive` once the streamed body passes the size limit or stalls."""
 
 
-async def _send_error(send: Send, status: int, code: str, message: str, field: str | None) -> None:
+async def _send_error(
+    send: Send, status: int, code: str, message: str, field: str | None, *, close: bool = False
+) -> None:
     body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the server closes the connection after the answer instead of waiting for the rest of the body
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to bodies over `max_bytes`: the Content-Length up front, then the streamed bytes.
+    """Bound what a request body may cost: 413 past `max_bytes` (the Content-Length up front, then the
+    streamed bytes), 408 `body_stalled` when no body bytes arrive for `stall_timeout_s` (counted in
+    `ssd_http_stalled_bodies_total`; the connection is closed, freeing its slot).
 
-    A streamed body that passes the limit makes `receive` raise; whatever the application then
-    answers is replaced by the 413, so no handler ever sees a truncated body.
+    The stall bound applies between body chunks, so a slow but steady upload of a large body passes;
+    once the body is complete, `receive` (which handlers await to notice a disconnect) is not bounded.
+    A refused body makes `receive` raise; whatever the application then answers is replaced by the
+    refusal, so no handler ever sees a truncated body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, stall_timeout_s: float, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.stall_timeout_s = stall_timeout_s
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,22 +59,30 @@ class BodyLimitMiddleware:
                 await self._too_large(send)
                 return
         received = 0
-        exceeded = False
+        body_done = False
+        refusal: str | None = None  # "too_large" or "stalled"
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, body_done, refusal
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_timeout_s)
+            except TimeoutError:
+                refusal = "stalled"
+                raise BodyRefused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise BodyTooLarge
+                    refusal = "too_large"
+                    raise BodyRefused
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:
+            if refusal is not None:
                 return  # the application's answer to the cut-off body is replaced below
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -70,13 +90,20 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if refusal is None:
                 raise
-        if exceeded and not started:
+        if refusal is None or started:
+            return
+        if refusal == "too_large":
             await self._too_large(send)
+            return
+        self.metrics.http_stalled_bodies.inc()
+        message = (f"no request body bytes for {self.stall_timeout_s:g} s after {received} bytes "
+                   "(SSD_BODY_STALL_TIMEOUT_S); send the whole body without pausing")
+        await _send_error(send, 408, "body_stalled", message, "body", close=True)
 
     async def _too_large(self, send: Send) -> None:
-        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        message = f"request body exceeds the limit of {self.max_bytes} bytes (SSD_MAX_BODY_BYTES)"
         await _send_error(send, 413, "body_too_large", message, "body")
 
 

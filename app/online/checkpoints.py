@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.core.errors import Conflict, NotFound, without_paths
+from app.core.errors import Conflict, NotFound, ServiceError, describe, without_paths
 from app.online.job_training import JobTraining
 from app.online.job_view import JobCheckpoint
 from app.online.jobs import Job
@@ -44,24 +44,41 @@ class Checkpoints:
             self._saver.save_unsaved(self._training.served_state())
 
     def rollback(self, version: int) -> ModelVersion:
-        """Publish saved `version`'s weights as a NEW version (numbers only grow) and checkpoint it.
+        """Publish saved `version`'s weights as a NEW version (numbers only grow), checkpointed before it is
+        published; all or nothing (`JobTraining.restore`).
 
         Raises Conflict while a job is running (it would continue from different weights) or without a
-        checkpoint directory, NotFound for a version that is not saved or cannot be loaded."""
+        checkpoint directory, NotFound for a version that is not saved or cannot be loaded, OSError when the
+        new version cannot be written, ServiceError `rollback_failed` (500) for any other failure; after
+        any of them the trainer, its optimizer and the served version are exactly as before."""
         store = self._saver.require_store()
         with self._training.hold():
             running = self._running()
             if running is not None:
                 raise Conflict("trainer_busy", f"job {running.job_id} is running; "
                                "cancel it or wait before rolling back", "version")
+            saved_versions = [info.version for info in store.versions()]
+            if version not in saved_versions:
+                raise NotFound("not_found", f"version {version} is not saved; the saved versions are "
+                               f"{saved_versions or 'none yet'} (GET /model/versions)", "version")
             try:
                 saved = store.load(version)
             except CheckpointError as error:
-                raise NotFound("not_found", f"no loadable saved version {version}: {without_paths(str(error))}",
-                               "version") from None
-            published = self._training.restore(saved, version)
-            self._saver.save(self._training.served_state())
-        return published
+                raise NotFound("not_found", f"saved version {version} cannot be loaded ({without_paths(str(error))}); "
+                               f"the saved versions are {saved_versions}", "version") from None
+            trainer = self._training.trainer
+
+            def save(number: int) -> None:
+                self._saver.write(number, trainer.steps, version, trainer.state())
+
+            try:
+                return self._training.restore(saved, version, save)
+            except OSError:
+                raise
+            except Exception as error:
+                served = self._saver.host.current.version
+                raise ServiceError("rollback_failed", f"rollback to version {version} failed and changed nothing "
+                                   f"(version {served} is served): {describe(error)}", "version") from error
 
     def pin(self, version: int, pinned: bool) -> set[int]:
         """Pin or unpin a saved version; every pinned version. Raises NotFound for a version not saved

@@ -1,16 +1,17 @@
 """Screening and the publish gate, as the trainer thread uses them (the rules: ssd_core.online.screening,
-ssd_core.online.gate). Keeps the served version's validation figures cached per (version, validation-set
-hash), the screening window of accepted jobs, and the validation gauges.
+ssd_core.online.label_quality, ssd_core.online.gate). Keeps per-image parts of the served and the
+reference versions on the validation set (`ssd_core.online.gate.ImageScore`, by entry id: image and
+annotation), their figures cached per (version, validation-set hash), and the validation gauges.
 
-The served version's per-image parts (`ssd_core.online.gate.ImageScore`, by entry id: image and
-annotation) are kept too: the holdout adds an accepted job's images to the validation set, which
-changes its hash, so without them every such job would score the served version on the whole set
-again; with them only the new (or re-annotated) images run. A published candidate's parts become the
-served version's (the weights are the same)."""
+Screening compares each of a job's images with the served model's per-image losses on the validation
+set now (its kept parts), and once the model is competent each box with its confident detections.
+The gate judges a candidate against the reference version (`ReferenceLine`) on the validation set as
+it is: the holdout grows the set after most jobs, so the served and reference versions are run on the
+new (or re-annotated) images only and their kept parts reused; a published candidate's parts become
+its version's (the weights are the same)."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,14 +24,13 @@ from app.online.job_view import (
     CandidateFigures,
     JobEvaluation,
     JobScreening,
-    JobState,
-    JobView,
+    QuarantinedImage,
+    QuarantineIssue,
     ServedFigures,
 )
 from app.online.jobs import finite_or_none
 from app.online.validation_set import ValidationSet
 from app.serving.model_host import ModelHost, ModelVersion
-from app.serving.served_loss import served_loss
 from ssd_core.data.datasets import Sample
 from ssd_core.loss.multibox import MultiBoxLoss
 from ssd_core.online.gate import (
@@ -40,15 +40,15 @@ from ssd_core.online.gate import (
     ReferenceLine,
     ValidationScore,
     combine_scores,
+    compare_images,
     decide,
     per_image_scores,
     ungated,
 )
-from ssd_core.online.screening import ScreeningConfig, ScreeningHistory
+from ssd_core.online.label_quality import BoxIssue, LabelCheckConfig
+from ssd_core.online.screening import Competence, ImageLoss, ScreeningConfig, ScreeningVerdict, screen_batch
 
-# a median over fewer accepted jobs is one or two batches' loss: a single unusual batch would set the bar
-SCREEN_MIN_JOBS = 5
-_CACHED_VERSIONS = 4
+_CACHED_SCORES = 4
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,27 @@ class GateOutcome:
 
 
 @dataclass(frozen=True)
+class Screened:
+    """What screening said of a job: its `view`, the `quarantined` image indices (trained only when forced)
+    and the `rejection` that ends the job (None: it trains)."""
+
+    view: JobScreening
+    quarantined: tuple[int, ...]
+    rejection: str | None
+
+
+@dataclass(frozen=True)
 class Judgement:
     """What the gate said of one candidate: `evaluation` is the job's view of it; `score` (None when ungated)
-    and `images` (entry id -> the candidate's part) become the served version's figures if it is published."""
+    and `images` (entry id -> the candidate's part) become the published version's figures; `better`: it
+    scored at least the reference's mAP@0.5 on the same images."""
 
     decision: GateDecision
     evaluation: JobEvaluation
     digest: str
     score: ValidationScore | None = None
     images: dict[str, ImageScore] = field(default_factory=dict)
+    better: bool = False
 
 
 class Gatekeeper:
@@ -84,49 +96,70 @@ class Gatekeeper:
         self.criterion = criterion
         self.settings = settings
         self.metrics = metrics
-        self.config = GateConfig(settings.gate_tolerance, settings.gate_noise_z, settings.gate_min_images,
-                                 settings.gate_bootstrap)
-        self._history = ScreeningHistory(ScreeningConfig(settings.screen_ratio, settings.screen_window,
-                                                         SCREEN_MIN_JOBS))
+        self.config = GateConfig(
+            settings.gate_tolerance, settings.gate_noise_z, settings.gate_min_images, settings.gate_bootstrap,
+            loss_tolerance=settings.gate_loss_tolerance, detection_tolerance=settings.gate_detection_tolerance,
+            paired_z=settings.gate_paired_z)
+        self.screening = ScreeningConfig(
+            loss_ratio=settings.screen_ratio, min_map=settings.screen_min_map,
+            label_min_map=settings.screen_label_min_map, reject_share=settings.screen_reject_share,
+            labels=LabelCheckConfig(confidence=settings.screen_confidence))
         self._scores: OrderedDict[tuple[int, str], ValidationScore] = OrderedDict()
-        self._served_images: tuple[int, dict[str, ImageScore]] = (-1, {})  # (version, entry id -> its image's part)
+        self._parts: dict[int, dict[str, ImageScore]] = {}  # version -> entry id -> its image's part
         self._line = ReferenceLine()  # what candidates are judged against
+        self._reference: ModelVersion | None = None  # the line's best version (its frozen weights)
         metrics.validation_images.set(len(validation))
-
-    def restore_history(self, views: list[JobView]) -> None:
-        """Refill the screening window from journalled jobs (oldest first): the accepted ones' pre-training loss."""
-        for view in views:
-            if view.status == JobState.succeeded:
-                self.accept(view.screening)
 
     # ---- screening
 
-    def screen(self, samples: list[Sample], force: bool) -> tuple[JobScreening, str | None]:
-        """Score the batch with the served model (the image form of /score-loss) and judge it: the job's
-        screening view, and why the job ends rejected (None: it trains)."""
-        output, served = served_loss(samples, self.host, self.criterion)
-        verdict = self._history.judge(float(output.loss_l), float(output.loss_c))
-        rejection = verdict.reason if verdict.stops(force) else None
-        if rejection is not None:
+    def screen(self, samples: list[Sample], force: bool) -> Screened:
+        """Judge the job's images with the served model against its per-image losses on the validation set now."""
+        started = time.perf_counter()
+        served = self.host.current
+        batch = self._score_images(served.model, samples, self.host.device)
+        ids, validation, digest = self.validation.snapshot()
+        competence, reference = Competence(0, -1.0), []
+        if validation:
+            parts = self._version_parts(served, ids, validation)
+            score = self._score_of(served.version, digest, [parts[entry] for entry in ids], validation)
+            competence = Competence(sum(len(s.boxes) > 0 for s in validation), score.map_50)
+            reference = [_image_loss(parts[entry]) for entry in ids]
+        verdict = screen_batch(samples, [_image_loss(image) for image in batch], [image.detections for image in batch],
+                               reference, competence, self.screening)
+        if verdict.stops(force):
             self.metrics.screening_rejections.inc()
+        self.metrics.quarantined_images.inc(len(verdict.quarantined))
+        positives = max(1, sum(image.positives for image in batch))
+        loss_l = sum(image.loss_l_sum for image in batch) / positives
+        loss_c = sum(image.loss_c_sum for image in batch) / positives
         view = JobScreening(
-            model_version=served.version, loss=finite_or_none(verdict.loss), loss_l=finite_or_none(verdict.loss_l),
-            loss_c=finite_or_none(verdict.loss_c), median=verdict.median, threshold=verdict.threshold, jobs=verdict.jobs,
-            passed=verdict.passed, forced=force,
+            model_version=served.version, loss=finite_or_none(loss_l + loss_c), loss_l=finite_or_none(loss_l),
+            loss_c=finite_or_none(loss_c), losses_checked=verdict.losses_checked, labels_checked=verdict.labels_checked,
+            quiet_reason=verdict.quiet_reason, baseline_l=verdict.baseline_l, baseline_c=verdict.baseline_c,
+            threshold_l=verdict.threshold_l, threshold_c=verdict.threshold_c, quarantined=len(verdict.quarantined),
+            images=self._listed(verdict), passed=verdict.reason is None, forced=force,
+            seconds=time.perf_counter() - started,
         )
-        return view, rejection
+        return Screened(view, verdict.quarantined, verdict.reason if verdict.stops(force) else None)
 
-    def accept(self, screening: JobScreening | None) -> None:
-        """A job succeeded: its pre-training loss joins the screening window. An unscreened job has none; a
-        non-finite one (null in the view) is left out by the window."""
-        if screening is not None:
-            self._history.accept(_or_nan(screening.loss_l), _or_nan(screening.loss_c))
+    def _listed(self, verdict: ScreeningVerdict) -> list[QuarantinedImage]:
+        return [QuarantinedImage(image=i, quarantined=i in verdict.quarantined,
+                                 issues=[self._issue(issue) for issue in issues])
+                for i, issues in sorted(verdict.issues.items())]
+
+    def _issue(self, issue: BoxIssue) -> QuarantineIssue:
+        label = issue.model_label
+        return QuarantineIssue(
+            box=issue.box, issue=issue.kind, model_box=None if issue.model_box is None else list(issue.model_box),
+            model_label=label, model_class=None if label is None else self.settings.class_name(label),
+            model_score=issue.model_score, value=None if issue.value is None else finite_or_none(issue.value),
+            threshold=issue.threshold)
 
     # ---- the gate
 
     def gate(self, candidate: nn.Module, device, steps: int) -> GateOutcome:
-        """Judge `candidate` (the trainer's network, after `steps` steps) against the served version and
-        publish it unless rejected; a published candidate's figures become the served version's."""
+        """Judge `candidate` (the trainer's network, after `steps` steps) against the reference version and
+        publish it unless rejected; a published candidate's figures become its version's."""
         judgement = self._evaluate(candidate, device)
         decision = judgement.decision
         self.metrics.gate_decisions.labels(decision=decision.decision).inc()
@@ -137,7 +170,7 @@ class Gatekeeper:
         return GateOutcome(judgement.evaluation, published)
 
     def _evaluate(self, candidate: nn.Module, device) -> Judgement:
-        """Judge `candidate` (the trainer's network) against the served version."""
+        """Judge `candidate` (the trainer's network) against the reference version on the validation set now."""
         started = time.perf_counter()
         ids, samples, digest = self.validation.snapshot()
         self.metrics.validation_images.set(len(samples))
@@ -145,44 +178,62 @@ class Gatekeeper:
             decision = ungated(len(samples), self.config)
             return Judgement(decision, self._view(decision, len(samples), digest, None, None, None, started), digest)
         served_version = self.host.current
-        served = self._served_score(served_version, ids, samples, digest)
-        reference_version, reference = self._line.reference(served_version.version, served, digest)
+        served = self._score_of(served_version.version, digest, self._ordered(served_version, ids, samples), samples)
+        self._set_gauges(served)
+        if self._line.reference(served_version.version) == served_version.version:
+            self._reference = served_version
+        assert self._reference is not None
+        reference_images = self._ordered(self._reference, ids, samples)
+        reference = self._score_of(self._reference.version, digest, reference_images, samples)
         images = self._score_images(candidate, samples, device)
         score = combine_scores(images, samples, self.settings.num_classes - 1)
-        decision = decide(reference, score, len(samples), self.config)
+        paired = compare_images(reference_images, images, reference.matched, score.matched, self.config)
+        decision = decide(reference, score, len(samples), self.config, paired)
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
         view = self._view(decision, len(samples), digest, served_version, served, score, started)
-        return Judgement(decision, view.model_copy(update={"reference_version": reference_version}), digest, score,
-                         dict(zip(ids, images, strict=True)))
+        return Judgement(decision, view.model_copy(update={"reference_version": self._reference.version}), digest,
+                         score, dict(zip(ids, images, strict=True)), score.map_50 >= reference.map_50)
 
     def _published(self, version: ModelVersion, judgement: Judgement) -> None:
-        """`version` was published from the candidate of `judgement`: its figures become the served version's."""
-        if judgement.score is not None:
-            self._served_images = (version.version, judgement.images)
-            self._remember(version.version, judgement.digest, judgement.score)
-            self._line.published(version.version, judgement.score, judgement.digest)
-            self._set_gauges(judgement.score)
+        """`version` was published from the candidate of `judgement`: its figures become the version's."""
+        if judgement.score is None:
+            return
+        self._parts[version.version] = judgement.images
+        self._remember(version.version, judgement.digest, judgement.score)
+        self._line.published(version.version, judgement.better)
+        if judgement.better:
+            self._reference = version
+        kept = {version.version, self._reference.version if self._reference else version.version}
+        self._parts = {v: parts for v, parts in self._parts.items() if v in kept}
+        self._set_gauges(judgement.score)
 
-    def _served_score(self, served: ModelVersion, ids: list[str], samples: list[Sample], digest: str) -> ValidationScore:
-        """The served version's score on the set: cached, or combined from its kept per-image parts and the
-        parts of the images it has not been run on (`ids`: the entries' ids, in `samples`' order)."""
-        if (served.version, digest) not in self._scores:
-            version, parts = self._served_images
-            parts = parts if version == served.version else {}
-            missing = [i for i, entry in enumerate(ids) if entry not in parts]
-            new = self._score_images(served.model, [samples[i] for i in missing], self.host.device)
+    def _ordered(self, version: ModelVersion, ids: list[str], samples: list[Sample]) -> list[ImageScore]:
+        parts = self._version_parts(version, ids, samples)
+        return [parts[entry] for entry in ids]
+
+    def _version_parts(self, version: ModelVersion, ids: list[str], samples: list[Sample]) -> dict[str, ImageScore]:
+        """`version`'s per-image parts on the set (`ids`: its entries' ids, in `samples`' order): those kept, and
+        the images it has not been run on, run now and kept."""
+        parts = self._parts.get(version.version, {})
+        missing = [i for i, entry in enumerate(ids) if entry not in parts]
+        if missing:
+            new = self._score_images(version.model, [samples[i] for i in missing], self.host.device)
             parts = {**{entry: parts[entry] for entry in ids if entry in parts},
                      **{ids[i]: part for i, part in zip(missing, new, strict=True)}}
-            self._served_images = (served.version, parts)
-            score = combine_scores([parts[entry] for entry in ids], samples, self.settings.num_classes - 1)
-            self._remember(served.version, digest, score)
-        score = self._scores[(served.version, digest)]
-        self._set_gauges(score)
-        return score
+            self._parts[version.version] = parts
+            kept = {version.version, self.host.current.version, self._reference.version if self._reference else -1}
+            self._parts = {v: kept_parts for v, kept_parts in self._parts.items() if v in kept}
+        return parts
+
+    def _score_of(self, version: int, digest: str, images: list[ImageScore], samples: list[Sample]) -> ValidationScore:
+        """`version`'s score on the set from its per-image parts, cached per (version, digest)."""
+        if (version, digest) not in self._scores:
+            self._remember(version, digest, combine_scores(images, samples, self.settings.num_classes - 1))
+        return self._scores[(version, digest)]
 
     def _remember(self, version: int, digest: str, score: ValidationScore) -> None:
         self._scores[(version, digest)] = score
-        while len(self._scores) > _CACHED_VERSIONS:
+        while len(self._scores) > _CACHED_SCORES:
             self._scores.popitem(last=False)
 
     def _score_images(self, model: nn.Module, samples: list[Sample], device) -> list[ImageScore]:
@@ -200,6 +251,7 @@ class Gatekeeper:
         decision: GateDecision, images: int, digest: str, served_version: ModelVersion | None,
         served: ValidationScore | None, candidate: ValidationScore | None, started: float,
     ) -> JobEvaluation:
+        paired = decision.paired
         return JobEvaluation(
             validation_images=images, validation_hash=digest,
             served=None if served is None or served_version is None else ServedFigures(
@@ -207,10 +259,14 @@ class Gatekeeper:
             candidate=None if candidate is None else CandidateFigures(map_50=candidate.map_50,
                                                                       loss=finite_or_none(candidate.loss)),
             decision=decision.decision, delta=decision.delta, margin=decision.margin, noise=decision.noise,
+            loss_increase=None if paired is None else finite_or_none(paired.loss_increase),
+            loss_bound=None if paired is None else finite_or_none(paired.loss_bound),
+            quality_change=None if paired is None else paired.quality_change,
+            quality_bound=None if paired is None else paired.quality_bound,
             reason=decision.reason,
             seconds=time.perf_counter() - started,
         )
 
 
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
+def _image_loss(image: ImageScore) -> ImageLoss:
+    return ImageLoss.from_sums(image.loss_l_sum, image.loss_c_sum, image.positives)

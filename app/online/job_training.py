@@ -1,8 +1,11 @@
 """Training one fine-tune job: screening, the holdout split, the optimizer steps, and publishing them
 every step or through the gate (the queue and its thread: app.online.worker).
 
-`SSD_PUBLISH=gated`: the batch is screened with the served model (app.online.gatekeeper, rule in
-ssd_core.online.screening); the job trains on the images outside the holdout (ssd_core.online.holdout) while
+`SSD_PUBLISH=gated`: the job's images are screened with the served model (app.online.gatekeeper, rules in
+ssd_core.online.screening and .label_quality): quarantined images are left out (trained only when
+forced, never stored), and a job mostly quarantined is rejected. The job trains on the remaining images
+outside the holdout (ssd_core.online.holdout, which never leaves a job too few to train; a job that
+still cannot train ends `rejected` saying why) while
 `_served`, a snapshot of the served version's trainer state, is kept; at its end (and every
 SSD_PUBLISH_EVERY_STEPS steps) the gate (ssd_core.online.gate) publishes the trained weights or restores
 `_served` bitwise (weights, BatchNorm buffers, optimizer state, step count). A cancelled or failed
@@ -10,14 +13,16 @@ gated job publishes nothing. `every_step`: a new version after every completed s
 accepted job's held-out images join the validation set and its training images the replay memory.
 
 A lock guards the trainer's weights and optimizer; others (app.online.checkpoints) take it through
-`hold()`, and `served_state()` is what a checkpoint of "the current version" writes.
+`hold()`, and `served_state()` is what a checkpoint of "the current version" writes. It is the host's
+`exclusive` lock, which export holds too: a trace beside a backward pass corrupts torch's global state.
+With `every_step` each step's version number is put on disk before the step (`ModelHost.reserve_version`),
+so a disk that cannot take it fails the job before the trainer moves away from the served version.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,7 +32,7 @@ from app.core.errors import InvalidValue, describe
 from app.core.metrics import Metrics, record_match_stats
 from app.core.settings import Settings
 from app.online.gatekeeper import Gatekeeper
-from app.online.job_view import JobState, JobView, StepLoss
+from app.online.job_view import JobState, StepLoss
 from app.online.jobs import Job, finite_or_none
 from app.online.replayer import Replayer
 from app.online.validation_set import ValidationSet
@@ -37,7 +42,7 @@ from ssd_core.data.datasets import Sample, collate
 from ssd_core.loss.partial_labels import labelled_class_mask
 from ssd_core.online.holdout import split_holdout
 from ssd_core.storage.checkpoint import LoadedCheckpoint
-from ssd_core.training.trainer import StepResult, Trainer, TrainerState
+from ssd_core.training.trainer import StepResult, TrainConfig, Trainer, TrainerState
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ class JobTraining:
         self._gatekeeper = Gatekeeper(host, validation, trainer.criterion, settings, metrics)
         self.settings = settings
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self._lock = host.exclusive
         self._stopping = stopping
         self._served: ServedSnapshot | None = None  # during a gated job: the served version's trainer state
         self._diverged = False  # the trainer's weights differ from `_served`
@@ -75,10 +80,6 @@ class JobTraining:
             raise InvalidValue("images", f"{self.settings.model} has BatchNorm layers and needs at "
                                f"least {self._min_images} images per fine-tune job")
 
-    def restore_screening(self, views: list[JobView]) -> None:
-        """Refill the screening window from journalled jobs (oldest first)."""
-        self._gatekeeper.restore_history(views)
-
     @contextmanager
     def hold(self) -> Iterator[None]:
         """Keep the trainer still for the block: no step, snapshot, gate or other holder runs meanwhile."""
@@ -90,30 +91,57 @@ class JobTraining:
         the snapshot taken when it started (or last published) during one."""
         return self.trainer.state() if self._served is None else self._served[0]
 
-    def restore(self, checkpoint: LoadedCheckpoint, version: int) -> ModelVersion:
-        """Resume the trainer from saved `version` and publish its weights as a new version (inside `hold()`,
-        with no job running)."""
-        restore_trainer(self.trainer, checkpoint)
-        return self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
+    def restore(self, checkpoint: LoadedCheckpoint, version: int, save: Callable[[int], object]) -> ModelVersion:
+        """Resume the trainer from saved `version` and publish its weights as a new version, all or nothing
+        (inside `hold()`, with no job running).
+
+        The next number is reserved (on disk), the trainer loads the checkpoint, `save(number)` writes the
+        trainer as that version, then it is published. On any failure the trainer (weights, buffers,
+        optimizer, step count) is put back bitwise, the served version is unchanged, the error is raised,
+        and a number `save` may have written is never handed out."""
+        number = self.host.reserve_version()
+        before = self._snapshot()
+        saving = False
+        try:
+            restore_trainer(self.trainer, checkpoint)
+            saving = True
+            save(number)
+            return self.host.publish(self.trainer.published, self.trainer.steps, restored_from=version)
+        except BaseException:
+            self._put_back(before)
+            if saving:
+                self.host.discard_reserved_version()
+            raise
 
     # ---- one job
 
     def run(self, job: Job) -> tuple[JobState, str | None]:
         """Screen (gated), split off the holdout, run the job's steps; returns its final state and error.
-        An accepted job's held-out images join the validation set, a rejected job's enter no store."""
+        An accepted job's held-out images join the validation set and its training images the replay memory;
+        a rejected job's images and quarantined images enter no store."""
         assert job.samples is not None and job.images is not None
         gated = self.settings.publish == "gated"
         try:
+            quarantined: tuple[int, ...] = ()
             if gated:
-                screening, rejection = self._gatekeeper.screen(job.samples, job.force)
-                job.set_screening(screening)
-                if rejection is not None:
-                    return JobState.rejected, rejection
-            split = split_holdout(job.images, self.settings.holdout_fraction, self._min_images)
+                screened = self._gatekeeper.screen(job.samples, job.force)
+                job.set_screening(screened.view)
+                if screened.rejection is not None:
+                    return JobState.rejected, screened.rejection
+                quarantined = screened.quarantined
+            clean = [i for i in range(len(job.samples)) if i not in quarantined]
+            fill = self._replayer.available(job)
+            images = [job.images[i] for i in clean]
+            validating = [i for i, image in enumerate(images) if self.validation.holds(image)]
+            split = split_holdout(images, self.settings.holdout_fraction, self._min_images, fill, validating)
             job.set_held_out(len(split.held_out))
-            held = [(job.images[i], job.samples[i]) for i in split.held_out]
-            train = [job.samples[i] for i in split.train]
-            state, error = self._steps(job, train, gated)
+            held = [(job.images[clean[i]], job.samples[clean[i]]) for i in split.held_out]
+            train = [job.samples[clean[i]] for i in split.train]
+            forced = [job.samples[i] for i in quarantined] if job.force else []  # trained, never stored
+            shortfall = self._shortfall(len(train) + len(forced), fill, len(quarantined), len(held))
+            if shortfall is not None:
+                return JobState.rejected, shortfall
+            state, error = self._steps(job, train + forced, gated)
         except Exception as error:  # a failing job must not take the trainer thread down
             logger.exception("fine-tune job %s failed", job.job_id)
             return JobState.failed, describe(error)
@@ -121,27 +149,32 @@ class JobTraining:
             self._accepted(job, held, train)
         return state, error
 
+    def _shortfall(self, images: int, fill: int, quarantined: int, held: int) -> str | None:
+        """Why a job left with `images` to train on (the replay memory adding `fill` per step) cannot train, or
+        None when it can: a step needs at least one of the job's images and `_min_images` in all."""
+        if images >= 1 and images + fill >= self._min_images:
+            return None
+        return (f"nothing trained: {images} of the job's images left to train on ({quarantined} quarantined, {held} "
+                f"held out for validation) and {fill} replayed per step, but {self.settings.model} needs at least "
+                f"{self._min_images} images per step; send more images (or fix the quarantined ones)")
+
     def _accepted(self, job: Job, held: list[tuple[bytes, Sample]], train: list[Sample]) -> None:
-        """A succeeded job's held-out images join the validation set, its screening loss the screening
-        window and its training images the replay memory."""
+        """A succeeded job's held-out images join the validation set and its training images the replay memory."""
         if held:
             self.validation.add(held, {"job": job.job_id})
             self.metrics.validation_images.set(len(self.validation))
-        self._gatekeeper.accept(job.screening)
         self._replayer.remember(job, train)
 
     def _steps(self, job: Job, samples: list[Sample], gated: bool) -> tuple[JobState, str | None]:
-        """The optimizer steps on `samples` (none when every image was held out), published per step
-        or through the gate; a gated job that does not end published leaves the trainer as served."""
-        if not samples:
-            job.set_model_version(self.host.current.version)
-            return JobState.succeeded, None
+        """The optimizer steps on `samples` (at least one), published per step or through the gate; a gated job
+        that does not end published leaves the trainer as served."""
         spec = self.host.spec
         augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
         per_step = self._replayer.per_step(job, len(samples))
         criterion = self.trainer.criterion
         fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step
         every = self.settings.publish_every_steps
+        job.set_warmup(warmup_note(self.trainer.config, self.trainer.steps, job.steps_total, job.learning_rate))
         with self._keeping_served(gated):
             for step in range(1, job.steps_total + 1):
                 if job.cancel_requested:
@@ -152,6 +185,8 @@ class JobTraining:
                 class_mask = labelled_class_mask(  # [B, C] or None; augmentation drops boxes, never classes
                     [s.labelled_classes for s in batch], criterion.num_classes, criterion.background_label)
                 with self._lock:
+                    if not gated:  # the number this step publishes under, on disk before the step moves the trainer
+                        self.host.reserve_version()
                     result = self.trainer.step(images, targets, lr=self._learning_rate(job), class_mask=class_mask)
                     self._diverged |= not result.skipped
                     served = self.host.current if result.skipped or gated else self.host.publish(
@@ -214,10 +249,14 @@ class JobTraining:
     def _restore_served(self) -> None:
         """Put the trainer back to `_served`, bitwise (caller holds `_lock`)."""
         assert self._served is not None
-        state, steps = self._served
+        self._put_back(self._served)
+        self._diverged = False
+
+    def _put_back(self, snapshot: ServedSnapshot) -> None:
+        """Put the trainer back to a `_snapshot`, bitwise (caller holds `_lock`)."""
+        state, steps = snapshot
         # the optimizer keeps what it loads
         self.trainer.restore(state.weights, copy.deepcopy(state.optimizer_state), steps, state.training_weights)
-        self._diverged = False
 
     def _record(self, job: Job, step: int, result: StepResult, served: ModelVersion, replayed: int) -> None:
         metrics = self.metrics
@@ -245,3 +284,16 @@ def restore_trainer(trainer: Trainer, checkpoint: LoadedCheckpoint) -> None:
 
 def _clone(tensors: dict) -> dict:
     return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def warmup_note(config: TrainConfig, trained_steps: int, steps: int, learning_rate: float | None) -> str | None:
+    """What a fresh model's warm-up does to a job of `steps` steps starting after `trained_steps`: the steps
+    whose learning rate it lowers and their rates, or None when it is over."""
+    limited = min(steps, config.warmup_steps - trained_steps)
+    if limited <= 0:
+        return None
+    rate = config.lr if learning_rate is None else learning_rate
+    first, last = (rate * config.warmup_factor(trained_steps + k) for k in (0, limited - 1))
+    return (f"the warm-up of a fresh model lowered the learning rate of steps 1-{limited} to {first:.2g}..{last:.2g} "
+            f"(of {rate:g}): the model has trained {trained_steps} of SSD_WARMUP_STEPS={config.warmup_steps} steps; "
+            "send more steps, or set SSD_WARMUP_STEPS=0 for weights that are already trained")

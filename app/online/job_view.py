@@ -11,6 +11,21 @@ from pydantic import BaseModel, Field
 REPLAY_KEYS_SHOWN = 100  # bounds a job's view (and journal record) whatever the memory's size
 
 
+class JobSource(StrEnum):
+    """Who asked for a job: a client of `POST /finetune`, or Label Studio's annotation stream."""
+
+    api = "api"
+    label_studio = "label-studio"
+
+
+class LabelStudioAnnotation(BaseModel):
+    """The Label Studio annotation an annotation-stream image was trained from."""
+
+    project_id: int
+    task_id: int
+    annotation_id: int
+
+
 class JobState(StrEnum):
     queued = "queued"
     running = "running"
@@ -67,19 +82,53 @@ class JobReplay(BaseModel):
                             f"images, the first {REPLAY_KEYS_SHOWN}")
 
 
+class QuarantineIssue(BaseModel):
+    """One disagreement between an image's annotation and the served model."""
+
+    box: int | None = Field(description="index of the annotated box; null for an overlooked object or a loss outlier")
+    issue: Literal["swapped_label", "bad_location", "overlooked_object", "loc_loss", "conf_loss"] = Field(
+        description="swapped_label: a confident detection of another class sits on the box; bad_location: a "
+        "confident detection of its class overlaps it poorly; overlooked_object: a confident detection no box "
+        "covers; loc_loss / conf_loss: the image's loss part above the threshold")
+    model_box: list[float] | None = Field(None, description="the model's detection (pixel x1, y1, x2, y2)")
+    model_label: int | None = Field(None, description="its 0-based class")
+    model_class: str | None = None
+    model_score: float | None = None
+    value: float | None = Field(None, description="loss outliers: the image's loss part per matched prior")
+    threshold: float | None = Field(None, description="loss outliers: the most it may be")
+
+
+class QuarantinedImage(BaseModel):
+    image: int = Field(description="0-based index of the image in the job")
+    quarantined: bool = Field(description="false: the issues were too few to quarantine it (listed for the pipeline)")
+    issues: list[QuarantineIssue]
+
+
 class JobScreening(BaseModel):
-    """The served model's loss on the job's batch before its first step, against accepted jobs'."""
+    """The served model on the job's images before its first step, against its losses on the validation set
+    now, and (once competent) each box against its confident detections."""
 
     model_version: int
-    loss: float | None = Field(description="loss_l + loss_c (null when not finite)")
+    loss: float | None = Field(description="loss_l + loss_c of the batch, as POST /score-loss says (null when not "
+                               "finite)")
     loss_l: float | None
     loss_c: float | None
-    median: float | None = Field(description="median pre-training loss of the last accepted jobs; null while "
-                                 "fewer than 5 are known")
-    threshold: float | None = Field(description="SSD_SCREEN_RATIO x median: the most a batch may score")
-    jobs: int = Field(description="accepted jobs the median is over")
+    losses_checked: bool = Field(False, description="whether per-image loss screening ran (the served model is "
+                                 "competent on the validation set)")
+    labels_checked: bool = Field(False, description="whether the per-box label checks ran")
+    quiet_reason: str | None = Field(None, description="why screening did not judge")
+    baseline_l: float | None = Field(None, description="the served model's median loss_l per matched prior on the "
+                                     "validation set now")
+    baseline_c: float | None = None
+    threshold_l: float | None = Field(None, description="SSD_SCREEN_RATIO x baseline_l: the most an image may score")
+    threshold_c: float | None = None
+    quarantined: int = Field(0, description="images quarantined: not trained on (unless forced), never added to the "
+                             "validation set or the replay memory")
+    images: list[QuarantinedImage] = Field(default_factory=list, description="the images with any issue")
     passed: bool
-    forced: bool = Field(description='"force": true: the verdict was not applied')
+    forced: bool = Field(description='"force": true: quarantined images trained, a rejection not applied')
+    seconds: float | None = Field(None, description="time spent screening (the served model on the job's images "
+                                  "and on validation images new to it, the checks)")
 
 
 class ServedFigures(BaseModel):
@@ -102,10 +151,19 @@ class JobEvaluation(BaseModel):
     candidate: CandidateFigures | None
     decision: Literal["published", "rejected", "ungated"]
     reference_version: int | None = Field(None, description="the version the candidate was judged against: the "
-                                          "best the gate published on this validation set since the served "
-                                          "version's line began (the served one unless a later one scored lower)")
+                                          "best the gate published since the served version's line began, scored "
+                                          "on the validation set as it is now (the served one unless a later one "
+                                          "scored lower)")
     delta: float | None = Field(None, description="candidate - reference mAP@0.5 on the validation set "
                                 "(published iff >= -margin)")
+    loss_increase: float | None = Field(None, description="paired test: mean per-image validation loss (per "
+                                        "matched prior) of the candidate minus the reference's")
+    loss_bound: float | None = Field(None, description="its lower bound (mean - SSD_GATE_PAIRED_Z x SE): rejected "
+                                     "when above SSD_GATE_LOSS_TOLERANCE x the reference's mean")
+    quality_change: float | None = Field(None, description="paired test: mean per-image change of the image's own "
+                                         "average precision (its detections ranked by score)")
+    quality_bound: float | None = Field(None, description="its upper bound: rejected when below "
+                                        "-SSD_GATE_DETECTION_TOLERANCE")
     margin: float | None = Field(description="mAP@0.5 the candidate could lose and still publish: "
                                  "SSD_GATE_TOLERANCE + SSD_GATE_NOISE_Z x the bootstrap SE")
     noise: float | None = Field(description="bootstrap standard error of the candidate - served mAP@0.5")
@@ -116,11 +174,17 @@ class JobEvaluation(BaseModel):
 class JobView(BaseModel):
     job_id: str
     status: JobState
+    source: JobSource = Field(JobSource.api, description="api: POST /finetune; label-studio: the annotation stream")
+    label_studio: list[LabelStudioAnnotation] | None = Field(
+        None, description="label-studio jobs: the Label Studio project, task and annotation of each image, in the "
+        "job's image order")
     steps_done: int
     steps_total: int
     skipped_steps: int
     num_images: int
     learning_rate: float | None
+    warmup: str | None = Field(None, description="set when a fresh model's warm-up (SSD_WARMUP_STEPS) lowered the "
+                               "learning rate of this job's steps: which steps, the rates they ran at, and what to do")
     augment: bool
     losses: list[StepLoss]
     model_version: int | None = Field(description="version after the job's last completed step")

@@ -19,8 +19,10 @@ from app.online.job_view import (
     JobEvaluation,
     JobReplay,
     JobScreening,
+    JobSource,
     JobState,
     JobView,
+    LabelStudioAnnotation,
     StepLoss,
 )
 from ssd_core.data.datasets import Sample
@@ -52,6 +54,8 @@ class Job:
     augment: bool
     images: list[bytes] | None = None
     force: bool = False
+    source: JobSource = JobSource.api
+    label_studio: list[LabelStudioAnnotation] | None = None  # the annotation stream's origin of each image
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.queued
     steps_done: int = 0
@@ -66,6 +70,7 @@ class Job:
     num_images: int = 0
     checkpoint: JobCheckpoint | None = None
     held_out: int = 0
+    warmup: str | None = None
     screening: JobScreening | None = None
     evaluation: JobEvaluation | None = None
     replay_ratio: float = 0.0
@@ -77,24 +82,27 @@ class Job:
     @classmethod
     def from_view(cls, view: JobView) -> Job:
         """A finished job restored from the journal (no images)."""
-        job = cls(None, view.steps_total, view.learning_rate, view.augment, force=view.force, job_id=view.job_id,
+        job = cls(None, view.steps_total, view.learning_rate, view.augment, force=view.force, source=view.source,
+                  label_studio=view.label_studio, job_id=view.job_id,
                   state=view.status, steps_done=view.steps_done, skipped_steps=view.skipped_steps,
                   losses=view.losses, model_version=view.model_version, error=view.error,
                   cancel_requested=view.cancel_requested, created_at=view.created_at, started_at=view.started_at,
                   finished_at=view.finished_at, num_images=view.num_images, checkpoint=view.checkpoint,
-                  held_out=view.held_out, screening=view.screening, evaluation=view.evaluation,
+                  held_out=view.held_out, warmup=view.warmup, screening=view.screening, evaluation=view.evaluation,
                   replay_ratio=view.replay.ratio if view.replay else 0.0, replay=view.replay, per_class=view.per_class)
         job.finished.set_result(None)
         return job
 
     def view(self) -> JobView:
         return JobView(
-            job_id=self.job_id, status=self.state, steps_done=self.steps_done, steps_total=self.steps_total,
+            job_id=self.job_id, status=self.state, source=self.source,
+            label_studio=list(self.label_studio) if self.label_studio is not None else None,
+            steps_done=self.steps_done, steps_total=self.steps_total,
             skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
             augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, checkpoint=self.checkpoint, force=self.force, held_out=self.held_out,
-            screening=self.screening, evaluation=self.evaluation,
+            warmup=self.warmup, screening=self.screening, evaluation=self.evaluation,
             replay=self.replay.model_copy(deep=True) if self.replay else None, per_class=list(self.per_class),
         )
 
@@ -136,6 +144,9 @@ class Job:
     def set_screening(self, screening: JobScreening) -> None:
         self._require_running("record its screening")
         self.screening = screening
+
+    def set_warmup(self, note: str | None) -> None:
+        self.warmup = note
 
     def set_held_out(self, images: int) -> None:
         self._require_running("record its holdout")

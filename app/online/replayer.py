@@ -27,6 +27,12 @@ class Replayer:
         self.metrics = metrics
         self.update_metrics()
 
+    def available(self, job: Job) -> int:
+        """Images the memory could add to each of `job`'s steps: its size, or 0 when the job replays nothing."""
+        if self.memory is None or job.replay_ratio == 0:
+            return 0
+        return len(self.memory)
+
     def per_step(self, job: Job, new_images: int) -> int:
         """Replayed images per step of `job` (0 without a memory, with an empty one or ratio 0); opens its view."""
         if self.memory is None or not len(self.memory) or job.replay_ratio == 0:

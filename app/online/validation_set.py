@@ -58,6 +58,11 @@ class ValidationSet:
                 replaced += len(result.replaced)
         return Added(added, dropped, replaced)
 
+    def holds(self, image: bytes) -> bool:
+        """Whether these image bytes are an entry of the set (whatever their annotation)."""
+        with self._lock:
+            return content_key(image) in self.store
+
     def snapshot(self) -> tuple[list[str], list[Sample], str]:
         """The entries' ids (`SampleStore.entry_id`: image and annotation) and samples in key order and the
         set's digest, consistent with each other."""

@@ -46,18 +46,22 @@ class VersionSaver:
             for info in reversed(store.versions()):
                 if info.version == current.version:
                     return info, False
-        meta = checkpoint_meta(
-            current.model, self.settings.class_names, current.version, current.step,
-            {"restored_from": current.restored_from},
-        )
+        return self.write(current.version, current.step, current.restored_from, state), True
+
+    def write(self, version: int, step: int, restored_from: int | None, state: TrainerState) -> CheckpointInfo:
+        """Write `state` as `version` (counted in `ssd_checkpoints_total`): the current version, or the one a
+        rollback is about to publish."""
+        store = self.require_store()
+        meta = checkpoint_meta(self.host.current.model, self.settings.class_names, version, step,
+                               {"restored_from": restored_from})
         try:
             info = store.save(state.weights, meta, state.optimizer_state, state.training_weights)
         except Exception:
             self.metrics.checkpoints.labels(outcome="failed").inc()
             raise
         self.metrics.checkpoints.labels(outcome="saved").inc()
-        self.saved_version = current.version
-        return info, True
+        self.saved_version = version
+        return info
 
     def save_unsaved(self, state: TrainerState) -> str | None:
         """`save` unless the current version is on disk; a failure (full or read-only disk) is logged and

@@ -8,7 +8,7 @@ own copy of the weights (`ssd_core.training.trainer.Trainer`). What is evaluated
 weights (`ssd_core.training.ema`), else those weights; the optimizer trains the raw ones and checkpoints hold
 both. With replay (`SSD_REPLAY_RATIO` or a job's `replay`) every step trains on the job's images
 plus replayed ones drawn class-balanced from the replay memory (app.online.replayer, ssd_core.online.replay).
-What reaches clients depends on SSD_PUBLISH (README, "Publishing"): `gated` (default) publishes a
+What reaches clients depends on SSD_PUBLISH (docs/online-learning.md, "Publishing"): `gated` (default) publishes a
 job's weights only through the gate, `every_step` after every completed step (unprotected).
 
 A checkpoint is written after every job that published, on demand (`POST /model/checkpoint`), after
@@ -34,7 +34,7 @@ from app.core.metrics import Metrics
 from app.core.settings import Settings
 from app.online.checkpoints import Checkpoints
 from app.online.job_training import JobTraining, restore_trainer
-from app.online.job_view import JobState
+from app.online.job_view import JobSource, JobState, LabelStudioAnnotation
 from app.online.jobs import Job
 from app.online.journal import JobJournal
 from app.online.replayer import Replayer
@@ -133,14 +133,13 @@ class FinetuneWorker:
             self._journal.compact([job.view() for job in self._jobs.values()])
 
     def load_journal(self) -> None:
-        """Restore the newest SSD_JOB_HISTORY jobs of previous runs (`JobJournal.restore`) and their
-        screening losses, and compact the journal."""
+        """Restore the newest SSD_JOB_HISTORY jobs of previous runs (`JobJournal.restore`) and compact the
+        journal."""
         if self._journal is None:
             return
         restored = self.host.current.version
         with self._jobs_lock:
             views = self._journal.restore(restored)
-            self.training.restore_screening(views)
             for view in views:
                 self._jobs[view.job_id] = Job.from_view(view)
             self._compact_journal()
@@ -149,13 +148,16 @@ class FinetuneWorker:
 
     def submit(
         self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
-        force: bool = False, replay: float | None = None,
+        force: bool = False, replay: float | None = None, source: JobSource = JobSource.api,
+        label_studio: list[LabelStudioAnnotation] | None = None,
     ) -> Job:
         """Queue a job on `samples` (decoded from `images`, the bytes as sent). `replay`: replayed images
-        per new image (None: SSD_REPLAY_RATIO). Raises InvalidValue for too many steps, too high a learning
+        per new image (None: SSD_REPLAY_RATIO); `source` and `label_studio`: who asked (the annotation stream
+        names each image's Label Studio annotation). Raises InvalidValue for too many steps, too high a learning
         rate or too few images, JobQueueFull when the queue is full, Unavailable while shutting down."""
         if steps > self.settings.finetune_max_steps:
-            raise InvalidValue("steps", f"{steps} exceeds the limit of {self.settings.finetune_max_steps}")
+            raise InvalidValue("steps", f"{steps} exceeds the limit of {self.settings.finetune_max_steps} "
+                               "(SSD_FINETUNE_MAX_STEPS)")
         limit = self.settings.learning_rate_limit()
         if learning_rate is not None and learning_rate > limit:
             raise InvalidValue("learning_rate", f"{learning_rate} exceeds the limit of {limit:g} "
@@ -163,7 +165,7 @@ class FinetuneWorker:
         self.training.require_images(len(samples))
         ratio = self.settings.replay_ratio if replay is None else replay
         job = Job(samples, steps, learning_rate, augment, images=images, force=force, num_images=len(samples),
-                  replay_ratio=ratio)
+                  replay_ratio=ratio, source=source, label_studio=label_studio)
         with self._jobs_lock:
             if self._stopping:
                 raise Unavailable("shutting_down", "the server is shutting down")
@@ -184,6 +186,14 @@ class FinetuneWorker:
         if job is None:
             raise NotFound("not_found", f"no fine-tune job {job_id!r}", "job_id")
         return job
+
+    def jobs(self, status: JobState | None = None, source: JobSource | None = None) -> list[Job]:
+        """The jobs this process knows (queued, running and the last SSD_JOB_HISTORY finished), newest first,
+        those of `status` and `source` only when given."""
+        with self._jobs_lock:
+            known = list(self._jobs.values())  # in submission order (restored ones first)
+        return [job for job in reversed(known)
+                if (status is None or job.state == status) and (source is None or job.source == source)]
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or a running one after its current step. Raises NotFound for an unknown
@@ -227,11 +237,14 @@ class FinetuneWorker:
                 job.start()
                 self._journal_record(job, durable=False)
                 self.metrics.finetune_queue_depth.set(len(self._queue))
+            logger.info("fine-tune job %s started: %d images, %d steps, learning rate %s", job.job_id, job.num_images,
+                        job.steps_total, job.learning_rate or f"{self.settings.learning_rate:g} (SSD_LEARNING_RATE)")
             state, error = self.training.run(job)
             job.set_checkpoint(self.checkpoints.after_job())
             with self._jobs_lock:
                 self._running = None
                 self._finish(job, state, error)
+            logger.info("fine-tune job %s %s", job.job_id, job_summary(job))
 
     # ---- the checkpoint operations the routes call (app.online.checkpoints)
 
@@ -245,10 +258,23 @@ class FinetuneWorker:
         return self.checkpoints.pin(version, pinned)
 
 
+def job_summary(job: Job) -> str:
+    """A finished job in one line: its state, steps, last loss, the gate's decision and the version it left."""
+    last = next((step for step in reversed(job.losses) if step.loss_l is not None), None)
+    loss = f"{last.loss_l + last.loss_c:.3f}" if last is not None and last.loss_c is not None else "none"
+    decision = job.evaluation.decision if job.evaluation is not None else "not judged"
+    ending = f": {job.error}" if job.error else ""
+    return (f"{job.state.value}{ending}; {job.steps_done}/{job.steps_total} steps ({job.skipped_steps} skipped), "
+            f"last loss {loss}, gate {decision}, model version {job.model_version}")
+
+
 def train_config(settings: Settings) -> TrainConfig:
-    """The service trainer's optimizer, warm-up, clipping and EMA (README, "The online recipe")."""
+    """The service trainer's optimizer, warm-up, clipping and EMA (docs/online-learning.md, "The online recipe"). Weights from
+    SSD_WEIGHTS are trained ones: the warm-up, which protects a randomly initialised model's first steps,
+    is off for them."""
+    warmup_steps = settings.warmup_steps if settings.weights is None else 0
     return TrainConfig(
-        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=settings.warmup_steps,
+        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=warmup_steps,
         clip_grad_norm=settings.clip_grad_norm,
         verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
     )

@@ -1,30 +1,37 @@
 """Detection with the hosted model: decoded images -> scored boxes in each image's pixels, the forward
-pass batched with every other request's (`POST /detect` and the Open Inference Protocol's `ssd` model),
-and the PNG of one image with its detections drawn."""
+pass batched with every other request's and the boxes decoded on the inference thread with the rest of its
+batch (`POST /detect`, the Open Inference Protocol's `ssd` model, Label Studio's predictions), and the PNG
+of one image with its detections drawn."""
 
 from __future__ import annotations
 
-import torch
 from anyio import to_thread
 from torch import Tensor
 
 from app.core.settings import Settings
-from app.serving.inference import InferenceWorker, WaitForDisconnect, forward
+from app.serving.inference import DetectionOptions, InferenceWorker, WaitForDisconnect, forward_detect
 from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.data.images import model_inputs
 from ssd_core.evaluation.drawing import captions, draw_detections
-from ssd_core.models.postprocess import Detections, detect_with_spec
+from ssd_core.models.base import ModelSpec
+from ssd_core.models.postprocess import Detections
 
 
-async def detect_images(
-    client_gone: WaitForDisconnect, images: list[Tensor], score_threshold: float | None, max_detections: int | None,
-    route: str, served: ModelVersion, host: ModelHost, inference: InferenceWorker, settings: Settings,
+def prepare_images(images: list[Tensor], spec: ModelSpec) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Decoded images -> (the model batch [B, 3, S, S], each image's (height, width)); run it in a worker
+    thread together with the decoding (one hop)."""
+    return model_inputs(images, spec), [(image.shape[1], image.shape[2]) for image in images]
+
+
+async def detect_batch(
+    client_gone: WaitForDisconnect, batch: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None,
+    max_detections: int | None, route: str, served: ModelVersion, inference: InferenceWorker, settings: Settings,
 ) -> list[Detections]:
-    """Detections of version `served` on decoded images, the forward pass batched with other requests.
+    """Detections of version `served` on a prepared batch (`prepare_images`).
 
     Args:
-        client_gone: returns once the request's client has disconnected (`forward` abandons the request).
-        images: B uint8 RGB images, each Tensor[3, H_k, W_k].
+        client_gone: returns once the request's client has disconnected (the request is abandoned).
+        batch (Tensor[B, 3, S, S]): normalised model input; image_sizes: (height, width) of each original image.
         score_threshold, max_detections: the request's, None for the settings' default.
 
     Returns:
@@ -34,23 +41,25 @@ async def detect_images(
         Unavailable: the inference queue is full.
         ClientGone: the client went away before the result.
     """
-    batch = await to_thread.run_sync(model_inputs, images, host.spec)  # [B, 3, S, S]
-    loc, conf = await forward(client_gone, inference, batch, served, route)  # [B, P, 4], [B, P, C]
-    threshold = settings.score_threshold if score_threshold is None else score_threshold
-    limit = max_detections or settings.max_detections
+    options = DetectionOptions(
+        settings.score_threshold if score_threshold is None else score_threshold,
+        max_detections or settings.max_detections, settings.nms_iou, image_sizes,
+    )
+    return await forward_detect(client_gone, inference, batch, served, route, options)
 
-    def postprocess() -> list[Detections]:
-        with torch.inference_mode():
-            return detect_with_spec(
-                host.spec, loc, conf, host.priors, score_threshold=threshold, nms_iou=settings.nms_iou,
-                max_detections=limit,
-                image_sizes=[(image.shape[1], image.shape[2]) for image in images],
-            )
 
-    return await to_thread.run_sync(postprocess)
+async def detect_images(
+    client_gone: WaitForDisconnect, images: list[Tensor], score_threshold: float | None, max_detections: int | None,
+    route: str, served: ModelVersion, host: ModelHost, inference: InferenceWorker, settings: Settings,
+) -> list[Detections]:
+    """`detect_batch` of decoded images (B uint8 RGB images, each Tensor[3, H_k, W_k]), prepared in a worker thread."""
+    batch, sizes = await to_thread.run_sync(prepare_images, images, host.spec)
+    return await detect_batch(client_gone, batch, sizes, score_threshold, max_detections, route, served, inference,
+                              settings)
 
 
 def render_png(image: Tensor, found: Detections, settings: Settings) -> bytes:
     """`image` (Tensor[3, H, W] uint8) with `found` (pixel boxes) drawn, as PNG bytes."""
-    names = [settings.class_name(label) for label in found.labels.tolist()]
-    return draw_detections(image, found.boxes, captions(names, found.scores.tolist()))
+    classes = found.labels.tolist()
+    names = [settings.class_name(label) for label in classes]
+    return draw_detections(image, found.boxes, captions(names, found.scores.tolist()), classes)

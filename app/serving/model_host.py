@@ -3,7 +3,9 @@
 A `ModelVersion` is never mutated after publication: training works on its own copy of the
 weights and publishes a fresh frozen copy, so a request that picked up version v computes with
 version v's weights from start to finish. Publishing replaces one reference under a lock; readers
-take the reference without locking (an attribute read is atomic).
+take the reference without locking (an attribute read is atomic). Version numbers come from
+`ssd_core.storage.version_numbers`: each is on disk before it is published, so no number is ever
+reused, even after `kill -9`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from torch import Tensor
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
+from app.serving.backends import DTYPES, BackgroundRunner, OnnxGraph, Runner, TorchRunner
 from ssd_core.models import SSD, build_model
 from ssd_core.models.devices import resolve_device
 from ssd_core.storage.checkpoint import CheckpointStore, LoadedCheckpoint
 from ssd_core.storage.checkpoint_meta import recorded_priors
+from ssd_core.storage.version_numbers import VersionNumbers
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +38,11 @@ class ModelVersion:
 
     Attributes:
         model: the network (eval mode, no gradients) on the host's device.
-        version: its number; strictly increasing over the life of a checkpoint directory.
+        version: its number; strictly increasing over the life of a checkpoint directory, never reused.
         step: completed training steps behind these weights.
         published_at: UNIX time of publication.
         restored_from: the saved version a rollback copied, else None.
+        runner: what serves its forward passes (`app.serving.backends`), set by the host.
     """
 
     model: SSD
@@ -45,6 +50,7 @@ class ModelVersion:
     step: int
     published_at: float
     restored_from: int | None = None
+    runner: Runner | None = None
 
 
 def frozen_copy(model: SSD, device: torch.device) -> SSD:
@@ -64,16 +70,36 @@ class ModelHost:
         metrics: `ssd_model_version` and `ssd_model` info are kept current.
         model: initial weights (any device); the host keeps its own frozen copy.
         version, step: of those weights.
+        numbers: where new version numbers come from (default: in memory, from `version`).
+
+    Attributes:
+        exclusive: held by whatever trains or traces a model in this process: the trainer's steps, gate and
+            state changes (app.online.job_training) and export (app.serving.export). torch's FX tracing
+            state is process-global, so an export traced beside a backward pass corrupts both.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, model: SSD, version: int, step: int) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, model: SSD, version: int, step: int,
+        numbers: VersionNumbers | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.device = resolve_device(settings.device, "SSD_DEVICE")
         self.spec = model.spec
         self.priors: Tensor = model.priors.to(self.device)  # [P, 4] cxcywh, the same for every version
+        self.numbers = numbers if numbers is not None else VersionNumbers(None, version)
+        self.exclusive = threading.Lock()
         self._lock = threading.Lock()
-        self._current = ModelVersion(frozen_copy(model, self.device), version, step, time.time())
+        self.dtype = DTYPES[settings.inference_dtype]
+        if self.dtype != torch.float32 and self.device.type != "cuda":
+            raise ValueError(f"SSD_INFERENCE_DTYPE={settings.inference_dtype} needs a CUDA device; SSD_DEVICE="
+                             f"{settings.device} serves on {self.device}: set SSD_INFERENCE_DTYPE=float32")
+        self.graph = self._onnx_graph(model) if settings.backend == "onnxruntime" else None
+        frozen = frozen_copy(model, self.device)
+        runner = self._runner(frozen)
+        if isinstance(runner, BackgroundRunner):
+            runner.ready.wait()  # the first version is served by its configured backend from the first request
+        self._current = ModelVersion(frozen, version, step, time.time(), runner=runner)
         metrics.model_version.set(version)
         metrics.model.info({
             "architecture": settings.model, "num_classes": str(settings.num_classes), "device": str(self.device),
@@ -84,6 +110,17 @@ class ModelHost:
         """The version to serve now; keep the returned object for the whole request."""
         return self._current
 
+    def reserve_version(self) -> int:
+        """The number the next `publish` will use, on disk before this returns (`VersionNumbers.reserve`);
+        raises OSError when it cannot be written: nothing can be published then."""
+        with self._lock:
+            return self.numbers.reserve()
+
+    def discard_reserved_version(self) -> None:
+        """Skip the reserved number (a failed state change may have written it somewhere)."""
+        with self._lock:
+            self.numbers.discard()
+
     def publish(
         self, model: SSD, step: int, restored_from: int | None = None, version: int | None = None
     ) -> ModelVersion:
@@ -93,29 +130,56 @@ class ModelHost:
             model: the trainer's network; copied, so the trainer may keep changing it afterwards.
             step: completed training steps behind these weights.
             restored_from: set by a rollback.
-            version: the number to publish under, default the next one; a server replica passes the
-                number of the trainer's checkpoint it loaded (app.serving.replica).
+            version: the number to publish under, default the next one (reserved, or reserved now); a
+                server replica passes the number of the trainer's checkpoint it loaded (app.serving.replica).
+
+        Raises:
+            OSError: the next number cannot be put on disk; nothing is published.
         """
         snapshot = frozen_copy(model, self.device)  # outside the lock: copying is the slow part
+        runner = self._runner(snapshot)
         with self._lock:
-            number = self._current.version + 1 if version is None else version
-            published = ModelVersion(snapshot, number, step, time.time(), restored_from)
+            number = self.numbers.take() if version is None else version
+            published = ModelVersion(snapshot, number, step, time.time(), restored_from, runner)
             self._current = published
         self.metrics.model_version.set(published.version)
         logger.info("published model version %d (step %d)", published.version, step)
         return published
 
-    @torch.inference_mode()
     def predict(self, images: Tensor, served: ModelVersion) -> tuple[Tensor, Tensor, Tensor]:
-        """Run version `served` on a batch.
+        """Run version `served` on a batch, with its backend's runner.
 
         Args:
-            images (Tensor[B, 3, S, S]): normalised model input.
+            images (Tensor[B, 3, S, S]): normalised model input (on the CPU, or the host's device).
 
         Returns:
-            loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]), priors (Tensor[P, 4]), on the host's device.
+            loc (Tensor[B, P, 4]), conf (Tensor[B, P, C]), priors (Tensor[P, 4]), float32 on the host's device.
         """
-        return served.model(images.to(self.device))
+        runner = served.runner or TorchRunner(served.model, self.device)
+        loc, conf = runner(images)
+        return loc, conf, self.priors
+
+    def _onnx_graph(self, model: SSD) -> OnnxGraph | None:
+        """The ONNX graph every version's session is built from; None (logged: torch serves every version, each
+        counted by `_runner`) when the export fails. Exporting traces, so it holds `exclusive`."""
+        try:
+            with self.exclusive:
+                return OnnxGraph(model, self.device, self.settings.torch_threads)
+        except Exception:
+            logger.exception("cannot export the ONNX graph of %s: serving with torch", self.settings.model)
+            return None
+
+    def _runner(self, model: SSD) -> Runner:
+        """The configured backend's runner of `model`'s weights. ONNX Runtime's session is built in the background
+        (torch serves until it is ready; a publish never waits for it); torch keeps serving a version whose
+        session cannot be built (logged, counted), so that a version is never left unserved."""
+        torch_runner = TorchRunner(model, self.device, self.dtype)
+        if self.graph is not None:
+            graph = self.graph
+            return BackgroundRunner(torch_runner, lambda: graph.runner(model), self.metrics.backend_fallbacks.inc)
+        if self.settings.backend == "onnxruntime":
+            self.metrics.backend_fallbacks.inc()  # no graph: every version is served by torch
+        return torch_runner
 
 
 def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SSD, LoadedCheckpoint | None]:
@@ -136,19 +200,39 @@ def initial_model(settings: Settings, store: CheckpointStore | None) -> tuple[SS
     return model, checkpoint
 
 
+def start_host(
+    settings: Settings, metrics: Metrics, model: SSD, checkpoint: LoadedCheckpoint | None, store: CheckpointStore | None,
+) -> ModelHost:
+    """The host serving `model` (from `initial_model`) as the checkpoint's version, else as version 0.
+
+    A trainer's numbers come from the store's version mark: numbers handed out before a crash that no
+    loadable checkpoint holds are recorded as lost and never handed out again; a start with no loadable
+    checkpoint in a directory that has used numbers serves its weights under a new one. A server replica
+    publishes only the trainer's numbers.
+    """
+    version = int(checkpoint.meta["version"]) if checkpoint is not None else 0
+    step = int(checkpoint.meta.get("step", 0)) if checkpoint is not None else 0
+    numbers = VersionNumbers(None if store is None or store.read_only else store, version)
+    if checkpoint is None and numbers.issued > version:
+        version = numbers.take()
+    return ModelHost(settings, metrics, model, version, step, numbers)
+
+
 def check_compatible(meta: dict, settings: Settings) -> None:
     """Refuse a checkpoint written for another architecture, class count or prior set (a checkpoint that
     records no prior set predates the setting: its VGG model had VOC priors)."""
+    elsewhere = "or set SSD_CHECKPOINT_DIR to another directory to start afresh"
     for key in ("model", "num_classes"):
         if key in meta and meta[key] != getattr(settings, key):
             raise RuntimeError(
-                f"checkpoint in {settings.checkpoint_dir} has {key}={meta[key]!r}, settings say "
-                f"{getattr(settings, key)!r}"
+                f"checkpoint version {meta.get('version')} in {settings.checkpoint_dir} has {key}={meta[key]!r}, "
+                f"SSD_{key.upper()}={getattr(settings, key)!r}: set SSD_{key.upper()}={meta[key]} to resume it, "
+                f"{elsewhere}"
             )
     recorded = recorded_priors(meta, settings.model)
     if recorded != settings.prior_set:
         raise RuntimeError(
             f"checkpoint in {settings.checkpoint_dir} was trained with priors={recorded!r}, settings give "
             f"{settings.prior_set!r} (SSD_PRIORS={settings.priors or 'unset'}, num_classes={settings.num_classes}); "
-            f"set SSD_PRIORS={recorded}"
+            f"set SSD_PRIORS={recorded}, {elsewhere}"
         )

@@ -15,10 +15,12 @@ NMS) is not part of the graph: runtimes bring their own, and the score threshold
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from ssd_core.models import SSD
 
-__all__ = ["FORMATS", "SUFFIXES", "export_model", "metadata", "read_torchscript_metadata"]
+__all__ = ["FORMATS", "ONNX_WEIGHT_PREFIX", "SUFFIXES", "export_model", "metadata", "onnx_model", "optimize_onnx", "read_torchscript_metadata"]
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -99,15 +101,67 @@ def export_model(model: SSD, path: str | Path, fmt: str, meta: dict[str, str] | 
     return path
 
 
+# the ONNX optimizer's loggers: ~20 INFO lines (and a WARNING about the priors output) per export
+ONNX_OPTIMIZER_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _quiet(logger_names: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of `logger_names` to `level` for the block (a server's log would list every pass)."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, levels, strict=True):
+            logger.setLevel(previous)
+
+
+def onnx_model(model: SSD, optimize: bool = True):
+    """`model` (left untouched) as an in-memory `onnx.ModelProto`, the graph `export_model` writes without its
+    metadata.
+
+    Args:
+        optimize: fold constants (BatchNorm into the convolutions) as the written file does; False keeps every
+            weight and BatchNorm statistic an initializer named `ONNX_WEIGHT_PREFIX` + its state_dict key, so that
+            the same graph can run other weights of the architecture.
+    """
+    network = _Exported(copy.deepcopy(model).cpu().eval()).eval()
+    size = model.spec.image_size
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/exporter chatter about the shape check in SSD.forward
+        return _onnx_proto(network, torch.zeros(EXAMPLE_BATCH, 3, size, size), optimize)
+
+
+ONNX_WEIGHT_PREFIX = "model."  # the exported module holds the network as its attribute `model`
+
+
+def optimize_onnx(proto):
+    """The optimisation `onnx_model(optimize=True)` applies (constant folding: BatchNorm into the convolutions,
+    shape arithmetic removed), on an in-memory `onnx.ModelProto`, e.g. `onnx_model(optimize=False)` with other
+    weights put in; a new proto."""
+    import onnxscript
+
+    with _quiet(ONNX_OPTIMIZER_LOGGERS):
+        return onnxscript.optimizer.optimize(proto)
+
+
+def _onnx_proto(network: nn.Module, example: Tensor, optimize: bool):
+    with _quiet(ONNX_OPTIMIZER_LOGGERS):
+        program = torch.onnx.export(
+            network, (example,), None, input_names=["images"], output_names=["loc", "conf", "priors"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            opset_version=ONNX_OPSET, dynamo=True, optimize=optimize, verbose=False,
+        )
+    return program.model_proto
+
+
 def _export_onnx(network: nn.Module, example: Tensor, path: Path, meta: dict[str, str]) -> None:
     import onnx  # imported here: the rest of the library does not need it
 
-    program = torch.onnx.export(
-        network, (example,), None, input_names=["images"], output_names=["loc", "conf", "priors"],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
-        opset_version=ONNX_OPSET, dynamo=True, optimize=True, verbose=False,
-    )
-    proto = program.model_proto
+    proto = _onnx_proto(network, example, optimize=True)
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(path))

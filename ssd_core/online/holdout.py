@@ -7,7 +7,7 @@ validation set through a re-send.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ssd_core.storage.sample_store import content_key
@@ -22,27 +22,43 @@ def holdout_rank(image: bytes) -> float:
 
 @dataclass(frozen=True)
 class HoldoutSplit:
-    """Indices into the job's images: `train` (trained on) and `held_out` (validation candidates)."""
+    """Indices into the job's images: `train` (trained on) and `held_out` (validation candidates);
+    `returned`: images the hash would hold out that train instead, so that the job can train."""
 
     train: tuple[int, ...]
     held_out: tuple[int, ...]
+    returned: tuple[int, ...] = ()
 
 
-def split_holdout(images: Sequence[bytes], fraction: float, min_train: int) -> HoldoutSplit:
-    """Hold out each image whose `holdout_rank` is below `fraction`.
+def split_holdout(
+    images: Sequence[bytes], fraction: float, min_train: int, fill: int = 0, validating: Collection[int] = (),
+) -> HoldoutSplit:
+    """Hold out each image whose `holdout_rank` is below `fraction`, never leaving the job too few to train.
 
     Args:
         images: the job's image bytes as sent.
         fraction: in [0, 1); 0 holds out nothing.
         min_train: the fewest images a training step accepts (2 for a model with BatchNorm).
+        fill: images the replay memory adds to every step (0: no replay).
+        validating: indices of images already in the validation set: never returned to training.
 
     Returns:
-        The split. When fewer than `min_train` images would remain to train on, `train` is empty:
-        the job trains on nothing rather than on an image the hash reserves for validation (which a
-        later job could then hold out after training on it). The caller says so in the job.
+        The split. The job keeps at least max(1, min_train - fill) of its images to train on: when the
+        hash would hold out more, the held-out images of highest rank (the nearest to `fraction`), and not
+        already validating, train instead (`returned`). Such an image is trained on although its hash
+        reserves it for validation: a later job that sends it again would hold it out, so the rule costs a
+        little validation purity in a job too small to split, rather than a job that silently trains on
+        nothing. When even that leaves too few, the caller says the job cannot train.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    held = tuple(i for i, image in enumerate(images) if holdout_rank(image) < fraction)
-    train = tuple(i for i in range(len(images)) if i not in held)
-    return HoldoutSplit(train if len(train) >= min_train else (), held)
+    if min_train < 1 or fill < 0:
+        raise ValueError(f"need min_train >= 1 and fill >= 0, got {min_train}, {fill}")
+    ranks = [holdout_rank(image) for image in images]
+    held = [i for i, rank in enumerate(ranks) if rank < fraction]
+    needed = max(1, min_train - fill)
+    shortfall = max(0, needed - (len(images) - len(held)))
+    by_rank = sorted((i for i in held if i not in validating), key=lambda i: ranks[i], reverse=True)
+    returned = tuple(sorted(by_rank[:shortfall]))
+    kept = tuple(i for i in held if i not in returned)
+    return HoldoutSplit(tuple(i for i in range(len(images)) if i not in kept), kept, returned)

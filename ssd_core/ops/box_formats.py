@@ -118,8 +118,10 @@ def check_pixel_boxes(
     outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
     if outside.any():
         index = int(outside.nonzero()[0])
+        hint = (" (these boxes are normalised to [0, 1]: pixels? divide x by the image's width and y by its height)"
+                if (height, width) == (1, 1) else "")
         raise ValueError(
-            f"{name}[{index}] = {boxes[index].tolist()} lies entirely outside the {width}x{height} image"
+            f"{name}[{index}] = {boxes[index].tolist()} lies entirely outside the {width}x{height} image{hint}"
         )
     if tolerance is not None:
         overhang = torch.cat((-boxes[:, :2], boxes[:, 2:] - boxes.new_tensor([width, height])), dim=1)  # [N, 4]

@@ -271,6 +271,11 @@ class CheckpointStore:
                 logger.warning("ignoring checkpoint: %s", exc)
         return sorted(infos, key=lambda info: info.version)
 
+    def file_versions(self) -> set[int]:
+        """Every version a checkpoint file names, torn, corrupt and temp-less partial ones included (the
+        numbers a writer has used)."""
+        return {v for v in map(_version_of, self.directory.glob("ckpt-*")) if v is not None}
+
     def _read_verified(self, entry: dict[str, Any]) -> bytes:
         path = self.directory / entry["name"]
         try:

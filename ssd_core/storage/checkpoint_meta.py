@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssd_core.models.build import LEGACY_PRIOR_SETS
 from ssd_core.storage.checkpoint import CheckpointError, CheckpointStore
+from ssd_core.storage.version_numbers import highest_issued
 
 if TYPE_CHECKING:
     from ssd_core.models.base import SSD
@@ -21,9 +22,9 @@ __all__ = ["checkpoint_meta", "next_version", "recorded_priors"]
 
 
 def next_version(store: CheckpointStore) -> int:
-    """The version a new checkpoint in `store` gets: one past the newest, 1 in an empty store."""
-    versions = store.versions()
-    return versions[-1].version + 1 if versions else 1
+    """The version a new checkpoint in `store` gets: one past any number the directory has seen (its
+    checkpoints, torn ones included, and the service's version mark), 1 in an empty store."""
+    return highest_issued(store) + 1
 
 
 def checkpoint_meta(model: SSD, class_names: Sequence[str], version: int, step: int, extra: dict | None = None) -> dict:

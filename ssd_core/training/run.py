@@ -3,7 +3,9 @@
 `run_training(args)` trains `args.model` on `args.data` (a `load_dataset` spec) for `args.steps` steps,
 single-process or under torchrun (DDP, one data shard per rank; rank 0 logs, evaluates and saves), and
 writes `CheckpointStore` versions (meta: `storage.checkpoint_meta`), plus `history.json`,
-`loss_curve.png` and (with `--eval-every`) `map_curve.png` in `args.checkpoint_dir`.
+`loss_curve.png` and (with `--eval-every`) `map_curve.png` in `args.checkpoint_dir`; with `--weights-out`
+also the final weights as a released weights file with its card (`storage.weights_file`; how the shipped
+demo model is made).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ssd_core.models import SSD, build_model
 from ssd_core.models.devices import resolve_device
 from ssd_core.storage.checkpoint import CheckpointStore
 from ssd_core.storage.checkpoint_meta import checkpoint_meta, next_version, recorded_priors
+from ssd_core.storage.weights_file import save_weights
 from ssd_core.training.distributed import (
     DistributedContext,
     DistributedTrainer,
@@ -213,7 +216,7 @@ class _TrainingRun:
         self.directory = Path(args.checkpoint_dir)
         self.log = tqdm.write if context.is_main else _silent
         self.val_set = None
-        if args.eval_every and context.is_main:  # under torchrun rank 0 evaluates alone
+        if (args.eval_every or args.weights_out) and context.is_main:  # under torchrun rank 0 evaluates alone
             self.val_set = _dataset(args, args.val_data or args.data, args.val_split, args.eval_images)
         self.history = _History()
         generator = torch.Generator().manual_seed(args.seed + context.rank)
@@ -300,7 +303,8 @@ class _TrainingRun:
     def finish(self) -> None:
         """A last evaluation unless the run ended on one, the throughput, and the final save."""
         args, trainer, history = self.args, self.trainer, self.history
-        if args.eval_every and history.steps and history.eval_steps[-1:] != [trainer.steps]:
+        evaluates = args.eval_every or args.weights_out  # the card of --weights-out records the final mAP
+        if evaluates and history.steps and history.eval_steps[-1:] != [trainer.steps]:
             self.evaluate()  # the run ended between evaluation points
         history.skipped_steps = trainer.skipped_steps
         history.train_seconds = self.train_seconds()
@@ -308,10 +312,36 @@ class _TrainingRun:
             len(history.steps) * args.batch_size * self.context.world_size / max(history.train_seconds, 1e-9)
         )
         self.save()
+        if args.weights_out and self.context.is_main:
+            self.release(Path(args.weights_out))
         self.log(
             f"trained {trainer.steps} steps ({trainer.skipped_steps} skipped), {history.images_per_second:.1f} "
             f"images/s; checkpoints, history.json and loss_curve.png in {self.directory}"
         )
+
+
+    def release(self, path: Path) -> None:
+        """`--weights-out`: the served weights as float16 safetensors at `path`, and the card beside it."""
+        history, spec = self.history, self.model.spec
+        card = {
+            "model": spec.name,
+            "num_classes": spec.num_classes,
+            "priors": spec.prior_set,
+            "class_names": list(self.dataset.class_names),
+            "steps": self.trainer.steps,
+            "command": self.args.command_line,
+            "held_out": {
+                "data": self.args.val_data or self.args.data,
+                "split": self.args.val_split,
+                "images": len(self.val_set),
+                "map_50": round(history.map_50[-1], 4),
+                "map": round(history.map[-1], 4),
+            },
+            "train_seconds": round(history.train_seconds),
+            "torch": torch.__version__,
+        }
+        card_file = save_weights(self.trainer.state().weights, path, card)
+        self.log(f"weights in {path} (float16), card in {card_file}: held-out mAP@0.5 {card['held_out']['map_50']}")
 
 
 def _silent(message: str) -> None:

@@ -201,7 +201,7 @@ def test_prometheus_holds_validation_and_gate_series_matching_the_jobs(scraped):
     for decision in ("published", "rejected", "ungated"):
         assert value(prometheus, f'ssd_gate_decisions_total{{decision="{decision}"}}') == decisions.count(decision)
     assert value(prometheus, 'ssd_finetune_jobs_total{state="rejected"}') == decisions.count("rejected")
-    assert value(prometheus, "ssd_screening_rejections_total") == 0  # fewer than 5 accepted jobs: not judged
+    assert value(prometheus, "ssd_screening_rejections_total") == 0  # a model not yet competent: quiet
     assert value(prometheus, "ssd_validation_images") == VALIDATION_IMAGES
     assert value(prometheus, "ssd_evaluation_seconds_count") == len(jobs)
     seconds = sum(job["evaluation"]["seconds"] for job in jobs)

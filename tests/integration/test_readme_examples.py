@@ -1,49 +1,64 @@
-"""Every shell example of the README's Endpoints section runs against a live service and succeeds, so the
-documentation cannot drift from the service.
+"""The documented shell examples run against a live demo service and succeed, so the docs cannot drift from
+the service: every ```bash block of docs/api.md, and the README's quick start, whose first /detect must
+find the test image's shapes.
 
-The rule for README examples (the format this test can run): in the `## Endpoints` section every ```bash
-block is run, in order, by one bash process (variables such as IMG and JOB carry over from block to
-block) in an empty working directory, against the small demo model (`SSD_MODEL=ssd-small
-SSD_NUM_CLASSES=4 SSD_CLASS_NAMES=shapes`, no token). Commands address the service as `localhost:8000` and run Python as
-`.venv/bin/python`; both are rewritten to the live server and this interpreter. Every command must
-succeed: bash runs with `set -e -o pipefail` and `curl` with `--fail-with-body`, so any HTTP status of
-400 or more fails the test, naming the command. Every `curl` written in the section must actually run.
+The rule for examples (the format this test can run): every ```bash block of docs/api.md is run, in order,
+by one bash process (variables such as IMG and JOB carry over from block to block) in an empty working
+directory, against the demo model (`SSD_WEIGHTS=demo`, no token). Commands address the service as
+`localhost:$PORT` and run `python` and `ssd`: `PORT` is set to the live server's port and this interpreter's
+directory leads the PATH. Every command must succeed: bash runs with `set -e -o pipefail` and `curl` with
+`--fail-with-body`, so any HTTP status of 400 or more fails the test, naming the command. Every `curl`
+written must actually run. The README's quick start runs the same way, without its `make install` and
+`make serve` lines: the live server stands for them, with `make serve`'s settings.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from torchvision.ops import box_iou
 
+from ssd_core.data.synthetic import CLASS_NAMES, ShapesDataset
 from tests.integration.live import REPO, run_service
 
 pytestmark = pytest.mark.integration
 
 README = REPO / "README.md"
+API_PAGE = REPO / "docs" / "api.md"
 BLOCK = re.compile(r"^```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SCRIPT_TIMEOUT_S = 300
+DEMO = {"SSD_WEIGHTS": "demo", "SSD_CLASS_NAMES": "shapes"}  # with run_service's ssd-small, 4 classes: make serve's
 
 # curl fails on HTTP >= 400 and logs each call, so the test knows every written curl ran
 PRELUDE = """set -e -o pipefail
-trap '[[ $BASH_COMMAND == return* ]] || echo "README command failed (exit $?): $BASH_COMMAND" >&2' ERR
+trap '[[ $BASH_COMMAND == return* ]] || echo "example failed (exit $?): $BASH_COMMAND" >&2' ERR
 curl() {
-    local call="curl $*" status=0
+    local call="curl $*" status=0 args=() arg
+    for arg in "$@"; do  # --fail-with-body below replaces a written -f (curl refuses both)
+        case "$arg" in -f|--fail) ;; -sf|-fs) args+=(-s) ;; *) args+=("$arg") ;; esac
+    done
     echo "${call//$'\\n'/ }" >> "$CURL_LOG"
-    command curl --fail-with-body --show-error --max-time 120 "$@" || status=$?
-    if [ "$status" -ne 0 ]; then echo "README command failed (exit $status): $call" >&2; fi
+    command curl --fail-with-body --show-error --max-time 120 "${args[@]}" || status=$?
+    if [ "$status" -ne 0 ]; then echo "example failed (exit $status): $call" >&2; fi
     return "$status"
 }
 """
 
 
-def endpoint_blocks(text: str) -> list[str]:
-    """The ```bash blocks of the `## Endpoints` section, in order."""
-    section = text.split("\n## Endpoints\n", 1)[1].split("\n## ", 1)[0]
-    return BLOCK.findall(section)
+def bash_blocks(text: str) -> list[str]:
+    return BLOCK.findall(text)
+
+
+def quick_start(text: str) -> str:
+    """The README's quick-start block."""
+    return bash_blocks(text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0])[0]
 
 
 def curl_commands(block: str) -> int:
@@ -52,27 +67,65 @@ def curl_commands(block: str) -> int:
     return len(re.findall(r"(?<![\w-])curl\s", code))
 
 
-def test_the_endpoints_section_has_examples():
-    blocks = endpoint_blocks(README.read_text())
-    assert len(blocks) >= 6 and sum(map(curl_commands, blocks)) >= 15, blocks
+def json_objects(text: str) -> list[dict]:
+    """The JSON objects printed one after another (curl adds no newline after a body)."""
+    decoder, found, at = json.JSONDecoder(), [], text.find("{")
+    while at >= 0:
+        value, end = decoder.raw_decode(text, at)
+        found.append(value)
+        at = text.find("{", end)
+    return found
 
 
-def test_every_readme_endpoint_example_runs(tmp_path):
-    blocks = endpoint_blocks(README.read_text())
-    expected_curls = sum(map(curl_commands, blocks))
+def run_examples(script: str, service, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run `script` in an empty directory with PORT and PATH pointing at the live service and this venv."""
     workdir = tmp_path / "examples"
     workdir.mkdir()
     curl_log = tmp_path / "curl.log"
-    with run_service(tmp_path / "service", SSD_CLASS_NAMES="shapes") as service:
-        address = service.url.removeprefix("http://")
-        script = PRELUDE + "\n".join(
-            block.replace("localhost:8000", address).replace(".venv/bin/python", sys.executable) for block in blocks)
-        (tmp_path / "examples.sh").write_text(script)
-        done = subprocess.run(
-            ["bash", str(tmp_path / "examples.sh")], cwd=workdir, capture_output=True, text=True,
-            timeout=SCRIPT_TIMEOUT_S, check=False,
-            env={**os.environ, "CURL_LOG": str(curl_log), "PYTHONPATH": str(REPO)},
-        )
-        assert done.returncode == 0, f"stderr:\n{done.stderr[-4000:]}\nstdout:\n{done.stdout[-2000:]}"
-    ran = curl_log.read_text().splitlines()
-    assert len(ran) == expected_curls, ran
+    curl_log.touch()
+    (tmp_path / "examples.sh").write_text(PRELUDE + script)
+    env = {**os.environ, "CURL_LOG": str(curl_log), "PYTHONPATH": str(REPO),
+           "PORT": service.url.rsplit(":", 1)[1], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(tmp_path / "examples.sh")], cwd=workdir, capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S, check=False, env=env)
+    assert done.returncode == 0, f"stderr:\n{done.stderr[-4000:]}\nstdout:\n{done.stdout[-2000:]}"
+    return done, curl_log.read_text().splitlines()
+
+
+def test_the_api_page_has_examples():
+    blocks = bash_blocks(API_PAGE.read_text())
+    assert len(blocks) >= 6 and sum(map(curl_commands, blocks)) >= 15, blocks
+
+
+def test_every_api_page_example_runs(tmp_path):
+    blocks = bash_blocks(API_PAGE.read_text())
+    with run_service(tmp_path / "service", **DEMO) as service:
+        _, ran = run_examples("\n".join(blocks), service, tmp_path)
+    assert len(ran) == sum(map(curl_commands, blocks)), ran
+
+
+def test_the_quick_start_finds_the_shapes_with_the_demo_model(tmp_path):
+    block = quick_start(README.read_text())
+    setup = [line for line in block.splitlines() if line.startswith("make ")]
+    assert [line.split()[1] for line in setup] == ["install", "serve"], setup  # the server stands for them
+    assert "export PORT=8000" in block.splitlines()
+    with run_service(tmp_path / "service", module=True, **DEMO) as service:  # python -m app, as make serve
+        port = service.url.rsplit(":", 1)[1]
+        script = "\n".join(f"export PORT={port}" if line == "export PORT=8000" else line
+                           for line in block.splitlines() if not line.startswith("make "))
+        done, ran = run_examples(script, service, tmp_path)
+        log = service.log.read_text()
+    assert len(ran) == curl_commands(block), ran
+    assert "weights from the demo model" in log, log[-2000:]
+    answers = json_objects(done.stdout)
+    detected = next(answer for answer in answers if "detections" in answer)["detections"][0]
+    truth = ShapesDataset(1, image_size=256, seed=0, split="example")[0]  # what `ssd shapes shapes.png` writes
+    assert detected, "the demo model found nothing"
+    boxes = torch.tensor([d["box"] for d in detected])
+    overlaps = box_iou(truth.boxes, boxes)  # [truths, detections]
+    for t, label in enumerate(truth.labels.tolist()):
+        found = [detected[d]["class_name"] for d in range(len(detected)) if overlaps[t, d] >= 0.5]
+        assert CLASS_NAMES[label] in found, (CLASS_NAMES[label], detected)
+    assert (tmp_path / "examples" / "detected.png").read_bytes()[:4] == b"\x89PNG"
+    finetuned = next(answer for answer in answers if "job_id" in answer)
+    assert finetuned["status"] == "succeeded" and finetuned["warmup"] is None, finetuned

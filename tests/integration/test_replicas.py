@@ -9,7 +9,6 @@ rewritten to the loopback ports. Every process is stopped at the end (live.run_s
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,16 +20,8 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.live import (
-    REPO,
-    LiveService,
-    _stop,
-    _wait_until,
-    free_port,
-    labelled_images,
-    require_tool,
-    run_service,
-)
+from tests.integration.live import LiveService, labelled_images, run_service
+from tests.integration.proxy import run_proxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration-replicas")]
 
@@ -164,35 +155,10 @@ def test_metrics_count_the_requests_of_every_worker_process(cluster):
         assert requests_counted(cluster.workers, "/score-loss") - before == sent
 
 
-@contextlib.contextmanager
-def run_proxy(workdir: Path, trainer: LiveService, server: LiveService) -> Iterator[str]:
-    """deploy/nginx/nginx.conf with `trainer:8000` and `ssd-server:8000` pointed at live processes; its URL."""
-    binary = require_tool("nginx")
-    port = free_port()
-    config = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
-    for name, target in (("trainer:8000", trainer.host_port), ("ssd-server:8000", server.host_port),
-                         ("listen 8080;", f"listen 127.0.0.1:{port};")):
-        assert name in config, name
-        config = config.replace(name, target)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "nginx.conf").write_text(config)
-    log = workdir / "nginx.log"
-    command = [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", "stderr",
-               "-g", f"daemon off; pid {workdir / 'nginx.pid'};"]
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 30, process, log, "nginx")
-        yield url
-    finally:
-        _stop(process)
-
-
 def test_the_proxy_sends_training_to_the_trainer_and_inference_to_the_servers(cluster, tmp_path):
     images = labelled_images(2, seed=4)
     before = {service.url: requests_counted(service, "/detect") for service in (cluster.trainer, cluster.single)}
-    with run_proxy(tmp_path / "nginx", cluster.trainer, cluster.single) as proxy:
+    with run_proxy(tmp_path / "nginx", cluster.trainer.host_port, cluster.single.host_port) as proxy:
         job = httpx.post(f"{proxy}/finetune", params={"wait": "true"}, json={"images": images}, timeout=120)
         assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
         job_id = job.json()["job_id"]
@@ -201,6 +167,12 @@ def test_the_proxy_sends_training_to_the_trainer_and_inference_to_the_servers(cl
         assert cancel.status_code == 409 and cancel.json()["error"]["code"] == "job_finished", cancel.text
         saved = httpx.post(f"{proxy}/model/checkpoint", timeout=60)
         assert saved.status_code == 200 and saved.json()["version"] == job.json()["model_version"], saved.text
+        assert httpx.get(f"{proxy}/validation", timeout=10).status_code == 200  # the trainer's set
+        pin = f"{proxy}/model/versions/{saved.json()['version']}/pin"
+        pinned = httpx.post(pin, timeout=10)
+        assert pinned.status_code == 200 and pinned.json()["pinned"] is True, pinned.text
+        unpinned = httpx.delete(pin, timeout=10)
+        assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False, unpinned.text
         assert httpx.get(f"{proxy}/model", timeout=10).json()["role"] == "server"
         assert httpx.get(f"{proxy}/model/versions", timeout=10).status_code == 200
         for _ in range(3):

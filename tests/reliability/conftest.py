@@ -19,6 +19,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.online.journal import JOURNAL_NAME
+from ssd_core.storage.version_numbers import MARK_NAME, MARK_TEMP_PREFIX
 
 # the live services of the fault and load tests run the unprotected mode, like the in-process ones
 # (tests/app/conftest.py): every step publishes and every image trains, no job is screened, held out or
@@ -83,11 +84,15 @@ def _file_matches(path: Path, entry: dict) -> bool:
     return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
 
 
+VERSION_MARK_FILES = (MARK_NAME, MARK_TEMP_PREFIX)
+
+
 def _checkpoint_files(directory: Path) -> dict[str, Path]:
     """Every file under `directory` (the validation set's too) by relative name, but the job journal
-    (which records jobs, not weights)."""
+    (which records jobs, not weights) and the version high-water mark with its temporary files (a job
+    reserves a number before its first step, whether or not anything is then published)."""
     return {str(path.relative_to(directory)): path for path in sorted(directory.rglob("*"))
-            if path.is_file() and path.name != JOURNAL_NAME}
+            if path.is_file() and path.name != JOURNAL_NAME and not path.name.startswith(VERSION_MARK_FILES)}
 
 
 def checkpoint_digests(directory: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ which needs a real socket and a real server that must not wait for gigabytes.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
@@ -17,13 +18,15 @@ import time
 import zlib
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from ssd_core.data.images import encode_jpeg
+from ssd_core.data.images import encode_jpeg, encode_png
 from ssd_core.data.synthetic import ShapesDataset
 from tests.app.conftest import TOKEN, ServiceClient, labelled, make_settings, png_bytes, start_client
 from tests.integration.live import LiveService, run_service
@@ -34,6 +37,7 @@ DEEP = 100_000  # nesting levels: far past Python's recursion limit and pydantic
 HUGE_NUMBERS = ["1e400", "-1e400", "1" + "0" * 1000, "-" + "9" * 5000]
 MAX_SECONDS = 5.0  # each hostile request is answered well within this, even on a loaded 2-core machine
 MAX_GROWTH_MIB = 200  # what the process may grow by while refusing a bomb (a decoded one is gigabytes)
+STALL_S = 1.0  # SSD_BODY_STALL_TIMEOUT_S of the live server
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +398,8 @@ def test_every_mutating_endpoint_refuses_a_missing_or_wrong_token(secured):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[LiveService]:
-    with run_service(tmp_path_factory.mktemp("hostile-live"), module=True, SSD_MAX_BODY_BYTES=str(2**20)) as service:
+    with run_service(tmp_path_factory.mktemp("hostile-live"), module=True, SSD_MAX_BODY_BYTES=str(2**20),
+                     SSD_BODY_STALL_TIMEOUT_S=str(STALL_S)) as service:
         yield service
 
 
@@ -510,3 +515,173 @@ def test_fuzzed_score_loss_predictions(client, body):
     if response.status_code == 200:
         result = response.json()
         assert all(abs(result[key]) < float("inf") for key in ("loss", "loss_l", "loss_c"))
+
+
+# ---- uploads that stall: dropped after SSD_BODY_STALL_TIMEOUT_S, counted, the others served meanwhile
+
+STALLED_CLIENTS = 12
+
+
+@pytest.mark.xdist_group("reliability-live")
+def test_stalled_bodies_are_dropped_and_counted(live):
+    """Clients send their headers and part of the body, then nothing: each gets 408 `body_stalled` and a
+    closed connection within a few bounds, while another client keeps being served."""
+    host, port = live.host_port.split(":")
+    before = scrape(live.url).value("ssd_http_stalled_bodies_total")
+    sockets = []
+    for path in ["/score-loss", "/detect", "/finetune"] * (STALLED_CLIENTS // 3):
+        sock = socket.create_connection((host, int(port)), timeout=10 * STALL_S)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n".encode() + b'{"images": [')
+        sockets.append(sock)
+    start = time.monotonic()
+    try:
+        assert httpx.get(f"{live.url}/model", timeout=5).status_code == 200  # served meanwhile
+        for sock in sockets:
+            reply = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                reply += chunk
+            status_line, _, rest = reply.partition(b"\r\n")
+            assert status_line.split()[1] == b"408", reply[:300]
+            assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_stalled"
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert time.monotonic() - start < 5 * STALL_S
+    assert scrape(live.url).value("ssd_http_stalled_bodies_total") - before == STALLED_CLIENTS
+    assert scrape(live.url).value("ssd_http_requests_total", route="/detect", status="408") >= STALLED_CLIENTS // 3
+
+
+# ---- 256 ways to reach a mutating endpoint without the token, against the real server
+
+
+@pytest.fixture(scope="module")
+def secured_live(tmp_path_factory) -> Iterator[LiveService]:
+    with run_service(tmp_path_factory.mktemp("secured-live"), module=True, SSD_API_TOKEN=TOKEN) as service:
+        yield service
+
+
+def _tokenless_forms(host_port: str, body: bytes) -> list[tuple[str, str, dict[str, str]]]:
+    """(method, request target, headers) for every endpoint: paths bent (trailing slash, case, percent
+    encoding, dot segments, `//`, absolute-form targets), other methods, override headers, near-miss tokens."""
+    endpoints = [("POST", "/finetune"), ("DELETE", "/finetune/0123"), ("POST", "/model/checkpoint"),
+                 ("POST", "/model/rollback"), ("POST", "/model/versions/0/pin"), ("DELETE", "/model/versions/0/pin"),
+                 ("POST", "/validation"), ("DELETE", "/validation")]
+    near_misses = [f"Bearer {TOKEN.upper()}", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[1:]}",
+                   f"Basic {base64.b64encode(TOKEN.encode()).decode()}", f"Token {TOKEN}", TOKEN, "Bearer ",
+                   f"Bearer\t{TOKEN}", f"Bearer {TOKEN} {TOKEN}"]
+    forms = []
+    for method, path in endpoints:
+        head, _, last = path.rpartition("/")
+        for target in [path, path + "/", path.upper(), path.title(), f"{head}/%{ord(last[0]):02X}{last[1:]}",
+                       f"{head}%2F{last}", f"{head}/./{last}", f"/x/..{path}", f"/{path}", f"{path};x",
+                       f"{path}?token={TOKEN}", f"http://{host_port}{path}", f"http://localhost{path}"]:
+            forms.append((method, target, {}))
+        forms += [(other, path, {}) for other in ("HEAD", "OPTIONS", "PUT", "PATCH")]
+        forms += [("GET", path, {name: method}) for name in ("X-HTTP-Method-Override", "X-HTTP-Method")]
+        forms += [("GET", "/model", {"X-Original-URL": path}), (method, path, {"X-Forwarded-For": "127.0.0.1"})]
+        forms += [(method, path, {"Authorization": value}) for value in near_misses]
+        forms += [(method, path, {"X-Api-Token": TOKEN})]
+    return forms
+
+
+def _raw_request(host_port: str, method: str, target: str, headers: dict[str, str], body: bytes) -> int:
+    host, port = host_port.split(":")
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_port}", "Connection: close",
+             "Content-Type: application/json", f"Content-Length: {len(body)}",
+             *(f"{name}: {value}" for name, value in headers.items())]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+@pytest.mark.xdist_group("reliability-live")
+def test_256_tokenless_attempts_all_fail(secured_live):
+    """None of them changes anything: not the version, the pins, the jobs, the validation set nor a file.
+    (A doubled space after `Bearer` is not a near miss: FastAPI strips it, and it is the right token.)"""
+    service = secured_live
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(f"{service.url}/model/versions/0/pin", headers=auth).status_code == 200  # unpin would work
+    body = json.dumps({"images": labelled(SHAPES), "version": 0}).encode()
+    checkpoint_dir = service.log.parent / "checkpoints"
+    files = checkpoint_digests(checkpoint_dir)
+    model = httpx.get(f"{service.url}/model").json()
+    forms = _tokenless_forms(service.host_port, body)
+    assert len(forms) == 256
+    answered = [(method, target, headers, _raw_request(service.host_port, method, target, headers, body))
+                for method, target, headers in forms]
+    # refused (4xx), redirected (307 to the path without its slash: a token-less request again), or a read
+    # (GET /validation, GET /model under an override header) that the state checks below show changed nothing
+    passed = [a for a in answered if not (300 <= a[3] < 500 or (a[0] == "GET" and a[3] == 200))]
+    assert passed == [], "a token-less attempt was not refused"
+    assert sum(400 <= a[3] < 500 for a in answered) >= 200
+    metrics = scrape(service.url)
+    assert httpx.get(f"{service.url}/model").json() == model
+    assert httpx.get(f"{service.url}/model/versions").json()["versions"][0]["pinned"] is True
+    assert metrics.value("ssd_finetune_queue_depth") == 0 and metrics.value("ssd_validation_images") == 0
+    assert sum(metrics.value("ssd_finetune_jobs_total", state=s) for s in ("succeeded", "failed", "cancelled")) == 0
+    assert checkpoint_digests(checkpoint_dir) == files
+
+
+# ---- 16-bit and EXIF-oriented images: decoded as displayed on every path (files made here)
+
+
+def _png_16_bit(image: torch.Tensor) -> bytes:
+    """The 8-bit RGB `image` [3, H, W] as a real 16-bit PNG (each sample v * 257, the same intensity)."""
+    samples = image.permute(1, 2, 0).to(torch.int32) * 257  # [H, W, 3]
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + samples[y].numpy().astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(
+        b"IEND", b"")
+
+
+def _stored_turned(image: torch.Tensor) -> bytes:
+    """A PNG whose pixels are `image` turned a quarter counter-clockwise, with EXIF orientation 6 (turn
+    clockwise to display), as a phone writes a portrait photo: it displays as `image`."""
+    stored = Image.fromarray(image.rot90(1, dims=(1, 2)).permute(1, 2, 0).contiguous().numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG", exif=exif)
+    return buffer.getvalue()
+
+
+def _decoding_answers(client: ServiceClient, data: bytes, box: list[float]) -> list:
+    """What every image-decoding path answers for `data` with one box in the displayed frame."""
+    encoded = base64.b64encode(data).decode()
+    note = {"boxes": [box], "labels": [0]}
+    detect = client.post("/detect", json={"images": [{"image": encoded}], "score_threshold": 0.01})
+    multipart = client.post("/detect", files=[("images", ("x", data, "image/png"))], data={"score_threshold": "0.01"})
+    loss = client.post("/score-loss", json={"images": [{"image": encoded, **note}] * 2})
+    v2 = client.post("/v2/models/ssd/infer", json={"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                                                 "data": [encoded]}]})
+    answers = [detect.json()["detections"], multipart.json()["detections"], loss.json()["loss"],
+               v2.json()["outputs"]]
+    for response in (detect, multipart, loss, v2):
+        assert response.status_code == 200, response.text
+    return answers
+
+
+def test_16_bit_and_exif_oriented_images_answer_as_their_displayed_8_bit_twin(client):
+    """A tall 48x96 image: as 8-bit PNG, as 16-bit PNG, and stored wide (96x48) with EXIF orientation 6.
+    Every path answers the same for all three, and a box that fits only the displayed (tall) frame is
+    accepted by the labelled paths, fine-tuning and validation included."""
+    image = torch.zeros(3, 96, 48, dtype=torch.uint8)
+    image[0, 60:90, 5:40] = 255  # a red block low in the tall frame: outside a 96x48 (wide) one
+    image[1, 10:30, 10:20] = 200
+    box = [5.0, 60.0, 40.0, 90.0]  # y > 48: entirely outside the stored frame
+    displayed = _decoding_answers(client, encode_png(image), box)
+    assert _decoding_answers(client, _png_16_bit(image), box) == displayed
+    assert _decoding_answers(client, _stored_turned(image), box) == displayed
+    before = Unchanged(client)
+    for data in (_png_16_bit(image), _stored_turned(image)):
+        encoded = base64.b64encode(data).decode()
+        labelled_images = [{"image": encoded, "boxes": [box], "labels": [0]}] * 2
+        assert client.post("/validation", json={"images": labelled_images}).status_code == 200
+        job = client.post("/finetune?wait=true", json={"images": labelled_images, "steps": 1}).json()
+        assert job["status"] == "succeeded", job
+    assert client.version == before.version + 2

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_core.cli import build_parser, main
+from ssd_core.cli import DEMO_COMMAND, build_parser, main
 from ssd_core.data.class_names import expand_class_names
 from ssd_core.data.datasets import VOC_CLASSES
 from ssd_core.data.images import decode_image_bytes, encode_png
 from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.models import SSD300
 from ssd_core.storage.checkpoint import CheckpointStore
+from ssd_core.storage.weights_file import load_weights
+from ssd_core.training.trainer import TrainConfig
 
 TINY_DATA = ["--data", "synthetic", "--synthetic-images", "6", "--synthetic-size", "64", "--batch-size", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +84,7 @@ def test_eval_prints_map_of_the_newest_checkpoint(trained, capsys):
     assert 0.0 <= result["map_50"] <= 1.0 and 0.0 <= result["map"] <= result["map_50"]
 
 
-def test_detect_draws_boxes_into_a_png(trained, tmp_path, capsys):
+def test_detect_prints_json_and_draws_boxes_into_a_png(trained, tmp_path, capsys):
     image = ShapesDataset(1, image_size=96, split="demo")[0].image
     source = tmp_path / "in.png"
     source.write_bytes(encode_png(image))
@@ -92,9 +94,71 @@ def test_detect_draws_boxes_into_a_png(trained, tmp_path, capsys):
     drawn = decode_image_bytes(out.read_bytes(), max_pixels=96 * 96)
     assert drawn.shape == image.shape
     assert not torch.equal(drawn, image)  # boxes were drawn
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert lines and all(line["label"] in ShapesDataset.class_names for line in lines)
-    assert all(0 <= v <= 96 for line in lines for v in line["box"])
+    answer = json.loads(capsys.readouterr().out)  # one JSON object
+    assert answer["image"] == str(source) and answer["model_version"] == 2
+    found = answer["detections"]
+    assert found and all(d["class_name"] == ShapesDataset.class_names[d["label"]] for d in found)
+    assert all(0 <= v <= 96 for d in found for v in d["box"])
+    assert [d["score"] for d in found] == sorted((d["score"] for d in found), reverse=True)
+
+
+def test_detect_without_out_only_prints_and_keeps_max_detections(trained, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    source.write_bytes(encode_png(ShapesDataset(1, image_size=96, split="demo")[0].image))
+    argv = ["detect", str(source), "--checkpoint-dir", str(trained), "--score-threshold", "0.0"]
+    assert main(argv) == 0
+    everything = json.loads(capsys.readouterr().out)["detections"]
+    assert len(everything) > 3  # an almost untrained model at threshold 0: many boxes
+    assert main([*argv, "--max-detections", "3"]) == 0
+    best = json.loads(capsys.readouterr().out)["detections"]
+    assert best == everything[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # nothing drawn without --out
+
+
+def test_shapes_writes_an_image_and_prints_its_annotation(tmp_path, capsys):
+    assert main(["shapes", str(tmp_path / "s.png"), "--seed", "3"]) == 0
+    annotation = json.loads(capsys.readouterr().out)
+    sample = ShapesDataset(1, image_size=256, seed=3, split="example")[0]
+    assert annotation == {"boxes": sample.boxes.tolist(), "labels": sample.labels.tolist()}
+    assert torch.equal(decode_image_bytes((tmp_path / "s.png").read_bytes(), 256 * 256), sample.image)
+    assert main(["shapes", str(tmp_path / "s.jpg")]) == 0
+    assert (tmp_path / "s.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG for .jpg
+
+
+def test_help_shows_examples_and_the_demo_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "ssd detect --checkpoint-dir" in text and "ssd shapes" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert " ".join(DEMO_COMMAND.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_train_defaults_come_from_train_config():
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    defaults = {a.dest: a.default for a in train._actions}
+    config = TrainConfig()
+    assert (defaults["lr"], defaults["warmup"], defaults["clip_grad_norm"]) == (
+        config.lr, config.warmup_steps, config.clip_grad_norm)
+
+
+def test_weights_out_writes_half_precision_weights_and_a_card(tmp_path, capsys):
+    out = tmp_path / "release" / "tiny.safetensors"
+    argv = ["train", *TINY_DATA, "--steps", "2", "--eval-images", "2", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--weights-out", str(out), "--quiet"]
+    assert main(argv) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["command"] == "ssd " + " ".join(argv)
+    assert (card["model"], card["num_classes"], card["priors"], card["steps"]) == ("ssd-small", 4, "scaled", 2)
+    assert card["class_names"] == list(ShapesDataset.class_names)
+    history = json.loads((tmp_path / "ck" / "history.json").read_text())  # evaluated at the end although
+    assert history["eval_steps"] == [2]                                   # --eval-every was 0
+    assert card["held_out"] == {"data": "synthetic", "split": "val", "images": 2,
+                                "map_50": round(history["map_50"][-1], 4), "map": round(history["map"][-1], 4)}
+    served = CheckpointStore(tmp_path / "ck").load_latest().state_dict
+    loaded = load_weights(out)
+    assert all(torch.equal(loaded[k], v.half().float() if v.is_floating_point() else v) for k, v in served.items())
 
 
 def test_import_writes_a_checkpoint_from_an_ssd_pytorch_base(tmp_path, capsys):
@@ -153,7 +217,7 @@ def test_unknown_model_is_rejected_by_the_parser(tmp_path):
 def test_every_help_shows_the_defaults():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subparsers) == {"train", "eval", "import", "detect", "export"}
+    assert set(subparsers) == {"train", "eval", "import", "detect", "export", "shapes"}
     for name, sub in subparsers.items():
         text = " ".join(sub.format_help().split())  # argparse wraps lines
         defaults = [a for a in sub._actions if a.default not in (None, False, argparse.SUPPRESS) and not a.required]

@@ -1,9 +1,19 @@
-"""`POST /detect`: images (base64 JSON or multipart files) -> scored boxes in image pixels."""
+"""`POST /detect`: images (base64 JSON or multipart files) -> scored boxes in image pixels.
+
+The request path is kept short: one worker-thread hop parses, decodes and prepares the images (resized and
+normalised), the inference thread runs the forward pass and the detections of the whole batch, and the answer
+is encoded with orjson straight from the detection tensors' lists (the response model documents it; pydantic
+would validate every box again).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
 from app.api.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.api.disconnect import wait_for_disconnect
@@ -18,8 +28,11 @@ from app.api.inputs import (
     parse_json,
 )
 from app.api.openapi import ERROR_RESPONSES, request_body
-from app.api.schemas import Detection, DetectOptions, DetectRequest, DetectResponse
-from app.serving.detection import detect_images, render_png
+from app.api.schemas import DetectOptions, DetectRequest, DetectResponse
+from app.core.settings import Settings
+from app.serving.detection import detect_batch, prepare_images, render_png
+from ssd_core.models.base import ModelSpec
+from ssd_core.models.postprocess import Detections
 
 router = APIRouter(tags=["detect"])
 
@@ -37,6 +50,39 @@ _PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "JSON detect
                        "the image as PNG with its detections drawn (header X-Model-Version)"}}
 
 
+def prepared(
+    encoded: Sequence[tuple[bytes, str]], options: DetectOptions, settings: Settings, spec: ModelSpec
+) -> tuple[list[Tensor], Tensor, list[tuple[int, int]]]:
+    """Encoded images (bytes, field named in errors) -> (decoded images, model batch, sizes): the request's
+    one worker-thread hop."""
+    if options.render and len(encoded) != 1:
+        raise invalid("images", f"render=true draws one image per request, got {len(encoded)}")
+    images = [decode_image(data, settings, field) for data, field in encoded]
+    return images, *prepare_images(images, spec)
+
+
+def json_request(
+    body: bytes, settings: Settings, spec: ModelSpec
+) -> tuple[DetectOptions, list[Tensor], Tensor, list[tuple[int, int]]]:
+    parsed = parse_json(DetectRequest, body)
+    check_image_count(len(parsed.images), settings)
+    encoded = [(item.image, f"images[{k}].image") for k, item in enumerate(parsed.images)]
+    return parsed, *prepared(encoded, parsed, settings, spec)
+
+
+def detections_json(found: list[Detections], version: int, settings: Settings) -> bytes:
+    """The `DetectResponse` body."""
+    names = settings.class_name
+    per_image = [
+        [
+            {"box": box, "label": label, "class_name": names(label), "score": score}
+            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist(), strict=True)
+        ]
+        for d in found
+    ]
+    return orjson.dumps({"detections": per_image, "model_version": version})
+
+
 @router.post(
     "/detect",
     response_model=DetectResponse,
@@ -46,33 +92,22 @@ _PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "JSON detect
 )
 async def detect_objects(
     request: Request, host: HostDep, inference: InferenceDep, settings: SettingsDep, metrics: MetricsDep
-) -> DetectResponse | Response:
+) -> Response:
     """Per image, boxes (x1, y1, x2, y2) in its pixels with label, class name and score, and the
     model version that produced them; with `render=true` the one image as PNG with them drawn."""
     kind = media_type(request.headers.get("content-type"), (JSON, MULTIPART))
     if kind == MULTIPART:
         options, files = await multipart_request(request, DetectOptions, settings, annotated=False)
         encoded = [(data, f"images[{k}]") for k, (data, _) in enumerate(files)]
+        images, batch, sizes = await run_in_threadpool(prepared, encoded, options, settings, host.spec)
     else:
-        parsed = await run_in_threadpool(parse_json, DetectRequest, await request.body())
-        check_image_count(len(parsed.images), settings)
-        options = parsed
-        encoded = [(item.image, f"images[{k}].image") for k, item in enumerate(parsed.images)]
-    if options.render and len(encoded) != 1:
-        raise invalid("images", f"render=true draws one image per request, got {len(encoded)}")
-    images = await run_in_threadpool(lambda: [decode_image(data, settings, field) for data, field in encoded])
+        options, images, batch, sizes = await run_in_threadpool(json_request, await request.body(), settings,
+                                                                host.spec)
     served = host.current
-    found = await detect_images(wait_for_disconnect(request), images, options.score_threshold, options.max_detections,
-                                "/detect", served, host, inference, settings)
+    found = await detect_batch(wait_for_disconnect(request), batch, sizes, options.score_threshold,
+                               options.max_detections, "/detect", served, inference, settings)
     metrics.images_processed.labels(route="/detect").inc(len(images))
     if options.render:
         png = await run_in_threadpool(render_png, images[0], found[0], settings)
         return Response(png, media_type="image/png", headers={"X-Model-Version": str(served.version)})
-    per_image = [
-        [
-            Detection(box=box, label=label, class_name=settings.class_name(label), score=score)
-            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist(), strict=True)
-        ]
-        for d in found
-    ]
-    return DetectResponse(detections=per_image, model_version=served.version)
+    return Response(detections_json(found, served.version, settings), media_type="application/json")

@@ -16,6 +16,7 @@ from app.api.errors import ApiError, ErrorResponse
 from app.api.openapi import AUTH_RESPONSES
 from app.api.schemas import (
     CheckpointResponse,
+    LostVersions,
     ModelInfo,
     PinResponse,
     RollbackRequest,
@@ -58,13 +59,15 @@ async def get_model(host: HostDep, settings: SettingsDep) -> ModelInfo:
 @router.get("/versions", response_model=VersionsResponse, summary="The current version and the saved ones")
 async def list_versions(host: HostDep, store: StoreDep) -> VersionsResponse:
     """Only checkpoints that verify (size and sha256 of each file) are listed: each one is a valid
-    `POST /model/rollback` target. A torn or corrupt checkpoint is left out."""
+    `POST /model/rollback` target. A torn or corrupt checkpoint is left out. `lost` lists the numbers a
+    crash took before their checkpoints were written (on a server replica: empty, the trainer's own)."""
     saved = await run_in_threadpool(intact_versions, store) if store is not None else []
     pins = await run_in_threadpool(store.pinned) if store is not None else set()
     return VersionsResponse(
         current=host.current.version,
         versions=[VersionInfo(version=i.version, step=i.step, created=i.created, pinned=i.version in pins)
                   for i in saved],
+        lost=[LostVersions(first=first, last=last) for first, last in host.numbers.lost],
     )
 
 
@@ -133,10 +136,13 @@ async def save_checkpoint(worker: WorkerDep) -> CheckpointResponse:
     summary="Serve a saved version's weights again, as a new version number",
 )
 async def rollback(body: RollbackRequest, worker: WorkerDep, host: HostDep, settings: SettingsDep) -> ModelInfo:
-    """Versions only grow: the restored weights are published as the next version, with
-    `restored_from` naming the saved one, and checkpointed so a restart resumes from them."""
+    """Versions only grow: the restored weights are checkpointed as the next version, then published,
+    with `restored_from` naming the saved one, so a restart resumes from them. All or nothing: on any
+    failure (503 `checkpoint_failed` when the disk refuses the write, 500 `rollback_failed` otherwise) the
+    served version, the trainer and its optimizer are as before."""
     try:
         await run_in_threadpool(worker.rollback, body.version)
     except OSError as error:
-        raise ApiError(503, "checkpoint_failed", f"rolled back but the checkpoint write failed: {describe(error)}") from None
+        raise ApiError(503, "checkpoint_failed", f"not rolled back, version {host.current.version} is still "
+                       f"served: the checkpoint write failed: {describe(error)}") from None
     return model_info(host, settings)

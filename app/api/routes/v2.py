@@ -41,9 +41,10 @@ from app.api.v2_codec import (
 )
 from app.core.metrics import INFERENCE_ROUTES, Metrics, record_match_stats
 from app.core.settings import Settings
-from app.serving.detection import detect_images
+from app.serving.detection import detect_batch, prepare_images
 from app.serving.inference import InferenceWorker
 from app.serving.model_host import ModelHost, ModelVersion
+from ssd_core.models.base import ModelSpec
 from ssd_core.models.postprocess import Detections
 
 DETECTOR, LOSS = "ssd", "ssd-loss"
@@ -154,15 +155,11 @@ async def infer(
     version: str | None = None,
 ) -> Response:
     served = served_version(host, name, version)
-    body = await request.body()
-    try:
-        parsed = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER_LENGTH))
-    except CodecError as error:
-        raise bad_request(str(error)) from None
+    body, header = await request.body(), request.headers.get(HEADER_LENGTH)
     if name == DETECTOR:
-        outputs = await infer_detector(request, parsed, served, host, inference, settings, metrics)
+        parsed, outputs = await infer_detector(request, body, header, served, host, inference, settings, metrics)
     else:
-        outputs = await run_in_threadpool(infer_loss, parsed, served.version, host, settings, metrics)
+        parsed, outputs = await run_in_threadpool(loss_request, body, header, served.version, host, settings, metrics)
     try:
         encoded, header_length = encode_infer_response(name, str(served.version), outputs, parsed)
     except CodecError as error:
@@ -172,13 +169,22 @@ async def infer(
     return Response(encoded, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
 
+def parse(body: bytes, header_length: str | None) -> InferRequest:
+    try:
+        return parse_infer_request(body, header_length)
+    except CodecError as error:
+        raise bad_request(str(error)) from None
+
+
 def expect_inputs(parsed: InferRequest, required: set[str], optional: frozenset[str] = frozenset()) -> None:
     names = set(parsed.inputs)
     missing, unknown = required - names, names - required - optional
     if missing:
-        raise bad_request(f"input {sorted(missing)[0]!r} is missing; inputs: {', '.join(sorted(required | optional))}")
+        raise bad_request(f"input {sorted(missing)[0]!r} is missing; inputs: {', '.join(sorted(required | optional))}"
+                          f"; sent: {', '.join(sorted(names)) or 'none'}")
     if unknown:
-        raise bad_request(f"input {sorted(unknown)[0]!r} is unknown; inputs: {', '.join(sorted(required | optional))}")
+        raise bad_request(f"input {sorted(unknown)[0]!r} is unknown; inputs: {', '.join(sorted(required | optional))}"
+                          f"; sent: {', '.join(sorted(names))}")
 
 
 def model_parameters(parsed: InferRequest, adapter: TypeAdapter) -> Any:
@@ -208,7 +214,8 @@ def image_list(array: np.ndarray, settings: Settings) -> list[torch.Tensor]:
     batch, height, width, _ = array.shape
     check_image_count(batch, settings)
     if height * width == 0 or height * width > settings.max_image_pixels:
-        raise bad_request(f"input 'images': {height}x{width} pixels, the limit is 1..{settings.max_image_pixels}")
+        raise bad_request(f"input 'images': {height}x{width} pixels, the limit is 1..{settings.max_image_pixels} "
+                          "(SSD_MAX_IMAGE_PIXELS)")
     pixels = torch.from_numpy(np.array(array))  # [B, H, W, 3], a writable copy
     return list(pixels.permute(0, 3, 1, 2))  # B x [3, H, W]
 
@@ -239,20 +246,38 @@ def detection_tensors(found: list[Detections]) -> list[tuple[str, np.ndarray]]:
     return [("boxes", boxes), ("scores", scores), ("labels", labels), ("num_detections", counts)]
 
 
-async def infer_detector(
-    request: Request, parsed: InferRequest, served: ModelVersion, host: ModelHost, inference: InferenceWorker,
-    settings: Settings, metrics: Metrics,
-) -> list[tuple[str, np.ndarray]]:
+def detector_request(
+    body: bytes, header_length: str | None, spec: ModelSpec, settings: Settings
+) -> tuple[InferRequest, DetectOptions, torch.Tensor, list[tuple[int, int]]]:
+    """The detector's request parsed, checked, its images decoded and prepared: the request's one worker-thread
+    hop. Returns (the request, its options, the model batch [B, 3, S, S], each image's (height, width))."""
+    parsed = parse(body, header_length)
     expect_inputs(parsed, {"images"})
     options = model_parameters(parsed, _DETECT_OPTIONS)
-    images = await run_in_threadpool(image_list, parsed.inputs["images"], settings)
-    found = await detect_images(wait_for_disconnect(request), images, options.score_threshold, options.max_detections,
-                                ROUTE, served, host, inference, settings)
-    metrics.images_processed.labels(route=ROUTE).inc(len(images))
-    return detection_tensors(found)
+    return parsed, options, *prepare_images(image_list(parsed.inputs["images"], settings), spec)
+
+
+async def infer_detector(
+    request: Request, body: bytes, header_length: str | None, served: ModelVersion, host: ModelHost,
+    inference: InferenceWorker, settings: Settings, metrics: Metrics,
+) -> tuple[InferRequest, list[tuple[str, np.ndarray]]]:
+    parsed, options, batch, sizes = await run_in_threadpool(detector_request, body, header_length, host.spec,
+                                                            settings)
+    found = await detect_batch(wait_for_disconnect(request), batch, sizes, options.score_threshold,
+                               options.max_detections, ROUTE, served, inference, settings)
+    metrics.images_processed.labels(route=ROUTE).inc(len(sizes))
+    return parsed, detection_tensors(found)
 
 
 _COUNTS = ("num_ground_truth", "num_positives", "num_negatives", "num_forced_matches")
+
+
+def loss_request(
+    body: bytes, header_length: str | None, version: int, host: ModelHost, settings: Settings, metrics: Metrics
+) -> tuple[InferRequest, list[tuple[str, np.ndarray]]]:
+    """`ssd-loss`'s request parsed and scored: the request's one worker-thread hop."""
+    parsed = parse(body, header_length)
+    return parsed, infer_loss(parsed, version, host, settings, metrics)
 
 
 def infer_loss(

@@ -30,6 +30,7 @@ def test_mutating_endpoints_need_the_token(secured, shapes, headers):
         response = secured.request(method, path, json=body, headers=headers)
         error = assert_error(response, 401, "Authorization", "unauthorized")
         assert response.headers["WWW-Authenticate"] == "Bearer", error
+        assert "send the header `Authorization: Bearer <SSD_API_TOKEN>`" in error["message"], error  # its form
     assert secured.version == 0
     assert secured.sample("ssd_finetune_queue_depth") == 0
     assert secured.get("/model/versions").json()["versions"] == [{"version": 0, "step": 0, "pinned": False,

@@ -51,13 +51,42 @@ def test_invalid_values(values):
         Settings(**values)
 
 
+EXPOSED_HOSTS = ["0.0.0.0", "::", "192.168.1.7", "myhost.example"]
+LOOPBACK_HOSTS = ["127.0.0.1", "127.3.2.1", "::1", "localhost"]
+
+
+@pytest.mark.parametrize("token", [None, "", "   ", "\t"])
+@pytest.mark.parametrize("host", EXPOSED_HOSTS)
+def test_listening_beyond_loopback_without_a_token_refuses_to_start(monkeypatch, host, token):
+    """Secure by default: an unset or empty token on a non-loopback interface is a start-up error in one
+    line naming the variables that fix it (Compose's `${SSD_API_TOKEN:-}` gives the empty one)."""
+    monkeypatch.setenv("SSD_HOST", host)
+    if token is None:
+        monkeypatch.delenv("SSD_API_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("SSD_API_TOKEN", token)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    message = refused.value.errors()[0]["msg"]
+    assert "\n" not in message
+    assert f"SSD_HOST={host} listens beyond loopback but SSD_API_TOKEN is unset or empty" in message
+    assert "SSD_ALLOW_UNAUTHENTICATED=true" in message
+    monkeypatch.setenv("SSD_ALLOW_UNAUTHENTICATED", "true")  # the explicit opt-out
+    assert Settings().exposed_without_token()
+
+
+@pytest.mark.parametrize("token", ["", " ", "\n"])
+def test_an_empty_token_is_no_token(token):
+    assert Settings(api_token=token).api_token is None
+    assert Settings(api_token=f" {token}x").api_token.get_secret_value() == f" {token}x"
+
+
 @pytest.mark.parametrize(("host", "token", "warned"), [
-    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.7", None, True), ("myhost.example", None, True),
-    ("0.0.0.0", "t0ken", False), ("127.0.0.1", None, False), ("127.3.2.1", None, False), ("::1", None, False),
-    ("localhost", None, False),
+    *[(host, None, True) for host in EXPOSED_HOSTS], ("0.0.0.0", "t0ken", False),
+    *[(host, None, False) for host in LOOPBACK_HOSTS],
 ])
 def test_start_warns_when_listening_beyond_loopback_without_a_token(caplog, host, token, warned):
-    settings = Settings(host=host, api_token=token)
+    settings = Settings(host=host, api_token=token, allow_unauthenticated=True)
     with caplog.at_level(logging.WARNING, logger="app"):
         warn_if_exposed(settings)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -1,6 +1,7 @@
 """Screening and the publish gate (app.online.gatekeeper) in process: a damaged candidate is rejected
-(and the trainer restored bitwise), `ungated` below the minimum, screening rejects a shifted batch and
-`force` skips it, and the served version's figures are cached per image."""
+(and the trainer restored bitwise), `ungated` below the minimum, screening rejects a shifted batch from
+the first job and `force` skips it, a quarantined image enters no store, a small job trains or says why,
+the served and reference versions' figures are kept per image and the reference survives the set's growth."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def detections(client, items) -> list:
 
 
 def test_gate_rejects_damaged_weights_restores_the_trainer_bitwise_and_stores_nothing(tmp_path, trained_weights):
-    with start_client(gated_settings(tmp_path, weights=trained_weights, holdout_fraction=0.5)) as client:
+    # screening that quarantines nothing (a quarantined image is never held out): the gate is what is tested
+    settings = gated_settings(tmp_path, weights=trained_weights, holdout_fraction=0.5, screen_ratio=1e9)
+    with start_client(settings) as client:
         clean = labelled(OVERFIT, EVERYTHING)
         assert client.post("/validation", json={"images": clean}).json()["images"] == 4
         first = client.post("/finetune?wait=true", json={"images": clean, "steps": 1, "learning_rate": 1e-4}).json()
@@ -67,32 +70,75 @@ def test_ungated_below_the_minimum_publishes_at_the_end_only(tmp_path):
         assert [step["model_version"] for step in job["losses"]] == [0, 0, 0]  # served while the job ran
         assert job["model_version"] == client.version == 1
         assert client.sample("ssd_gate_decisions_total", decision="ungated") == 1
-        assert job["screening"]["passed"] and job["screening"]["median"] is None  # no accepted jobs yet
+        screening = job["screening"]
+        assert screening["passed"] and not screening["losses_checked"] and screening["quarantined"] == 0
+        assert "not yet competent" in screening["quiet_reason"]  # nothing to compare with yet
 
 
 def test_screening_rejects_a_shifted_batch_and_force_skips_it_but_not_the_gate(tmp_path, trained_weights):
+    """From the first job: no accepted jobs are needed, the served model's losses on the validation set now
+    are the baseline."""
     with start_client(gated_settings(tmp_path, weights=trained_weights)) as client:
         clean = labelled(OVERFIT, EVERYTHING)
         client.post("/validation", json={"images": clean})
-        for _ in range(5):
-            job = client.post("/finetune?wait=true", json={"images": clean, "steps": 1, "learning_rate": 1e-5}).json()
-            assert job["status"] == "succeeded", job
         version = client.version
         bad = labelled([shifted(OVERFIT[i]) for i in EVERYTHING], range(4))
         job = client.post("/finetune?wait=true", json={"images": bad, "steps": 4, "learning_rate": 0.05}).json()
         screening = job["screening"]
-        assert job["status"] == "rejected" and job["steps_done"] == 0 and job["evaluation"] is None
-        assert not screening["passed"] and screening["jobs"] == 5 and screening["loss"] > screening["threshold"]
-        assert "x its median, loss_c" in job["error"] and '"force": true' in job["error"]  # hints: unit tests
-        # the figure is what /score-loss says of the same batch
+        assert job["status"] == "rejected" and job["steps_done"] == 0 and job["evaluation"] is None, job
+        assert screening["losses_checked"] and not screening["passed"] and screening["quarantined"] == 4
+        for image in screening["images"]:
+            issue = image["issues"][0]
+            assert image["quarantined"] and issue["issue"] == "loc_loss" and issue["value"] > issue["threshold"]
+        assert "median loss_l per matched prior over the job's 4 images" in job["error"]
+        assert "boxes in the wrong place" in job["error"]
+        assert '"force": true' in job["error"]
+        # the batch figure is what /score-loss says of the same batch
         scored = client.post("/score-loss", json={"images": bad}).json()
         assert scored["loss"] == pytest.approx(screening["loss"], rel=1e-5)
         assert client.sample("ssd_screening_rejections_total") == 1
+        assert client.sample("ssd_quarantined_images_total") == 4
         forced = client.post("/finetune?wait=true", json={"images": bad, "steps": 4, "learning_rate": 0.05,
                                                           "force": True}).json()
-        assert forced["screening"]["forced"] and not forced["screening"]["passed"]
+        assert forced["screening"]["forced"] and not forced["screening"]["passed"] and forced["steps_done"] == 4
         assert forced["status"] == "rejected" and forced["evaluation"]["decision"] == "rejected"
         assert client.version == version and client.sample("ssd_screening_rejections_total") == 1
+
+
+def test_a_quarantined_image_is_not_trained_on_and_enters_no_store(tmp_path, trained_weights):
+    """One shifted image among clean ones: quarantined (listed in the job view), the job trains on the others;
+    the image would be held out by its hash, yet the validation set and the replay memory never see it."""
+    with start_client(gated_settings(tmp_path, weights=trained_weights, holdout_fraction=0.9)) as client:
+        client.post("/validation", json={"images": labelled(OVERFIT, EVERYTHING)})
+        before = client.get("/validation").json()
+        assert holdout_rank(encode_png(OVERFIT[3].image)) < 0.9 <= holdout_rank(encode_png(OVERFIT[1].image))
+        images = labelled(OVERFIT, (1, 2)) + labelled([shifted(OVERFIT[3])], [0])
+        job = client.post("/finetune?wait=true", json={"images": images, "steps": 2, "learning_rate": 1e-5}).json()
+        assert job["status"] == "succeeded" and job["steps_done"] == 2 and job["held_out"] == 0, job
+        listed = job["screening"]["images"]
+        assert job["screening"]["quarantined"] == 1 and [i["image"] for i in listed if i["quarantined"]] == [2]
+        assert client.get("/validation").json() == before  # the held-out (by hash) shifted image did not join
+        assert client.sample("ssd_replay_images") == 2  # the two clean images only
+        # one image quarantined, one a validation image the holdout keeps, no replay: it says why it cannot train
+        few = labelled(OVERFIT, (0, 1)) + labelled([shifted(OVERFIT[3])], [0])
+        no_replay = client.post("/finetune?wait=true", json={"images": few, "steps": 1, "replay": 0}).json()
+        assert no_replay["status"] == "rejected" and no_replay["steps_done"] == 0, no_replay
+        assert ("nothing trained: 1 of the job's images left to train on (1 quarantined, 1 held out"
+                in no_replay["error"])
+        # with the replay memory filling the batch, the same job trains
+        replayed = client.post("/finetune?wait=true", json={"images": few, "steps": 1, "learning_rate": 1e-5}).json()
+        assert replayed["status"] == "succeeded" and replayed["losses"][0]["replayed"] >= 1, replayed
+
+
+def test_a_two_image_job_with_one_held_out_trains_on_both(tmp_path):
+    """A fresh BatchNorm model, no replay yet: the holdout gives its image back rather than train on nothing."""
+    pool = ShapesDataset(40, image_size=64, seed=12)
+    held = next(i for i in range(40) if holdout_rank(encode_png(pool[i].image)) < 0.5)
+    kept = next(i for i in range(40) if holdout_rank(encode_png(pool[i].image)) >= 0.5)
+    with start_client(gated_settings(tmp_path, holdout_fraction=0.5)) as client:
+        job = client.post("/finetune?wait=true", json={"images": labelled(pool, (held, kept)), "steps": 2}).json()
+        assert job["status"] == "succeeded" and job["steps_done"] == 2 and job["held_out"] == 0, job
+        assert client.get("/validation").json()["images"] == 0
 
 
 def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(tmp_path, trained_weights, monkeypatch):
@@ -102,22 +148,24 @@ def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(t
     from app.online import gatekeeper
     from ssd_core.online.gate import score_model
 
-    scored: list[int] = []
+    calls: list[tuple[bool, int]] = []  # (the trainer's candidate?, images) of every per-image scoring
     real = gatekeeper.per_image_scores
-    monkeypatch.setattr(gatekeeper, "per_image_scores", lambda model, samples, *a, **k: scored.append(len(samples))
-                        or real(model, samples, *a, **k))
     pool = labelled(ShapesDataset(7, image_size=64, seed=21), range(7))
     job = {"images": labelled(OVERFIT, EVERYTHING), "steps": 1, "learning_rate": 1e-5}
     with start_client(gated_settings(tmp_path, weights=trained_weights)) as client:
+        trainer = client.app.state.worker.trainer
+        monkeypatch.setattr(gatekeeper, "per_image_scores", lambda model, samples, *a, **k: calls.append(
+            (model is trainer.published, len(samples))) or real(model, samples, *a, **k))
         assert client.post("/validation", json={"images": pool[:4]}).json()["images"] == 4
         first = client.post("/finetune?wait=true", json=job).json()
-        assert first["evaluation"]["decision"] == "published" and scored == [4, 4]  # served, then the candidate
+        assert first["evaluation"]["decision"] == "published"
+        assert calls == [(False, 4), (False, 4), (True, 4)]  # the job's images, the served version, the candidate
         assert client.post("/validation", json={"images": pool[4:7]}).json()["images"] == 7
         samples = client.app.state.worker.validation.snapshot()[1]
-        expected = score_model(client.app.state.host.current.model, samples, client.app.state.worker.trainer.criterion,
-                               num_classes=3)
+        expected = score_model(client.app.state.host.current.model, samples, trainer.criterion, num_classes=3)
+        del calls[:]
         second = client.post("/finetune?wait=true", json=job).json()
-        assert scored == [4, 4, 3, 7]  # the served version on the 3 new images only, the candidate on all 7
+        assert (True, 7) in calls and (False, 7) not in calls and (False, 3) in calls, calls  # new images only
         served = second["evaluation"]["served"]
         assert served["version"] == first["model_version"] and second["evaluation"]["validation_images"] == 7
         assert served["map_50"] == pytest.approx(expected.map_50, abs=1e-6)
@@ -127,5 +175,35 @@ def test_the_served_version_is_scored_only_on_images_new_to_the_validation_set(t
         assert client.post("/validation", json={"images": [moved]}).json()["images"] == 7
         truths = {tuple(s.boxes.reshape(-1).tolist()) for s in client.app.state.worker.validation.snapshot()[1]}
         assert (1.0, 1.0, 20.0, 20.0) in truths
+        del calls[:]
         client.post("/finetune?wait=true", json=job)
-        assert scored[4:] == [1, 7]  # the served version (job 2's candidate) on the re-annotated image only
+        assert (False, 1) in calls and (False, 7) not in calls, calls  # the re-annotated image only
+
+
+def test_the_reference_survives_the_validation_sets_growth(tmp_path, trained_weights, monkeypatch):
+    """A worse candidate published within the margin does not become the reference; after the set grows, the
+    next candidate is still judged against the line's best, scored on the new images too."""
+    import copy
+
+    from ssd_core.online.gate import score_model
+
+    settings = gated_settings(tmp_path, weights=trained_weights, gate_tolerance=1.0, gate_loss_tolerance=1e9,
+                              gate_detection_tolerance=1e9)  # anything publishes: the line is what is tested
+    tiny = {"images": labelled(OVERFIT, EVERYTHING), "steps": 1, "learning_rate": 1e-5}
+    with start_client(settings) as client:
+        client.post("/validation", json={"images": labelled(OVERFIT, EVERYTHING)})
+        first = client.post("/finetune?wait=true", json=tiny).json()
+        assert first["evaluation"]["decision"] == "published" and first["model_version"] == 1
+        best = copy.deepcopy(client.app.state.host.current.model)
+        bad = labelled([shifted(OVERFIT[i]) for i in EVERYTHING], range(4))
+        worse = client.post("/finetune?wait=true", json={"images": bad, "steps": 8, "learning_rate": 0.05,
+                                                         "force": True}).json()
+        assert worse["evaluation"]["decision"] == "published" and worse["evaluation"]["delta"] < 0, worse
+        assert worse["model_version"] == 2 and worse["evaluation"]["reference_version"] == 1
+        grown = labelled(ShapesDataset(3, image_size=64, seed=21), range(3))
+        assert client.post("/validation", json={"images": grown}).json()["images"] == 7
+        third = client.post("/finetune?wait=true", json=tiny).json()["evaluation"]
+        assert third["served"]["version"] == 2 and third["reference_version"] == 1, third
+        samples = client.app.state.worker.validation.snapshot()[1]
+        reference = score_model(best, samples, client.app.state.worker.trainer.criterion, num_classes=3)
+        assert third["delta"] == pytest.approx(third["candidate"]["map_50"] - reference.map_50, abs=1e-6)

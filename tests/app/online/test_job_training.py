@@ -5,14 +5,17 @@ a cancelled or rejected gated job."""
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import app.online.gatekeeper
 from ssd_core.data.images import encode_png
 from ssd_core.data.synthetic import ShapesDataset
+from ssd_core.models import build_model
 from ssd_core.online.gate import GateDecision
 from ssd_core.online.holdout import holdout_rank
 from ssd_core.storage.sample_store import content_key
@@ -76,10 +79,21 @@ def test_holdout_is_stable_under_resending_and_accepted_images_join_the_validati
         resent = client.post("/finetune?wait=true", json={**body, "images": body["images"][::-1]}).json()
         assert resent["held_out"] == 2
         assert client.get("/validation").json()["hash"] == view["hash"]  # the same two, nothing new
-        # a job left with fewer than two training images (BatchNorm) trains on none
+        # one image left to train on (BatchNorm needs two per step): the replay memory fills the batch
         lone = client.post("/finetune?wait=true", json={"images": labelled(pool, held + kept[:1]), "steps": 3}).json()
-        assert lone["status"] == "succeeded" and lone["steps_done"] == 0 and lone["held_out"] == 2
-        assert lone["model_version"] == client.version
+        assert lone["status"] == "succeeded" and lone["steps_done"] == 3 and lone["held_out"] == 2, lone
+        assert all(step["replayed"] >= 1 for step in lone["losses"])
+        # without replay the holdout gives back an image not yet validating: the job trains
+        fresh = [i for i in range(60) if holdout_rank(images[i]) < 0.3][2]
+        alone = client.post("/finetune?wait=true", json={"images": labelled(pool, [fresh, kept[0]]), "steps": 3,
+                                                         "replay": 0}).json()
+        assert alone["status"] == "succeeded" and alone["steps_done"] == 3 and alone["held_out"] == 0, alone
+        assert alone["model_version"] == client.version
+        # ... but never a validation image: then the job cannot train and says why, never `succeeded` with 0 steps
+        short = client.post("/finetune?wait=true", json={"images": labelled(pool, held + kept[:1]), "steps": 3,
+                                                         "replay": 0}).json()
+        assert short["status"] == "rejected" and short["steps_done"] == 0, short
+        assert "nothing trained: 1 of the job's images left to train on (0 quarantined, 2 held out" in short["error"]
         assert client.sample("ssd_validation_images") == 2
 
 
@@ -90,9 +104,32 @@ def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_mod
         job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 5,
                                                        "learning_rate": 0.04}).json()
         assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.04])
+        assert job["warmup"] == (  # the view says so: steps 1-4 ran below the job's rate
+            "the warm-up of a fresh model lowered the learning rate of steps 1-4 to 0.01..0.04 (of 0.04): the model "
+            "has trained 0 of SSD_WARMUP_STEPS=4 steps; send more steps, or set SSD_WARMUP_STEPS=0 for weights "
+            "that are already trained")
+        again = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 2}).json()
+        assert again["warmup"] is None  # past the warm-up
         assert client.app.state.worker.trainer.config.clip_grad_norm == 5.0
     with pytest.raises(ValueError, match="exceeds max_learning_rate"):
         make_settings(tmp_path, learning_rate=0.2, max_learning_rate=0.1)
+
+
+def test_trained_weights_have_no_warm_up_and_jobs_log_their_start_and_end(tmp_path, caplog):
+    weights = tmp_path / "trained.safetensors"
+    save_file(build_model("ssd-small", 4).state_dict(), weights)
+    with start_client(make_settings(tmp_path, weights=weights, warmup_steps=100)) as client, \
+            caplog.at_level(logging.INFO, logger="app.online.worker"):
+        job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 2}).json()
+    assert job["warmup"] is None
+    assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([1e-3, 1e-3])
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.online.worker"]
+    loss = job["losses"][-1]["loss_l"] + job["losses"][-1]["loss_c"]
+    assert lines == [
+        f"fine-tune job {job['job_id']} started: 2 images, 2 steps, learning rate 0.001 (SSD_LEARNING_RATE)",
+        f"fine-tune job {job['job_id']} succeeded; 2/2 steps (0 skipped), last loss {loss:.3f}, gate not judged, "
+        f"model version {job['model_version']}",
+    ]
 
 
 def test_publish_every_steps_judges_within_a_job(tmp_path, trained_weights):

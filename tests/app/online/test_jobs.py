@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.core.errors import Conflict
-from app.online.job_view import JobState, StepLoss
+from app.online.job_view import JobSource, JobState, JobView, LabelStudioAnnotation, StepLoss
 from app.online.jobs import Job, JobTransitionError
 from ssd_core.loss.stats import ClassStats
 
@@ -102,3 +102,15 @@ def test_a_journalled_view_restores_a_finished_job_with_the_same_view():
     job.finish(JobState.succeeded)
     restored = Job.from_view(job.view())
     assert restored.view() == job.view() and restored.finished.done()
+
+
+def test_source_and_label_studio_origin_survive_the_journal():
+    origin = [LabelStudioAnnotation(project_id=1, task_id=7, annotation_id=9)]
+    job = Job(None, 3, None, False, source=JobSource.label_studio, label_studio=origin)
+    job.start()
+    job.finish(JobState.succeeded)
+    line = job.view().model_dump_json()  # one journal line
+    restored = Job.from_view(JobView.model_validate_json(line))
+    assert restored.view() == job.view() and restored.source == JobSource.label_studio
+    assert restored.label_studio == origin
+    assert JobView.model_validate_json(line.replace('"source":"label-studio",', "")).source == JobSource.api  # old lines

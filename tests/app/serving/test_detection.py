@@ -11,12 +11,12 @@ from prometheus_client import CollectorRegistry
 
 from app.core.errors import ClientGone
 from app.core.metrics import Metrics
-from app.serving.detection import detect_images, render_png
-from app.serving.inference import InferenceWorker, batch_policy
+from app.serving.detection import detect_batch, detect_images, prepare_images, render_png
+from app.serving.inference import InferenceWorker, batch_policy, forward
 from app.serving.model_host import ModelHost, initial_model
-from ssd_core.data.images import decode_image_bytes
+from ssd_core.data.images import decode_image_bytes, model_inputs
 from ssd_core.evaluation.mean_ap import predict
-from ssd_core.models.postprocess import Detections
+from ssd_core.models.postprocess import Detections, detect_with_spec
 from tests.app.conftest import make_settings
 
 
@@ -79,3 +79,40 @@ def test_render_png_draws_on_a_png_of_the_image_size(serving, shapes):
     drawn = decode_image_bytes(png, settings.max_image_pixels)
     assert png.startswith(b"\x89PNG") and drawn.shape == image.shape
     assert not torch.equal(drawn, image)
+
+
+def test_requests_batched_together_each_get_the_detections_of_their_own_options(tmp_path, shapes):
+    """Two detection requests with different options and a raw-output request share one forward pass; the
+    batch's detections, decoded at once on the inference thread, equal each request's decoded on its own."""
+    settings = make_settings(tmp_path, max_batch_images=4, max_batch_delay_ms=10_000, nms_iou=0.5)
+    metrics = Metrics(CollectorRegistry())
+    model, _ = initial_model(settings, None)
+    host = ModelHost(settings, metrics, model, 0, 0)
+    inference = InferenceWorker(host, batch_policy(settings), metrics)
+    served = host.current
+    first = [shapes[0].image, shapes[1].image[:, :40, :56]]
+    second = [shapes[2].image]
+    try:
+        async def together():
+            prepared = [prepare_images(images, host.spec) for images in (first, second)]
+            return await asyncio.gather(
+                detect_batch(never_gone, *prepared[0], 0.05, 7, "/detect", served, inference, settings),
+                detect_batch(never_gone, *prepared[1], 0.2, 2, "/v2/models/ssd/infer", served, inference, settings),
+                forward(never_gone, inference, model_inputs([shapes[3].image], host.spec), served, "/score-loss"),
+            )
+
+        found_first, found_second, (loc, _) = asyncio.run(together())
+        assert metrics.registry.get_sample_value("ssd_inference_batch_size_sum", {"route": "/detect"}) == 4
+        assert loc.shape[0] == 1
+        for images, found, threshold, limit in ((first, found_first, 0.05, 7), (second, found_second, 0.2, 2)):
+            batch, sizes = prepare_images(images, host.spec)
+            loc, conf, priors = host.predict(batch, served)
+            alone = detect_with_spec(host.spec, loc, conf, priors, score_threshold=threshold, nms_iou=0.5,
+                                     max_detections=limit, image_sizes=sizes)
+            assert sum(len(d.scores) for d in alone) > 0
+            for got, want in zip(found, alone, strict=True):
+                assert torch.equal(got.labels, want.labels)
+                torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+                torch.testing.assert_close(got.boxes, want.boxes, atol=1e-4, rtol=0)
+    finally:
+        inference.stop(5)

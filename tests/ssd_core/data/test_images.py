@@ -1,11 +1,14 @@
 """Image decoding, the decompression-bomb guard, model input and encoding."""
 
+import io
 import struct
 import zlib
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from ssd_core.data import images
 from ssd_core.data.images import (
@@ -181,3 +184,93 @@ def test_model_inputs_stacks_each_image_resized_and_normalised():
     assert batch.shape == (2, 3, spec.image_size, spec.image_size) and batch.dtype == torch.float32
     for image, row in zip(images, batch, strict=True):
         assert torch.equal(row, to_model_input(image, spec.image_size, spec.pixel_mean, spec.pixel_std))
+
+
+# ---- 16-bit samples, EXIF orientation, WebP and the formats refused (files made here, read by reference decoders)
+
+
+def png_16_bit(samples, colour_type: int) -> bytes:
+    """A real 16-bit PNG (colour type 0 grey, 2 RGB) of `samples` ([H, W] or [H, W, 3] numpy uint16),
+    written by hand: Pillow cannot write 16-bit RGB."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("colour_type", [0, 2], ids=["grey", "rgb"])
+def test_16_bit_png_is_scaled_to_8_bits(colour_type):
+    rng = np.random.default_rng(colour_type)
+    shape = (9, 13) if colour_type == 0 else (9, 13, 3)
+    samples = rng.integers(0, 65536, size=shape, dtype=np.uint16)
+    samples.flat[:2] = (0, 65535)  # both ends of the range
+    decoded = decode_image_bytes(png_16_bit(samples, colour_type), max_pixels=10**6)
+    expected = torch.from_numpy((samples >> 8).astype(np.uint8))  # the top byte of each sample
+    expected = expected.expand(3, *shape) if colour_type == 0 else expected.permute(2, 0, 1)
+    assert decoded.dtype == torch.uint8 and torch.equal(decoded, expected)
+
+
+def test_16_bit_png_feeds_the_model_what_its_8_bit_twin_does():
+    """The same pixels as 8 and as 16 bits (v * 257) give the same model input."""
+    eight = _random_image(16, 24, seed=3)
+    samples = eight.permute(1, 2, 0).numpy().astype(np.uint16) * 257
+    sixteen = decode_image_bytes(png_16_bit(samples, 2), max_pixels=10**6)
+    spec = build_model("ssd-small", 4).spec
+    assert torch.equal(model_inputs([sixteen], spec), model_inputs([eight], spec))
+
+
+def _exif_file(orientation: int, fmt: str) -> bytes:
+    """A 12x8 image (one coloured pixel near each corner, so every turn and flip shows) saved by Pillow in
+    `fmt` with EXIF orientation `orientation`."""
+    picture = Image.new("RGB", (12, 8), (128, 128, 128))
+    for xy, colour in [((0, 0), (255, 0, 0)), ((11, 0), (0, 255, 0)), ((0, 7), (0, 0, 255)), ((11, 7), (255, 255, 0))]:
+        picture.putpixel(xy, colour)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    options = {"quality": 100} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    picture.save(buffer, fmt, exif=exif, **options)
+    return buffer.getvalue()
+
+
+def _displayed(data: bytes) -> torch.Tensor:
+    """What a browser shows: Pillow's decoder and its `exif_transpose`, the reference."""
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB"))
+    return torch.from_numpy(np.asarray(shown).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation, fmt):
+    data = _exif_file(orientation, fmt)
+    decoded = decode_image_bytes(data, max_pixels=10**6)
+    expected = _displayed(data)
+    assert decoded.shape == expected.shape == ((3, 12, 8) if orientation >= 5 else (3, 8, 12))
+    if fmt == "JPEG":  # two JPEG decoders: equal up to rounding
+        assert (decoded.int() - expected.int()).abs().max() <= 3
+    else:
+        assert torch.equal(decoded, expected)
+
+
+def test_webp_lossy_and_lossless_decode_with_their_header_size():
+    image = _random_image(10, 14, seed=5)
+    for options in ({"lossless": True}, {"quality": 90}):
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "WEBP", **options)
+        data = buffer.getvalue()
+        assert image_dimensions(data) == (10, 14)
+        decoded = decode_image_bytes(data, max_pixels=10**6)
+        assert decoded.shape == (3, 10, 14) and decoded.dtype == torch.uint8
+        if options.get("lossless"):
+            assert torch.equal(decoded, image)
+        with pytest.raises(ImageError, match="exceeds the limit"):
+            decode_image_bytes(data, max_pixels=139)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("BMP", "BMP"), ("GIF", "GIF"), ("TIFF", "TIFF")])
+def test_other_formats_are_refused_naming_the_accepted_ones(fmt, name):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buffer, fmt)
+    with pytest.raises(ImageError, match=rf"unsupported image format \({name}\); accepted formats: PNG, JPEG, WebP"):
+        decode_image_bytes(buffer.getvalue(), max_pixels=10**6)

@@ -5,6 +5,7 @@ and the metadata inside the file. One export per (model, format), reused by ever
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnxruntime
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 from ssd_core.models import build_model
-from ssd_core.models.export import EXAMPLE_BATCH, export_model, metadata, read_torchscript_metadata
+from ssd_core.models.export import (
+    EXAMPLE_BATCH,
+    ONNX_OPTIMIZER_LOGGERS,
+    export_model,
+    metadata,
+    read_torchscript_metadata,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch deprecates TorchScript, still supported
 
@@ -96,3 +103,14 @@ def test_export_leaves_the_model_untouched_and_refuses_unknown_formats(tmp_path)
     export_model(model, tmp_path / "m.pt", "torchscript")
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_onnx_export_logs_none_of_the_optimizer_passes(tmp_path, caplog):
+    """The ONNX optimizer logs ~20 INFO lines per export (a server log would show them on every
+    GET /model/export); they are silenced during the export, and the loggers' levels restored after."""
+    levels = {name: logging.getLogger(name).level for name in ONNX_OPTIMIZER_LOGGERS}
+    with caplog.at_level(logging.INFO):
+        export_model(trained_looking("ssd-small"), tmp_path / "m.onnx", "onnx", {})
+    noisy = [r.getMessage() for r in caplog.records if r.name.startswith(ONNX_OPTIMIZER_LOGGERS)]
+    assert noisy == []
+    assert {name: logging.getLogger(name).level for name in ONNX_OPTIMIZER_LOGGERS} == levels

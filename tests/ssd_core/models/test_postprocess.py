@@ -108,6 +108,32 @@ def test_matches_per_class_loop_reference():
         assert torch.allclose(det.boxes, boxes, atol=1e-4)
 
 
+def test_the_batch_at_once_matches_the_per_image_reference_with_per_image_options():
+    # enough candidates (> 1000) that batched_nms offsets each (image, class) group's boxes instead of looping
+    torch.manual_seed(1)
+    priors = torch.cat([torch.rand(300, 2) * 0.6 + 0.2, torch.rand(300, 2) * 0.3 + 0.1], 1)
+    loc, conf = torch.randn(8, 300, 4) * 0.5, torch.randn(8, 300, 9) * 2
+    thresholds, limits = [0.05, 0.2, 0.1, 0.3, 0.05, 0.15, 0.4, 0.01], [200, 15, 1, 50, 7, 100, 3, 200]
+    sizes = [(50 + 10 * b, 80 - 5 * b) for b in range(8)]
+    got = detect(loc, conf, priors, score_threshold=thresholds, nms_iou=0.3, max_detections=limits,
+                 image_sizes=sizes, top_k_per_class=300)
+    assert sum(len(d.scores) for d in got) > 300
+    for b, det in enumerate(got):
+        (height, width) = sizes[b]
+        ((boxes, scores, labels),) = reference_detect(loc[b : b + 1], conf[b : b + 1], priors, thresholds[b], 0.3,
+                                                      limits[b], torch.tensor([width, height, width, height]))
+        assert torch.equal(det.labels, labels)
+        assert torch.allclose(det.scores, scores)
+        assert torch.allclose(det.boxes, boxes, atol=1e-4)
+
+
+def test_per_image_options_must_match_the_batch():
+    with pytest.raises(ValueError, match="score_threshold has 2 entries for a batch of 1"):
+        detect(torch.zeros(1, 3, 4), torch.zeros(1, 3, 2), PRIORS, score_threshold=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"max_detections must be >= 1, got 0"):
+        detect(torch.zeros(2, 3, 4), torch.zeros(2, 3, 2), PRIORS, max_detections=[3, 0])
+
+
 def test_model_output_runs_through():
     model = build_model("ssd-small", 4).eval()
     with torch.no_grad():

@@ -13,9 +13,11 @@ from ssd_core.models import build_model
 from ssd_core.models.postprocess import Detections
 from ssd_core.online.gate import (
     GateConfig,
+    ImageScore,
     ReferenceLine,
     ValidationScore,
     combine_scores,
+    compare_images,
     decide,
     per_image_scores,
     score_model,
@@ -103,16 +105,93 @@ def test_a_score_combined_from_parts_scored_apart_equals_the_whole_sets():
 
 
 def test_reference_line_keeps_the_best_published_version_so_losses_cannot_add_up():
-    served, _ = _case(12, damage=0.0)
-
-    def scored(map_50: float) -> ValidationScore:
-        return ValidationScore(map_50, 1.0, {}, served.matched)
-
     line = ReferenceLine()
-    assert line.reference(3, scored(0.50), "d1")[0] == 3  # a new line starts at the served version
-    line.published(4, scored(0.49), "d1")  # a little worse: published, but not the reference
-    assert line.reference(4, scored(0.49), "d1")[0] == 3
-    line.published(5, scored(0.52), "d1")
-    assert line.reference(5, scored(0.52), "d1")[0] == 5
-    assert line.reference(5, scored(0.40), "d2")[0] == 5  # another validation set: a new line
-    assert line.reference(2, scored(0.10), "d2")[0] == 2  # a rollback to a version outside the line
+    assert line.reference(3) == 3  # a new line starts at the served version
+    line.published(4, better=False)  # a little worse: published, but not the reference
+    assert line.reference(4) == 3
+    line.published(5, better=True)
+    assert line.reference(5) == 5
+    assert line.reference(2) == 2 and line.versions == {2}  # a rollback to a version outside the line
+
+
+def test_reference_line_survives_the_validation_sets_growth():
+    """Nothing about the validation set restarts the line: a candidate after the set grew is still judged
+    against the line's best, not against the (worse) version served (the caller scores the reference on the
+    new images; app.online.gatekeeper's test shows it)."""
+    line = ReferenceLine()
+    line.reference(1)
+    line.published(2, better=False)
+    for served in (2, 3, 4):  # three jobs, each growing the set, each published a little worse
+        assert line.reference(served) == 1
+        line.published(served + 1, better=False)
+    assert line.reference(5) == 1
+
+
+def _images(losses: list[float], detections: list[Detections]) -> list[ImageScore]:
+    return [ImageScore(d, loss, 0.0, 1) for loss, d in zip(losses, detections, strict=True)]
+
+
+def _paired_case(images: int, damaged: bool, seed: int = 0):
+    """Images of two objects; the reference detects both at a loss ~1; a damaged candidate (a shifted-box job:
+    a little worse everywhere) scores a 25% higher loss on every image and misplaces one object on every third
+    image, a real drop (mAP@0.5 -0.17) that the bootstrap margin of a dozen images does not see."""
+    g = torch.Generator().manual_seed(seed)
+    samples, reference, candidate, before, after = [], [], [], [], []
+    for i in range(images):
+        boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 95.0]])
+        labels = torch.tensor([i % 3, (i + 1) % 3])
+        samples.append(Sample(torch.zeros(3, 100, 100, dtype=torch.uint8), boxes, labels, torch.zeros(2, dtype=torch.bool)))
+        jitter = boxes + torch.randn(2, 4, generator=g)
+        reference.append(Detections(jitter, torch.tensor([0.9, 0.8]), labels))
+        shift = torch.zeros(2, 4)
+        if damaged and i % 3 == 0:
+            shift[1] = 12.0
+        candidate.append(Detections(jitter + shift, torch.tensor([0.9, 0.8]), labels))
+        loss = 1.0 + 0.3 * torch.rand(1, generator=g).item()
+        before.append(loss)
+        after.append(loss * (1.25 if damaged else 1.0))
+    ref_images, cand_images = _images(before, reference), _images(after, candidate)
+    return (samples, ref_images, cand_images, combine_scores(ref_images, samples, 3),
+            combine_scores(cand_images, samples, 3))
+
+
+def test_paired_comparison_rejects_a_damaged_candidate_at_12_images_and_passes_an_equal_one():
+    config = GateConfig(min_images=10, resamples=200)
+    _, ref_images, _, reference, _ = _paired_case(12, damaged=False)
+    equal = compare_images(ref_images, ref_images, reference.matched, reference.matched, config)
+    assert equal.loss_increase == 0 and equal.quality_change == 0
+    assert decide(reference, reference, 12, config, equal).decision == "published"
+    _, ref_images, cand_images, reference, damaged = _paired_case(12, damaged=True)
+    paired = compare_images(ref_images, cand_images, reference.matched, damaged.matched, config)
+    assert paired.loss_bound > config.loss_tolerance * paired.loss_reference
+    assert paired.quality_change == pytest.approx(-1 / 6)  # AP 1 -> 0.5 (a false positive above a truth), 4 of 12
+    by_map = decide(reference, damaged, 12, config)  # the bootstrap margin alone: too wide at 12 images
+    assert by_map.decision == "published" and by_map.delta < -0.1, by_map
+    decision = decide(reference, damaged, 12, config, paired)
+    assert decision.decision == "rejected" and "per-image validation loss rose" in decision.reason
+    # the detection test alone catches it too (the loss test switched off), at 1 paired SE
+    no_loss = GateConfig(min_images=10, resamples=200, loss_tolerance=1e9, paired_z=1.0)
+    paired = compare_images(ref_images, cand_images, reference.matched, damaged.matched, no_loss)
+    decision = decide(reference, damaged, 12, no_loss, paired)
+    assert decision.decision == "rejected" and "per-image average precision fell" in decision.reason
+
+
+def test_paired_quality_is_each_images_own_average_precision():
+    """The slow reference: per image, by hand."""
+    samples, ref_images, _, reference, _ = _paired_case(3, damaged=False)
+    # image 1: both boxes moved off their objects (AP 1 -> 0); image 2: a confident false positive ranked first
+    # (AP 1 -> (1/2 + 2/3) / 2); a false positive ranked last changes nothing (image 0)
+    detections = [image.detections for image in ref_images]
+    spurious = torch.tensor([[0.0, 0.0, 5.0, 5.0]])
+    worse = [
+        Detections(torch.cat([detections[0].boxes, spurious]), torch.tensor([0.9, 0.8, 0.1]),
+                   torch.cat([detections[0].labels, torch.tensor([0])])),
+        Detections(detections[1].boxes + 30.0, detections[1].scores, detections[1].labels),
+        Detections(torch.cat([spurious, detections[2].boxes]), torch.tensor([0.95, 0.9, 0.8]),
+                   torch.cat([torch.tensor([0]), detections[2].labels])),
+    ]
+    cand_images = [ImageScore(d, 1.0, 0.0, 1) for d in worse]
+    candidate = combine_scores(cand_images, samples, 3)
+    paired = compare_images(ref_images, cand_images, reference.matched, candidate.matched, GateConfig(paired_z=0))
+    expected = (0 + (0 - 1) + ((1 / 2 + 2 / 3) / 2 - 1)) / 3
+    assert paired.quality_change == pytest.approx(expected) and paired.quality_bound == pytest.approx(expected)

@@ -1,69 +1,118 @@
-"""Screening (ssd_core.online.screening): the window's median and ratio, the hints, a failed batch stops its
-job unless forced, and only a finite pre-training loss joins the window."""
+"""Screening (ssd_core.online.screening) on hand-made losses and annotations: the baseline is the served
+model's present losses on the validation set, loc and conf judged apart, quiet while the model is not
+competent, label checks once it is, a mostly quarantined job rejected unless forced."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
+from ssd_core.models.postprocess import Detections
 from ssd_core.online.screening import (
     BOX_HINT,
     LABEL_HINT,
+    Competence,
+    ImageLoss,
     ScreeningConfig,
-    ScreeningHistory,
-    ScreeningVerdict,
+    screen_batch,
 )
+from tests.ssd_core.online.test_label_quality import found, sample
+
+CONFIG = ScreeningConfig(loss_ratio=3.0, min_images=4, min_map=0.3, label_min_images=8, label_min_map=0.5,
+                         reject_share=0.5)
+COMPETENT = Competence(images=12, map_50=0.8)
+NOTHING = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
 
 
-def _verdict(passed: bool) -> ScreeningVerdict:
-    return ScreeningVerdict(passed, 9.0, 7.0, 2.0, 3.0, 4.5, 5, None if passed else "too high")
+def batch(losses: list[tuple[float, float]]):
+    samples = [sample([[10, 10, 40, 40]], [0]) for _ in losses]
+    return samples, [ImageLoss(loc, conf, 4) for loc, conf in losses], [NOTHING] * len(losses)
 
 
-def test_a_failed_batch_stops_its_job_unless_forced_and_a_passed_one_never():
-    assert _verdict(False).stops(force=False)
-    assert not _verdict(False).stops(force=True)
-    assert not _verdict(True).stops(force=False) and not _verdict(True).stops(force=True)
+def validation(loss_l: float, loss_c: float, images: int = 6) -> list[ImageLoss]:
+    return [ImageLoss(loss_l * (1 + 0.1 * i), loss_c, 5) for i in range(images)] + [ImageLoss(0.0, 0.0, 0)]
 
 
-def test_only_a_finite_loss_joins_the_window():
-    history = ScreeningHistory(ScreeningConfig(ratio=2.0, window=5, min_jobs=1))
-    for parts in [(math.nan, 1.0), (1.0, math.inf), (math.nan, math.nan)]:
-        history.accept(*parts)
-    assert len(history) == 0
-    history.accept(1.0, 2.0)
-    assert len(history) == 1 and history.judge(1.0, 2.0).median == 3.0
+def test_the_baseline_follows_the_present_model():
+    """The same image on the same model: passed while the validation losses are an early model's (high), an
+    outlier once the model has learnt (its validation losses now low) - no history of accepted jobs involved."""
+    samples, losses, detections = batch([(4.0, 1.0)] * 3 + [(1.0, 1.0)] * 3)
+    early = screen_batch(samples, losses, detections, validation(3.0, 1.0), COMPETENT, CONFIG)
+    assert early.losses_checked and early.quarantined == () and early.reason is None
+    assert early.baseline_l == pytest.approx(3.0 * 1.25) and early.threshold_l == pytest.approx(3 * 3.75)
+    now = screen_batch(samples, losses, detections, validation(0.8, 1.0), COMPETENT, CONFIG)
+    assert now.quarantined == (0, 1, 2) and [i.kind for i in now.issues[0]] == ["loc_loss"]
+    assert now.issues[0][0].value == 4.0 and now.issues[0][0].threshold == pytest.approx(3.0)
+    assert "median loss_l per matched prior over the job's 6 images" in now.reason and BOX_HINT in now.reason
+    assert now.stops(force=False) and not now.stops(force=True)
 
 
-def test_screening_waits_for_min_jobs_then_rejects_above_ratio_with_a_hint():
-    history = ScreeningHistory(ScreeningConfig(ratio=1.5, window=10, min_jobs=5))
-    for parts in [(1.0, 2.0), (1.1, 2.0), (0.9, 2.1), (1.0, 1.9)]:
-        assert history.judge(*parts).passed and history.judge(*parts).median is None
-        history.accept(*parts)
-    assert history.judge(9.0, 9.0).passed  # 4 jobs: not judged yet
-    history.accept(1.0, 2.2)
-    verdict = history.judge(1.0, 2.0)
-    assert verdict.passed and verdict.median == pytest.approx(3.0) and verdict.threshold == pytest.approx(4.5)
-    boxes = history.judge(7.0, 2.0)
-    assert not boxes.passed and BOX_HINT in boxes.reason and "4.500" in boxes.reason and "force" in boxes.reason
-    labels = history.judge(1.0, 5.0)
-    assert not labels.passed and LABEL_HINT in labels.reason
-    assert not history.judge(float("nan"), 1.0).passed
+def test_a_job_whose_median_loss_is_high_is_rejected_though_no_image_is_an_outlier():
+    validation_losses = validation(1.0, 1.0)  # medians 1.25, 1.0
+    samples, losses, detections = batch([(2.2, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # each below 3 x, the median 1.76 x
+    verdict = screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG)
+    assert verdict.quarantined == () and verdict.stops(force=False) and not verdict.stops(force=True)
+    assert "median loss_l per matched prior over the job's 8 images is 2.200, 1.76 x" in verdict.reason
+    assert BOX_HINT in verdict.reason
+    samples, losses, detections = batch([(1.2, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # a clean job: near the median
+    assert screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason is None
+    samples, losses, detections = batch([(1.0, 1.6)] * 8)  # labels: the conf part
+    assert LABEL_HINT in screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason
 
 
-def test_screening_window_forgets_old_jobs():
-    history = ScreeningHistory(ScreeningConfig(ratio=2.0, window=5, min_jobs=5), [(10.0, 10.0)] * 5)
-    assert history.judge(30.0, 0.0).passed
-    for _ in range(5):
-        history.accept(1.0, 1.0)
-    assert len(history) == 5 and not history.judge(3.0, 2.0).passed
+def test_near_zero_baselines_need_the_floor_too():
+    samples, losses, detections = batch([(0.09, 0.05), (1.5, 0.05)])
+    verdict = screen_batch(samples, losses, detections, validation(0.02, 0.01), COMPETENT, CONFIG)
+    assert verdict.threshold_l == pytest.approx(0.025 + 1.0) and verdict.quarantined == (1,)
 
 
-def test_screening_config_checks():
-    with pytest.raises(ValueError, match=r"ratio must be > 1, got 1\.0"):
-        ScreeningConfig(ratio=1.0)
-    with pytest.raises(ValueError, match="min_jobs=6, window=5"):
-        ScreeningConfig(window=5, min_jobs=6)
+def test_loc_and_conf_are_judged_apart():
+    samples, losses, detections = batch([(1.0, 9.0), (1.0, 1.0), (1.0, 1.0)])
+    verdict = screen_batch(samples, losses, detections, validation(1.0, 1.0), COMPETENT, CONFIG)
+    assert verdict.quarantined == (0,) and [i.kind for i in verdict.issues[0]] == ["conf_loss"]
+    assert verdict.reason is None and not verdict.stops(force=False)  # one image of three: quarantined only
+    samples, losses, detections = batch([(1.0, 9.0), (1.0, 8.0), (1.0, 1.0)])
+    assert LABEL_HINT in screen_batch(samples, losses, detections, validation(1.0, 1.0), COMPETENT, CONFIG).reason
 
 
-# ---- the gate
+def test_quiet_while_the_model_is_not_competent():
+    samples, losses, detections = batch([(50.0, 50.0)] * 4)
+    for competence, scored in ((Competence(12, 0.1), 6), (Competence(3, 0.9), 6), (COMPETENT, 3)):
+        verdict = screen_batch(samples, losses, detections, validation(1.0, 1.0, scored), competence, CONFIG)
+        assert not verdict.losses_checked and verdict.quarantined == () and verdict.reason is None
+        assert "not yet competent" in verdict.quiet_reason
+
+
+def test_label_checks_run_once_competent_and_quarantine_strong_disagreement():
+    truth = sample([[10, 10, 40, 40], [50, 50, 90, 80]], [0, 2])
+    swapped = found([[10, 10, 40, 40], [50, 50, 90, 80]], [1, 2], [0.9, 0.9])  # one box of two: share 0.5
+    fine = found([[10, 10, 40, 40], [50, 50, 90, 80]], [0, 2], [0.9, 0.9])
+    losses = [ImageLoss(1.0, 1.0, 4)] * 3
+    args = ([truth] * 3, losses, [swapped, fine, fine], validation(1.0, 1.0, 8))
+    verdict = screen_batch(*args, COMPETENT, CONFIG)
+    assert verdict.labels_checked and verdict.quarantined == (0,)
+    assert [(i.box, i.kind, i.model_label) for i in verdict.issues[0]] == [(0, "swapped_label", 1)]
+    young = screen_batch(*args, Competence(12, 0.4), CONFIG)  # screens losses, not yet labels
+    assert young.losses_checked and not young.labels_checked and young.quarantined == ()
+    # most of a job quarantined: the job is rejected, with the commonest issue's hint
+    mostly = screen_batch([truth] * 5, [ImageLoss(1.0, 1.0, 4)] * 5, [swapped] * 3 + [fine] * 2,
+                          validation(1.0, 1.0, 8), COMPETENT, CONFIG)
+    assert mostly.quarantined == (0, 1, 2) and "3 of 5 images quarantined" in mostly.reason
+    assert "swapped_label x 3" in mostly.reason and LABEL_HINT in mostly.reason
+
+
+def test_a_non_finite_loss_rejects_the_job():
+    samples, losses, detections = batch([(math.inf, 1.0), (1.0, 1.0)])
+    verdict = screen_batch(samples, losses, detections, [], Competence(0, -1.0), CONFIG)
+    assert verdict.stops(force=False) and "not finite" in verdict.reason and verdict.quarantined == (0,)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="loss_ratio"):
+        ScreeningConfig(loss_ratio=1.0)
+    with pytest.raises(ValueError, match="loss_floor"):
+        ScreeningConfig(loss_floor=-1)
+    with pytest.raises(ValueError, match="reject_share"):
+        ScreeningConfig(reject_share=0)

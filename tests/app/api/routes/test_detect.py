@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torchvision.utils import draw_bounding_boxes
 
 from ssd_core.data.images import decode_image_bytes, encode_jpeg, encode_png, to_model_input
+from ssd_core.evaluation.drawing import class_colour
 from ssd_core.models import build_model
 from ssd_core.models.postprocess import detect
 from tests.app.conftest import assert_error, png_bytes
@@ -114,7 +115,8 @@ def test_a_data_url_prefix_is_accepted(client, shapes):
 
 
 def test_render_answers_the_image_with_its_detections_drawn(client, shapes):
-    """The PNG equals torchvision's drawing of the JSON answer's boxes and captions on the decoded image."""
+    """The PNG equals torchvision's drawing of the JSON answer's boxes and captions, in their classes' colours,
+    on the decoded image."""
     data = png_bytes(shapes, 0)
     body = {"images": [encoded(data)], "score_threshold": 0.0, "max_detections": 5}
     found = client.post("/detect", json=body).json()["detections"][0]
@@ -123,7 +125,8 @@ def test_render_answers_the_image_with_its_detections_drawn(client, shapes):
     assert rendered.status_code == 200, rendered.text
     assert rendered.headers["content-type"] == "image/png" and rendered.headers["x-model-version"] == "0"
     image = decode_image_bytes(data, 64 * 64)
-    expected = draw_bounding_boxes(image, torch.tensor([d["box"] for d in found]), colors="red", width=2,
+    colours = [class_colour(d["label"]) for d in found]  # one colour per class
+    expected = draw_bounding_boxes(image, torch.tensor([d["box"] for d in found]), colors=colours, width=2,
                                    labels=[f"{d['class_name']} {d['score']:.2f}" for d in found])
     drawn = decode_image_bytes(rendered.content, 64 * 64)
     assert torch.equal(drawn, expected)

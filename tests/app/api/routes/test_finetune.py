@@ -65,3 +65,20 @@ def test_bad_multipart_requests(client, unchanged, shapes):
     garbage = [("images", ("0.png", b"\x89PNG garbage", "image/png"))]
     assert_error(client.post("/finetune", files=garbage, data={"annotations": json.dumps(note)}), 422, "images[0]",
                  "invalid_image")
+
+
+def test_list_jobs_newest_first_filtered_and_paged(client, shapes):
+    body = {"images": labelled(shapes), "steps": 1}
+    ids = [client.post("/finetune?wait=true", json=body).json()["job_id"] for _ in range(3)]
+    listed = client.get("/finetune").json()
+    assert [job["job_id"] for job in listed["jobs"]] == ids[::-1] and listed["total"] == 3
+    assert {job["source"] for job in listed["jobs"]} == {"api"} and listed["jobs"][0]["label_studio"] is None
+    page = client.get("/finetune", params={"limit": 1, "offset": 1}).json()
+    assert [job["job_id"] for job in page["jobs"]] == [ids[1]] and page["total"] == 3
+    assert client.get("/finetune", params={"status": "succeeded", "source": "api"}).json()["total"] == 3
+    assert client.get("/finetune", params={"status": "failed"}).json() == {"jobs": [], "total": 0, "offset": 0,
+                                                                           "limit": 20}
+    assert client.get("/finetune", params={"source": "label-studio"}).json()["total"] == 0
+    assert_error(client.get("/finetune", params={"status": "done"}), 422, "query.status")
+    assert_error(client.get("/finetune", params={"source": "ui"}), 422, "query.source")
+    assert_error(client.get("/finetune", params={"limit": 101}), 422, "query.limit")

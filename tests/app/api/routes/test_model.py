@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 
 import pytest
+import torch
 
 from ssd_core.storage.checkpoint import CheckpointStore
 from tests.app.conftest import assert_error, labelled, make_settings, start_client
@@ -106,13 +109,17 @@ def test_versions_lists_only_checkpoints_that_verify(client, shapes):
     assert client.version == 1
 
 
-def test_failed_checkpoint_write_is_reported_and_the_model_keeps_serving(tmp_path, shapes):
+def test_failed_checkpoint_write_is_reported_and_the_model_keeps_serving(tmp_path, shapes, monkeypatch):
+    """The checkpoint files cannot be written (the small version mark still can): the job's steps are
+    served, its checkpoint reports the failure, `POST /model/checkpoint` is a 503."""
     settings = make_settings(tmp_path)
     with start_client(settings) as client:
-        shutil.rmtree(settings.checkpoint_dir)
-        settings.checkpoint_dir.write_text("not a directory")  # every write into it now fails
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(settings.checkpoint_dir / "ckpt-00000001.json"))
+
+        monkeypatch.setattr(client.app.state.store, "save", full_disk)
         job = train(client, shapes, steps=1)  # the job succeeds; its checkpoint fails quietly
-        assert not job["checkpoint"]["saved"] and job["checkpoint"]["error"]
+        assert job["status"] == "succeeded" and not job["checkpoint"]["saved"] and job["checkpoint"]["error"]
         assert str(tmp_path) not in job["checkpoint"]["error"]
         assert client.sample("ssd_checkpoints_total", outcome="failed") == 1
         failed = assert_error(client.post("/model/checkpoint"), 503, None, "checkpoint_failed")
@@ -123,18 +130,37 @@ def test_failed_checkpoint_write_is_reported_and_the_model_keeps_serving(tmp_pat
         assert client.version == 1
 
 
+def test_a_directory_that_takes_no_write_publishes_no_version(tmp_path, shapes):
+    """No version number can be put on disk: the job fails before its first step naming the error (a
+    number that is not durable could be handed out again after a crash), the served model is unchanged
+    and keeps serving."""
+    settings = make_settings(tmp_path)
+    with start_client(settings) as client:
+        served = {k: v.clone() for k, v in client.app.state.host.current.model.state_dict().items()}
+        shutil.rmtree(settings.checkpoint_dir)
+        settings.checkpoint_dir.write_text("not a directory")  # every write into it now fails
+        job = client.post("/finetune?wait=true", json={"images": labelled(shapes), "steps": 1}).json()
+        assert job["status"] == "failed" and "NotADirectoryError" in job["error"], job
+        assert str(tmp_path) not in job["error"] and job["steps_done"] == 0 and job["model_version"] is None
+        assert client.version == 0 and client.sample("ssd_finetune_steps_total") == 0
+        current = client.app.state.host.current.model.state_dict()
+        assert all(torch.equal(served[k], v) for k, v in current.items())
+        assert client.post("/detect", json={"images": [{"image": labelled(shapes)[0]["image"]}]}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
 def test_without_checkpoint_dir(tmp_path, shapes):
     with start_client(make_settings(tmp_path, checkpoint_dir=None)) as client:
-        assert client.get("/model/versions").json() == {"current": 0, "versions": []}
+        assert client.get("/model/versions").json() == {"current": 0, "versions": [], "lost": []}
         assert_error(client.post("/model/checkpoint"), 409, None, "no_checkpoint_dir")
         assert train(client, shapes, steps=1)["model_version"] == 1
 
 
-def test_rollback_to_a_pruned_version_names_no_server_path(tmp_path, shapes):
+def test_rollback_to_a_pruned_version_lists_the_saved_ones_and_names_no_path(tmp_path, shapes):
     settings = make_settings(tmp_path, checkpoint_keep=1)
     with start_client(settings) as client:
         train(client, shapes, steps=1)  # version 1 written, version 0 pruned
         assert [v["version"] for v in client.get("/model/versions").json()["versions"]] == [1]
         error = assert_error(client.post("/model/rollback", json={"version": 0}), 404, "version", "not_found")
-        assert error["message"] == "no loadable saved version 0: ckpt-00000000.json: no such checkpoint"
-        assert str(settings.checkpoint_dir) not in error["message"]
+        assert error["message"] == "version 0 is not saved; the saved versions are [1] (GET /model/versions)"
+        assert "ckpt-" not in error["message"] and str(settings.checkpoint_dir) not in error["message"]

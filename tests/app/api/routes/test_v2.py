@@ -128,9 +128,9 @@ def test_ssd_loss_gives_the_numbers_of_score_loss(client):
     ("ssd", {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 12}],
              "parameters": {"nms": 1}}, 400, "parameters.nms"),
     ("ssd", {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 300, 300, 3], "data": [0] * 270000}]},
-     400, "300x300 pixels, the limit is 1..40000"),
+     400, "300x300 pixels, the limit is 1..40000 (SSD_MAX_IMAGE_PIXELS)"),
     ("ssd", {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [5, 1, 1, 3], "data": [0] * 15}]}, 422,
-     "5 images exceed the limit of 4"),
+     "5 images exceed the limit of 4 (SSD_MAX_IMAGES_PER_REQUEST)"),
     ("ssd", {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}, 400,
      "images[0]: neither PNG/JPEG bytes nor their base64"),
     ("ssd", {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
@@ -138,7 +138,11 @@ def test_ssd_loss_gives_the_numbers_of_score_loss(client):
     ("ssd", {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0] * 3}],
              "outputs": [{"name": "masks"}]}, 400, "output 'masks' is not one of"),
     ("ssd-loss", {"inputs": [{"name": "loc", "datatype": "FP32", "shape": [1], "data": [0.0]}]}, 400,
-     "input 'conf' is missing"),
+     "input 'conf' is missing; inputs: conf, loc, priors, targets; sent: loc"),
+    ("ssd", {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0] * 3}]}, 400,
+     "input 'images' is missing; inputs: images; sent: image"),
+    ("ssd", {"inputs": [{"name": n, "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0] * 3}
+                        for n in ("images", "masks")]}, 400, "input 'masks' is unknown; inputs: images; sent: images, masks"),
     ("ssd-loss", {"inputs": [{"name": n, "datatype": "FP64", "shape": [1], "data": [0.0]}
                              for n in ("loc", "conf", "targets")]}, 400, "must be FP32"),
     ("ssd-loss", {"inputs": [{"name": n, "datatype": "FP32", "shape": [1, 1, 5], "data": [0.0] * 5}
