@@ -84,7 +84,7 @@ async def export(
     fmt: Annotated[Literal["onnx", "torchscript"], Query(alias="format")] = "onnx",
 ) -> FileResponse:
     """The network on normalised images [B, 3, S, S] (dynamic B) -> `loc`, `conf` and the constant `priors`,
-    with the preprocessing and decoding metadata inside the file (see README, "Export")."""
+    with the preprocessing and decoding metadata inside the file (docs/api.md, "Export")."""
     path, version = await run_in_threadpool(export_served, host, settings, fmt)
     return FileResponse(
         path, media_type="application/octet-stream", filename=path.name, headers={"X-Model-Version": str(version)},

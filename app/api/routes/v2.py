@@ -89,7 +89,7 @@ def model_metadata(name: str, version: int, settings: Settings) -> dict[str, Any
     """The protocol's model metadata (-1: a dimension of any size)."""
     classes = settings.num_classes
     if name == DETECTOR:
-        inputs = [tensor("images", "UINT8", [-1, -1, -1, 3])]  # or BYTES [B]: encoded PNG/JPEG (see README)
+        inputs = [tensor("images", "UINT8", [-1, -1, -1, 3])]  # or BYTES [B]: encoded PNG/JPEG/WebP (docs/api.md)
         outputs = [tensor("boxes", "FP32", [-1, -1, 4]), tensor("scores", "FP32", [-1, -1]),
                    tensor("labels", "INT64", [-1, -1]), tensor("num_detections", "INT32", [-1])]
     else:

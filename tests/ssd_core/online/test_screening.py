@@ -51,14 +51,14 @@ def test_the_baseline_follows_the_present_model():
 
 def test_a_job_whose_median_loss_is_high_is_rejected_though_no_image_is_an_outlier():
     validation_losses = validation(1.0, 1.0)  # medians 1.25, 1.0
-    samples, losses, detections = batch([(2.2, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # each below 3 x, the median 1.76 x
+    samples, losses, detections = batch([(2.6, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # each below 3 x, the median 2.08 x
     verdict = screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG)
     assert verdict.quarantined == () and verdict.stops(force=False) and not verdict.stops(force=True)
-    assert "median loss_l per matched prior over the job's 8 images is 2.200, 1.76 x" in verdict.reason
+    assert "median loss_l per matched prior over the job's 8 images is 2.600, 2.08 x" in verdict.reason
     assert BOX_HINT in verdict.reason
-    samples, losses, detections = batch([(1.2, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # a clean job: near the median
+    samples, losses, detections = batch([(2.0, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # a clean job may reach 1.6 x
     assert screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason is None
-    samples, losses, detections = batch([(1.0, 1.6)] * 8)  # labels: the conf part
+    samples, losses, detections = batch([(1.0, 2.4)] * 8)  # labels: the conf part
     assert LABEL_HINT in screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason
 
 
