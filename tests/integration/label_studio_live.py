@@ -10,6 +10,7 @@ Studio needs to reach a backend on loopback offline are set here (docs/LABEL_STU
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -106,14 +107,17 @@ def run_label_studio(workdir: Path) -> Iterator[LiveLabelStudio]:
     """Start Label Studio on a copy of the migrated template (made by a first, slow start when missing)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "label-studio.log"
-    if not (TEMPLATE / "label_studio.sqlite3").exists():
-        fresh = TEMPLATE.with_name("template-in-progress")
-        shutil.rmtree(fresh, ignore_errors=True)
-        fresh.mkdir(parents=True)
-        process, _ = _start(fresh, log)
-        _stop(process)  # a clean stop: the SQLite file is complete
-        shutil.rmtree(TEMPLATE, ignore_errors=True)
-        fresh.rename(TEMPLATE)
+    TEMPLATE.parent.mkdir(parents=True, exist_ok=True)
+    with (TEMPLATE.parent / "template.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (a test worker, a benchmark) may be making it now
+        if not (TEMPLATE / "label_studio.sqlite3").exists():
+            fresh = TEMPLATE.with_name("template-in-progress")
+            shutil.rmtree(fresh, ignore_errors=True)
+            fresh.mkdir(parents=True)
+            process, _ = _start(fresh, log)
+            _stop(process)  # a clean stop: the SQLite file is complete
+            shutil.rmtree(TEMPLATE, ignore_errors=True)
+            fresh.rename(TEMPLATE)
     data_dir = workdir / "label-studio-data"
     shutil.rmtree(data_dir, ignore_errors=True)
     shutil.copytree(TEMPLATE, data_dir)

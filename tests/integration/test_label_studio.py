@@ -27,7 +27,8 @@ from tests.integration.label_studio_live import (
 )
 from tests.integration.live import LiveService, run_service
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+# one worker runs both tests on one Label Studio (the module fixture): a second instance would cost 400 MB
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.xdist_group("label_studio")]
 
 TOKEN = "ssd-integration-token"
 STREAM_IMAGES = 4
