@@ -217,6 +217,7 @@ class FinetuneWorker:
         job.finish(state, error)
         self._journal_record(job, durable=True)  # on disk before anyone hears of the final state
         self.metrics.finetune_jobs.labels(state=state.value).inc()
+        logger.info("fine-tune job %s %s", job.job_id, job_summary(job))  # logged before a waiting client hears
         job.notify_finished()
         finished = [j for j in self._jobs.values() if j.state.finished]
         for old in finished[: max(0, len(finished) - self.settings.job_history)]:
@@ -244,7 +245,6 @@ class FinetuneWorker:
             with self._jobs_lock:
                 self._running = None
                 self._finish(job, state, error)
-            logger.info("fine-tune job %s %s", job.job_id, job_summary(job))
 
     # ---- the checkpoint operations the routes call (app.online.checkpoints)
 
