@@ -6,7 +6,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
 from app.api.errors import ApiError
 from app.core.metrics import Metrics
@@ -56,6 +56,14 @@ def get_store(request: Request) -> CheckpointStore | None:
 
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <SSD_API_TOKEN>`")
+_basic = HTTPBasic(auto_error=False, description="Label Studio's basic auth: any user, password SSD_API_TOKEN")
+
+
+def token_matches(settings: Settings, supplied: str) -> bool:
+    """Whether `supplied` is SSD_API_TOKEN (compared in constant time); always True when none is configured."""
+    if settings.api_token is None:
+        return True
+    return secrets.compare_digest(supplied.encode(), settings.api_token.get_secret_value().encode())
 
 
 def require_token(
@@ -63,11 +71,7 @@ def require_token(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """401 unless the request carries the configured Bearer token (no-op when none is configured)."""
-    if settings.api_token is None:
-        return
-    expected = settings.api_token.get_secret_value().encode()
-    supplied = credentials.credentials.encode() if credentials is not None else b""
-    if not secrets.compare_digest(supplied, expected):
+    if not token_matches(settings, credentials.credentials if credentials is not None else ""):
         raise ApiError(
             401, "unauthorized",
             "missing or wrong Bearer token: send the header `Authorization: Bearer <SSD_API_TOKEN>` (curl -H "
@@ -75,6 +79,20 @@ def require_token(
             "Authorization",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_basic_token(
+    settings: Annotated[Settings, Depends(get_settings)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """401 unless the request carries SSD_API_TOKEN as HTTP Basic password (Label Studio's only way to
+    authenticate to a backend) or Bearer token (no-op when none is configured)."""
+    supplied = basic.password if basic is not None else bearer.credentials if bearer is not None else ""
+    if not token_matches(settings, supplied):
+        raise ApiError(401, "unauthorized", "Label Studio must send HTTP Basic auth with SSD_API_TOKEN as the "
+                       "password (the ML backend's \"Use basic auth\" fields; any user name)", "Authorization",
+                       headers={"WWW-Authenticate": 'Basic realm="ssd-service"'})
 
 
 def require_trainer_role(settings: Annotated[Settings, Depends(get_settings)]) -> None:

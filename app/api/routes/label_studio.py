@@ -8,14 +8,12 @@ Studio's webhooks carry no credentials, so a webhook is only a notification (app
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import HostDep, InferenceDep, SettingsDep, StoreDep, TrainerRole
+from app.api.deps import HostDep, InferenceDep, SettingsDep, StoreDep, TrainerRole, require_basic_token
 from app.api.disconnect import wait_for_disconnect
 from app.api.errors import ApiError
 from app.api.inputs import parse_json
@@ -34,26 +32,8 @@ from app.api.schemas import (
 from app.core.settings import Settings
 from app.labelstudio.backend import LabelStudioBackend, version_name
 
-_basic = HTTPBasic(auto_error=False, description="Label Studio's basic auth: any user, password SSD_API_TOKEN")
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <SSD_API_TOKEN>`")
 _AUTH_RESPONSES = {401: {"model": None, "description": "SSD_API_TOKEN is set and neither HTTP Basic with it as the "
                          "password nor the Bearer token was sent"}}
-
-
-def require_basic_token(
-    settings: SettingsDep,
-    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """401 unless the request carries SSD_API_TOKEN as Basic password or Bearer token (none configured: open)."""
-    if settings.api_token is None:
-        return
-    expected = settings.api_token.get_secret_value().encode()
-    supplied = basic.password if basic is not None else bearer.credentials if bearer is not None else ""
-    if not secrets.compare_digest(supplied.encode(), expected):
-        raise ApiError(401, "unauthorized", "Label Studio must send HTTP Basic auth with SSD_API_TOKEN as the "
-                       "password (the ML backend's \"Use basic auth\" fields; any user name)", "Authorization",
-                       headers={"WWW-Authenticate": 'Basic realm="ssd-service"'})
 
 
 def get_backend(request: Request) -> LabelStudioBackend:
