@@ -1,5 +1,5 @@
 """Start-up: the one log line that says what is served, and failures said in one or two lines naming the
-SSD_* variable and the fix (app/main.py, app/__main__.py)."""
+SSD_* variable and the fix (app/serving/model_origin.py, app/__main__.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from app.__main__ import settings_problem, startup_problem
 from app.core.settings import Settings
-from app.main import log_served_model
+from app.serving.model_origin import log_served_model
 from ssd_core.models import build_model
 from ssd_core.models.demo import DEMO_WEIGHTS
 from ssd_core.storage.checkpoint import CheckpointStore
@@ -29,9 +29,9 @@ CPU = torch.device("cpu")
 
 def _served_line(caplog, settings, checkpoint=None) -> logging.LogRecord:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="app.main"):
+    with caplog.at_level(logging.INFO, logger="app.serving.model_origin"):
         log_served_model(settings, CPU, checkpoint)
-    (record,) = [r for r in caplog.records if r.name == "app.main"]
+    (record,) = [r for r in caplog.records if r.name == "app.serving.model_origin"]
     return record
 
 
