@@ -80,6 +80,22 @@ def test_batched_match_equals_loop(seed, match_type):
     torch.testing.assert_close(result.matched_iou[matched], expected_iou[matched])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_truth_best_iou_and_forced_prior_equal_a_per_truth_loop(seed):
+    iou, valid = random_case(seed)
+    # every prior twice: each truth's best prior is tied, and the forced step must claim the first of
+    # the two, as ssd.pytorch's max gives it; a threshold no IoU reaches leaves only forced matches
+    iou = torch.cat((iou, iou), dim=2)
+    result = match(iou, valid, 1.01)
+    truth_idx, matched = loop_match_ssd_pytorch(iou, valid, 1.01)
+    assert torch.equal(result.matched, matched)
+    assert torch.equal(result.truth_idx[matched], truth_idx[matched])
+    assert not result.matched[:, iou.shape[2] // 2 :].any()
+    expected = torch.tensor([[iou[b, j].max().item() if valid[b, j] else 0.0 for j in range(valid.shape[1])]
+                             for b in range(valid.shape[0])])
+    assert torch.equal(result.truth_best_iou, expected)
+
+
 def test_later_truth_wins_a_shared_best_prior():
     # two truths whose best prior is the same single prior: ssd.pytorch gives it to the later truth
     priors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
