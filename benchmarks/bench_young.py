@@ -16,13 +16,23 @@ says otherwise), HTTP only, `ShapesDataset` scenes at `--image-size` px (1-3 obj
    `split="val"` images (torchmetrics), the job's state, reason, quarantined images (true and false
    positives against the images actually corrupted), screening, evaluation and training seconds.
 
+`--competent`: the same scenarios from a *competent* deployment instead, where the per-box label checks run
+(validation mAP@0.5 >= 0.7 on >= 8 images): a server from the shipped demo model (`SSD_WEIGHTS=demo`: ssd-small
+trained on `ShapesDataset`, held-out mAP@0.5 0.99) in its own fresh checkpoint directory, every other setting at
+its default, on the demo's own scenes (`ShapesDataset` defaults, `--competent-image-size` 256 px), warmed by clean
+jobs (no learning_rate sent) until its validation set holds `--competent-validation` images; mode `competent`
+(the defaults), scenarios at `--shares` 0.1,0.5 by default; its rows go to `--work` (default
+`/tmp/bench_young_competent`) and its tables to the "Competent deployment" block of `young.md` (the young
+deployment's tables around it are kept).
+
 The served model's detections on each corrupted job's images (asked for just before the job) and the job's
 labels go to `young_cleanlab.jsonl`; `benchmarks/bench_young_cleanlab.py`, run with a separate Python that
 has cleanlab (AGPL-3.0: never a dependency of this service), scores the same batches for comparison.
 
 Writes `--work/young_jobs.jsonl` (one row per job) and, with `--report`, prints the tables, writes them to
 `benchmarks/results/young.md` and draws `benchmarks/results/young_map.png`.
-Run: `nice -n 10 python benchmarks/bench_young.py` then `python benchmarks/bench_young.py --report`.
+Run: `nice -n 10 python benchmarks/bench_young.py` then `python benchmarks/bench_young.py --report` (add
+`--competent` to both for the competent deployment).
 """
 
 from __future__ import annotations
@@ -49,9 +59,10 @@ from ssd_core.online.corruptions import corrupt_job, corruptions
 # protected: screening from validation mAP@0.5 0.3 (the default when the first runs were made); protected_0.2: from
 # 0.2, the default now (the warm-up ends near 0.3, where a 0.3 rule is still quiet on most jobs)
 MODES = {"protected": {"SSD_SCREEN_MIN_MAP": "0.3"}, "unprotected": {"SSD_PUBLISH": "every_step"},
-         "protected_0.2": {"SSD_SCREEN_MIN_MAP": "0.2"}}
-PROTECTED = ("protected", "protected_0.2")
+         "protected_0.2": {"SSD_SCREEN_MIN_MAP": "0.2"}, "competent": {"SSD_WEIGHTS": "demo"}}
+PROTECTED = ("protected", "protected_0.2", "competent")
 SCENES = {"max_objects": 3, "min_size": 0.2, "max_size": 0.6}
+COMPETENT_BLOCK = ("<!-- bench_young --competent: begin -->", "<!-- bench_young --competent: end -->")
 GOAL_DROP = 0.02
 GOAL_CLEAN_QUARANTINED = 0.01
 GOAL_RECALL, GOAL_PRECISION = 0.9, 0.8
@@ -71,21 +82,36 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-images", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1, help="SSD_TORCH_THREADS of each server")
     parser.add_argument("--corruptions", default=",".join(corruptions(len(CLASS_NAMES))))
-    parser.add_argument("--shares", default="1.0,0.1", help="shares of each bad job's images corrupted")
+    parser.add_argument("--shares", default=None, help="shares of each bad job's images corrupted "
+                        "(default 1.0,0.1; with --competent 0.1,0.5)")
     parser.add_argument("--modes", default="protected,unprotected")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_young"))
+    parser.add_argument("--competent", action="store_true",
+                        help="from the demo model (SSD_WEIGHTS=demo) instead of a fresh one: mode `competent`")
+    parser.add_argument("--competent-image-size", type=int, default=256)
+    parser.add_argument("--competent-validation", type=int, default=12,
+                        help="clean warm-up jobs until the validation set holds this many images")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="default /tmp/bench_young (with --competent: /tmp/bench_young_competent)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--reuse-warm", action="store_true",
                         help="start the scenarios from --work's existing warm-up and add to its rows")
     parser.add_argument("--report", action="store_true", help="print and write the tables of --work, draw the plot")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.work is None:
+        args.work = Path("/tmp/bench_young_competent" if args.competent else "/tmp/bench_young")
+    if args.shares is None:
+        args.shares = "0.1,0.5" if args.competent else "1.0,0.1"
+    if args.competent:
+        args.modes, args.image_size = "competent", args.competent_image_size
+    return args
 
 
 class Scenes(Stream):
-    """Fresh `SCENES` images, never repeated."""
+    """Fresh images, never repeated: `SCENES`, or `ShapesDataset`'s defaults (the demo model's) when `competent`."""
 
-    def __init__(self, image_size: int, seed: int, split: str = "train") -> None:
-        self.dataset = ShapesDataset(1_000_000, image_size=image_size, seed=seed, split=split, **SCENES)
+    def __init__(self, image_size: int, seed: int, split: str = "train", competent: bool = False) -> None:
+        scenes = {} if competent else SCENES
+        self.dataset = ShapesDataset(1_000_000, image_size=image_size, seed=seed, split=split, **scenes)
         self.position = 0
 
 
@@ -113,38 +139,50 @@ def record(args: argparse.Namespace, row: dict) -> None:
 
 
 def job_record(scenario: str, mode: str, number: int, kind: str, view: dict, corrupted: list[int],
-               measured: dict) -> dict:
-    """One row: the job's outcome, its quarantine against the truth, seconds, and the served mAP after it."""
+               measured: dict, changed: list[int] | None = None) -> dict:
+    """One row: the job's outcome, its quarantine against the truth, seconds, and the served mAP after it.
+    corrupted: the images the corruption was applied to; changed: those whose annotation it actually changed
+    (swapping two classes leaves an image of the third alone, dropping every other object a one-object image)."""
+    changed = corrupted if changed is None else changed
     if "refused" in view:
         return {"scenario": scenario, "mode": mode, "job": number, "kind": kind, "status": f"refused {view['refused']}",
-                "error": view["error"], "corrupted": corrupted, "quarantined": [], **measured}
+                "error": view["error"], "corrupted": corrupted, "changed": changed, "quarantined": [], **measured}
     screening = view.get("screening") or {}
     quarantined = [image["image"] for image in screening.get("images", []) if image["quarantined"]]
     row = job_row(kind, view)
     screening_seconds = screening.get("seconds") or 0.0
-    return {"scenario": scenario, "mode": mode, "job": number, **row, "corrupted": corrupted, "quarantined": quarantined,
+    return {"scenario": scenario, "mode": mode, "job": number, **row, "corrupted": corrupted, "changed": changed,
+            "quarantined": quarantined,
             "images": view["num_images"], "losses_checked": screening.get("losses_checked"),
             "labels_checked": screening.get("labels_checked"), "seconds_screening": screening_seconds,
             "seconds_training": row["seconds_training"] - screening_seconds,
             "validation_images": (view.get("evaluation") or {}).get("validation_images"),
             "issues": [issue["issue"] for image in screening.get("images", []) for issue in image["issues"]],
+            "false_quarantines": [{"image": image["image"], "issues": [issue["issue"] for issue in image["issues"]]}
+                                  for image in screening.get("images", [])
+                                  if image["quarantined"] and image["image"] not in changed],
             "load": round(os.getloadavg()[0], 2), **measured}
 
 
 def warm_up(args: argparse.Namespace, val: list, encoded: list) -> Path:
+    """Young: until `--warm-jobs` and `--warm-map`, `--warm-lr` sent. Competent (the demo model): until the
+    validation set holds `--competent-validation` images, nothing but the images sent."""
     directory = args.work / "warm" / "checkpoints"
     shutil.rmtree(directory.parent, ignore_errors=True)
-    stream = Scenes(args.image_size, seed=0)
-    with start_server("warm", directory, args.threads) as server:
-        record(args, {"scenario": "warm-up", "mode": "protected", "job": 0, "kind": "start", "status": "-",
+    stream = Scenes(args.image_size, seed=0, competent=args.competent)
+    mode = "competent" if args.competent else "protected"
+    with start_server("warm", directory, args.threads, **(MODES[mode] if args.competent else {})) as server:
+        record(args, {"scenario": "warm-up", "mode": mode, "job": 0, "kind": "start", "status": "-",
                       **measure_map(server, val, encoded)})
-        served = 0.0
+        served, validation = 0.0, 0
         for number in range(1, args.warm_jobs_max + 1):
-            if number > args.warm_jobs and served >= args.warm_map:
+            if args.competent and validation >= args.competent_validation:
                 break
-            view = post(server, stream.take(args.job_images), args.job_steps, args.warm_lr)
-            row = job_record("warm-up", "protected", number, "clean", view, [], measure_map(server, val, encoded))
-            served = row["map_50"]
+            if not args.competent and number > args.warm_jobs and served >= args.warm_map:
+                break
+            view = post(server, stream.take(args.job_images), args.job_steps, None if args.competent else args.warm_lr)
+            row = job_record("warm-up", mode, number, "clean", view, [], measure_map(server, val, encoded))
+            served, validation = row["map_50"], row.get("validation_images") or 0
             record(args, row)
             print(f"warm-up job {number:2d}: {row['status']:9s} mAP@0.5 {row['map_50']:.3f} quarantined "
                   f"{len(row['quarantined'])} validation {row.get('validation_images')}", flush=True)
@@ -158,26 +196,34 @@ def run_scenario(args: argparse.Namespace, warm: Path, name: str, share: float, 
     shutil.rmtree(directory.parent, ignore_errors=True)
     shutil.copytree(warm, directory)
     corruption = corruptions(len(CLASS_NAMES))[name]
-    stream = Scenes(args.image_size, seed=1000)  # the same images in every scenario and mode
+    stream = Scenes(args.image_size, seed=1000, competent=args.competent)  # the same images in every scenario and mode
     with start_server(f"{scenario}-{mode}", directory, args.threads, **MODES[mode]) as server:
         record(args, {"scenario": scenario, "mode": mode, "job": 0, "kind": "start", "status": "-",
                       **measure_map(server, val, encoded)})
         for number in range(1, args.bad_jobs + args.after_jobs + 1):
             bad = number <= args.bad_jobs
-            samples, corrupted = corrupt_job(stream.take(args.job_images), corruption, share if bad else 0.0, number)
+            clean = stream.take(args.job_images)
+            samples, corrupted = corrupt_job(clean, corruption, share if bad else 0.0, number)
+            changed = [i for i in corrupted if not _same_annotation(samples[i], clean[i])]
             if bad and mode in PROTECTED:
                 with (args.work / "young_cleanlab.jsonl").open("a") as f:
                     f.write(json.dumps({"scenario": scenario, "mode": mode, "job": number, "corrupted": corrupted,
+                                        "changed": changed,
                                         "boxes": [s.boxes.tolist() for s in samples],
                                         "labels": [s.labels.tolist() for s in samples],
                                         "detections": served_detections(server, samples)}) + "\n")
             view = post(server, samples, args.job_steps)
             row = job_record(scenario, mode, number, "bad" if bad else "clean", view, corrupted,
-                             measure_map(server, val, encoded))
+                             measure_map(server, val, encoded), changed)
             record(args, row)
             print(f"{scenario:22s} {mode:11s} job {number}: {row['status']:12s} mAP@0.5 {row['map_50']:.3f} "
                   f"quarantined {row['quarantined']} of corrupted {corrupted} "
                   f"{(row.get('error') or '')[:90]}", flush=True)
+
+
+def _same_annotation(first, second) -> bool:
+    return first.boxes.shape == second.boxes.shape and bool((first.boxes == second.boxes).all()) \
+        and bool((first.labels == second.labels).all())
 
 
 # ---- the report
@@ -196,7 +242,8 @@ def report(args: argparse.Namespace) -> str:
     lines = [f"bench_young: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load at report "
              f"{os.getloadavg()[0]:.1f}", ""]
     warm = [r for r in rows if r["scenario"] == "warm-up"]
-    lines += ["### Warm-up (fresh deployment, defaults, clean jobs)", "",
+    start_from = "the demo model, defaults" if args.competent else "fresh deployment, defaults"
+    lines += [f"### Warm-up ({start_from}, clean jobs)", "",
               "| job | state | served mAP@0.5 | " + " | ".join(CLASS_NAMES) + " | validation images | quarantined |",
               "|---|---|---|" + "---|" * len(CLASS_NAMES) + "---|---|"]
     for r in warm:
@@ -223,43 +270,85 @@ def report(args: argparse.Namespace) -> str:
             lines.append(f"| {scenario} | {mode} | {before:.3f} -> " + " ".join(f"{r['map_50']:.3f}" for r in jobs)
                          + f" | {lowest:.3f} | {before - lowest:+.3f} | {per_class} | "
                          + ", ".join(r["status"] for r in jobs) + " |")
-    lines += ["", "### Decisions and reasons (protected modes)", "", "| scenario | mode | job | kind | state | reason |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "### Decisions and reasons (protected modes)", "",
+              "| scenario | mode | job | kind | state | quarantined (corrupted) | reason |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] in PROTECTED and r["scenario"] != "warm-up" and r["job"] > 0:
             reason = (r.get("error") or "").replace("|", "/")[:160]
-            lines.append(f"| {r['scenario']} | {r['mode']} | {r['job']} | {r['kind']} | {r['status']} | {reason} |")
+            lines.append(f"| {r['scenario']} | {r['mode']} | {r['job']} | {r['kind']} | {r['status']} | "
+                         f"{r['quarantined']} ({_changed(r)}) | {reason} |")
     lines += ["", "### Quarantine against the images actually corrupted (protected, bad jobs the service accepted "
-              "for screening)", "", "| scenario, mode | corrupted | quarantined | true positives | recall | precision | "
+              "for screening; corrupted: annotation changed by the corruption)", "",
+              "| scenario, mode | corrupted | quarantined | true positives | recall | precision | "
               "cleanlab recall | cleanlab precision |", "|---|---|---|---|---|---|---|---|"]
     cleanlab = {}
     scored = args.work / "young_cleanlab_scores.json"
     if scored.exists():
         cleanlab = json.loads(scored.read_text())
+    totals: dict[tuple[str, str], list[int]] = {}
     for scenario, mode in ((s, m) for s in scenarios for m in PROTECTED):
         bad = [r for r in rows if r["scenario"] == scenario and r["mode"] == mode and r.get("kind") == "bad"
                and r.get("losses_checked") is not None]
         if not bad:
             continue
-        truth = sum(len(r["corrupted"]) for r in bad)
+        truth = sum(len(_changed(r)) for r in bad)
         flagged = sum(len(r["quarantined"]) for r in bad)
-        hits = sum(len(set(r["corrupted"]) & set(r["quarantined"])) for r in bad)
+        hits = sum(len(set(_changed(r)) & set(r["quarantined"])) for r in bad)
+        total = totals.setdefault((scenario.split("@")[1], mode), [0, 0, 0])
+        total[0], total[1], total[2] = total[0] + truth, total[1] + flagged, total[2] + hits
         theirs = cleanlab.get(f"{scenario} {mode}", {})
         lines.append(f"| {scenario} {mode} | {truth} | {flagged} | {hits} | {_fraction(hits, truth)} | {_fraction(hits, flagged)} | "
                      f"{theirs.get('recall', '-')} | {theirs.get('precision', '-')} |")
+    for scenario, mode in ((s, m) for s in scenarios for m in PROTECTED):
+        refused = [r for r in rows if r["scenario"] == scenario and r["mode"] == mode and r.get("kind") == "bad"
+                   and r["status"].startswith("refused")]
+        if refused:
+            lines.append(f"| {scenario} {mode} | refused at the door ({refused[0]['status']}): {len(refused)} bad jobs, "
+                         "nothing screened or trained | | | | | | |")
+    for (share, mode), (truth, flagged, hits) in totals.items():
+        theirs = cleanlab.get(f"all@{share} {mode}", {})
+        lines.append(f"| **all@{share}** {mode} | {truth} | {flagged} | {hits} | **{_fraction(hits, truth)}** | "
+                     f"**{_fraction(hits, flagged)}** | {theirs.get('recall', '-')} | {theirs.get('precision', '-')} |")
+    lines += ["", "### Quarantined clean images (false positives) by issue", "", "| scenario | mode | job | image | issues |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        for image in r.get("false_quarantines", []):
+            lines.append(f"| {r['scenario']} | {r['mode']} | {r['job']} | {image['image']} | {', '.join(image['issues'])} |")
     lines += ["", "### Goals", "", "| goal | mode | result |", "|---|---|---|"]
-    for mode in PROTECTED:
+    for mode in (m for m in PROTECTED if any(r["mode"] == m for r in rows)):
         lines += _goals(rows, mode, [d for (_, m), d in drops.items() if m == mode])
     if curves:
         length = max(len(c) for c in curves.values())
         padded = {name: c + [float("nan")] * (length - len(c)) for name, c in curves.items()}
-        save_curves(args.out / "young_map.png", list(range(length)), padded,
-                    title="Served mAP@0.5: corrupted jobs (1-3) then clean ones, from a young deployment",
+        plot = args.out / ("young_competent_map.png" if args.competent else "young_map.png")
+        deployment = "the demo model" if args.competent else "a young deployment"
+        save_curves(plot, list(range(length)), padded,
+                    title=f"Served mAP@0.5 from {deployment}: corrupted jobs (1-3), then clean ones",
                     ylabel="served mAP@0.5 (held-out val)", xlabel="job after the warm-up")
-        lines += ["", f"plot: {args.out / 'young_map.png'}"]
+        lines += ["", f"plot: {plot}"]
     text = "\n".join(lines)
-    (args.out / "young.md").write_text(text + "\n")
+    _write(args.out / "young.md", text, args.competent)
     return text
+
+
+def _write(path: Path, text: str, competent: bool) -> None:
+    """The young deployment's tables replace the file up to the competent block, which is kept; the competent
+    deployment's replace that block (appended at the end when absent), and the rest is kept."""
+    old = path.read_text() if path.exists() else ""
+    begin, end = COMPETENT_BLOCK
+    has_block = begin in old and end in old
+    if competent:
+        block = f"{begin}\n## Competent deployment (`--competent`)\n\n{text}\n{end}"
+        before, after = (old.split(begin)[0], old.split(end, 1)[1]) if has_block else (old.rstrip() + "\n\n", "\n")
+        path.write_text(before + block + after)
+    else:
+        kept = old[old.index(begin):] if has_block else ""
+        path.write_text(text + "\n" + ("\n" + kept if kept else ""))
+
+
+def _changed(row: dict) -> list[int]:
+    """The images whose annotation the corruption changed (rows from before `changed` was kept: those it hit)."""
+    return row.get("changed", row["corrupted"])
 
 
 def _goals(rows: list[dict], mode: str, drops: list[float]) -> list[str]:
@@ -267,7 +356,7 @@ def _goals(rows: list[dict], mode: str, drops: list[float]) -> list[str]:
     clean_images = quarantined_clean = 0
     for r in rows:
         if r["mode"] == mode and r.get("images") and "quarantined" in r:
-            clean = set(range(r["images"])) - set(r["corrupted"])
+            clean = set(range(r["images"])) - set(_changed(r))
             clean_images += len(clean)
             quarantined_clean += len(clean & set(r["quarantined"]))
     clean_jobs = [r for r in rows if r["mode"] == mode and r.get("kind") == "clean"]

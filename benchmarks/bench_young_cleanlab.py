@@ -6,8 +6,11 @@ into this service's environment), e.g.
     /tmp/cleanlab-venv/bin/python benchmarks/bench_young_cleanlab.py /tmp/bench_young
 
 Reads `young_cleanlab.jsonl` (per corrupted job: the labels sent and the served model's detections on the
-same images, asked for just before the job) and writes `young_cleanlab_scores.json`: per scenario, the
-images cleanlab flags (`find_label_issues`) against those actually corrupted. Imports nothing of the project.
+same images, asked for just before the job) and writes `young_cleanlab_scores.json`: per scenario and per
+share over all corruptions whose jobs the service screened (`all@0.1 <mode>`: jobs it refused at the door,
+as `young_jobs.jsonl` says, are left out, as they are from its own totals), the images cleanlab flags (`find_label_issues`) against
+those whose annotation the corruption actually changed (`changed`; older rows: those it was applied to).
+Imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -30,11 +33,21 @@ def _predictions(detections: list[dict]) -> list[np.ndarray]:
     return [np.array(rows, dtype=np.float32).reshape(-1, 5) for rows in per_class]
 
 
+def _groups(job: dict, refused: set[tuple]) -> list[str]:
+    """The groups a job counts in: its scenario, and all corruptions at its share unless it was refused."""
+    groups = [f"{job['scenario']} {job['mode']}"]
+    if (job["scenario"], job["mode"], job["job"]) not in refused:
+        groups.append(f"all@{job['scenario'].split('@')[1]} {job['mode']}")
+    return groups
+
+
 def main(work: Path) -> None:
     jobs = [json.loads(line) for line in (work / "young_cleanlab.jsonl").read_text().splitlines()]
+    outcomes = [json.loads(line) for line in (work / "young_jobs.jsonl").read_text().splitlines()]
+    refused = {(r["scenario"], r["mode"], r["job"]) for r in outcomes if r["status"].startswith("refused")}
     scores: dict[str, dict] = {}
-    for scenario in dict.fromkeys(f"{job['scenario']} {job['mode']}" for job in jobs):
-        mine = [job for job in jobs if f"{job['scenario']} {job['mode']}" == scenario]
+    for scenario in dict.fromkeys(group for job in jobs for group in _groups(job, refused)):
+        mine = [job for job in jobs if scenario in _groups(job, refused)]
         labels, predictions, truth = [], [], []
         for job in mine:
             for i, (boxes, classes, detections) in enumerate(zip(job["boxes"], job["labels"], job["detections"],
@@ -42,7 +55,7 @@ def main(work: Path) -> None:
                 labels.append({"bboxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
                                "labels": np.array(classes, dtype=np.int64)})
                 predictions.append(_predictions(detections))
-                truth.append(i in job["corrupted"])
+                truth.append(i in job.get("changed", job["corrupted"]))
         flagged = find_label_issues(labels, predictions)
         hits = int(np.sum(flagged & np.array(truth)))
         recall = hits / max(1, sum(truth))

@@ -7,9 +7,12 @@ For one image, its annotated boxes are compared with the served model's *confide
   one of another class does (the label names another class than the object's);
 - `bad_location`: no confident detection of any class overlaps the box at IoU >= `match_iou`, but a
   confident detection of its class overlaps it at all (0 < IoU) and overlaps no other box of that
-  class at `match_iou` (the box is beside its object: shifted, scaled, in other coordinates);
-- `overlooked_object`: a confident detection overlaps no annotated box at IoU >= `match_iou` (an
-  object left unlabelled). A class an image declares unlabelled (`labelled_classes`) is not checked.
+  class at `match_iou` (the box is beside its object: shifted, scaled, in other coordinates). Each
+  detection is the place of at most one moved box, the one it overlaps most (a detection spanning two
+  touching boxes of its class is the model merging two objects, not two boxes moved);
+- `overlooked_object`: a confident detection overlaps no annotated box at IoU >= `match_iou` and is no
+  moved box's place (an object left unlabelled). A class an image declares unlabelled
+  (`labelled_classes`) is not checked.
 
 A box no confident detection comes near is not an issue: the model is unsure, not contradicting.
 The image's disagreement is its issues over its boxes (`issues / max(1, boxes)`); it is quarantined
@@ -74,21 +77,28 @@ def check_labels(sample: Sample, detections: Detections, config: LabelCheckConfi
     iou = box_iou(truths, boxes)  # [N, K]
     same_class = truth_labels[:, None] == labels[None, :]  # [N, K]
     confirms = iou >= config.match_iou
+    unconfirmed = ~(confirms & same_class).any(dim=1)  # [N]
+    # a confident box of its class overlapping a box no detection covers, which is no other same-class box's detection
+    moved = (iou > 0) & same_class & ~confirms.any(dim=1, keepdim=True) & ~(confirms & same_class).any(dim=0)  # [N, K]
+    if len(truths):
+        # each detection is the true place of at most one moved box (the one it overlaps most): a detection
+        # spanning two neighbouring boxes of its class is the model merging them, not two boxes moved
+        closest = torch.where(moved, iou, -1.0).argmax(dim=0)  # [K]
+        moved &= torch.arange(len(truths))[:, None] == closest[None, :]
     issues: list[BoxIssue] = []
+    explained = torch.zeros(len(boxes), dtype=torch.bool)  # [K]
     for i in range(len(truths)):
-        if (confirms[i] & same_class[i]).any():
+        if not unconfirmed[i]:
             continue
         if confirms[i].any():  # confidently another class in the box's place
             k = int(torch.where(confirms[i], scores, -1.0).argmax())
             issues.append(_issue(i, "swapped_label", boxes, labels, scores, k))
-            continue
-        # a confident box of its class overlapping it, which is no other same-class box's detection
-        near = (iou[i] > 0) & same_class[i] & ~(confirms & same_class).any(dim=0)
-        if near.any():
-            k = int(torch.where(near, scores, -1.0).argmax())
+        elif moved[i].any():
+            k = int(torch.where(moved[i], scores, -1.0).argmax())
             issues.append(_issue(i, "bad_location", boxes, labels, scores, k))
+            explained[k] = True  # the moved box's object: not also an overlooked one
     checked = _checked_classes(sample, labels)
-    unexplained = ~confirms.any(dim=0) & checked  # [K]
+    unexplained = ~confirms.any(dim=0) & ~explained & checked  # [K]
     for k in unexplained.nonzero().flatten().tolist():
         issues.append(_issue(None, "overlooked_object", boxes, labels, scores, k))
     return issues

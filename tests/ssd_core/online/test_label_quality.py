@@ -42,15 +42,33 @@ def test_a_swapped_label_is_found_with_the_models_box_label_and_score():
     assert disagreement(issues, 2) == 0.5
 
 
-def test_a_moved_box_is_a_bad_location_and_its_object_overlooked():
+def test_a_moved_box_is_a_bad_location_and_its_object_not_also_overlooked():
     # the annotation shifted right and down by half its size: IoU 0.14 with the object the model sees
     truth = sample([[25, 25, 55, 55]], [0])
     issues = check_labels(truth, found([[10, 10, 40, 40]], [0], [0.9]), CONFIG)
-    assert [(i.box, i.kind) for i in issues] == [(0, "bad_location"), (None, "overlooked_object")]
-    assert disagreement(issues, 1) == 2.0
+    assert [(i.box, i.kind, i.model_box) for i in issues] == [(0, "bad_location", (10.0, 10.0, 40.0, 40.0))]
+    assert disagreement(issues, 1) == 1.0
+    # a second confident object beside it that no box covers is still overlooked
+    issues = check_labels(truth, found([[10, 10, 40, 40], [60, 60, 90, 90]], [0, 0], [0.9, 0.9]), CONFIG)
+    assert [(i.box, i.kind, i.model_box) for i in issues] == [(0, "bad_location", (10.0, 10.0, 40.0, 40.0)),
+                                                              (None, "overlooked_object", (60.0, 60.0, 90.0, 90.0))]
     # a same-class detection that confirms another box is that box's, not a sign the first one moved
     pair = sample([[10, 10, 40, 40], [30, 30, 60, 60]], [0, 0])
     assert check_labels(pair, found([[10, 10, 40, 40]], [0], [0.9]), CONFIG) == []
+
+
+def test_one_detection_is_the_place_of_at_most_one_moved_box():
+    """Two touching boxes of a class that the model sees as one object: one bad_location, not two, so a
+    clean image with merged objects is not quarantined for it; two boxes each beside their own detection
+    are both moved."""
+    touching = sample([[10, 10, 50, 40], [12, 38, 48, 90]], [0, 0])
+    merged = found([[8, 20, 52, 70]], [0], [0.95])  # IoU 0.31 with the first box, 0.39 with the second
+    issues = check_labels(touching, merged, CONFIG)
+    assert [(i.box, i.kind) for i in issues] == [(1, "bad_location")]
+    assert disagreement(issues, 2) == 0.5
+    shifted = sample([[25, 25, 55, 55], [75, 15, 95, 45]], [0, 0])
+    issues = check_labels(shifted, found([[10, 10, 40, 40], [65, 0, 85, 30]], [0, 0], [0.9, 0.9]), CONFIG)
+    assert [(i.box, i.kind) for i in issues] == [(0, "bad_location"), (1, "bad_location")]
 
 
 def test_an_overlooked_object_is_found_unless_its_class_is_declared_unlabelled():

@@ -20,8 +20,8 @@ from ssd_core.online.screening import (
 )
 from tests.ssd_core.online.test_label_quality import found, sample
 
-CONFIG = ScreeningConfig(loss_ratio=3.0, min_images=4, min_map=0.3, label_min_images=8, label_min_map=0.5,
-                         reject_share=0.5)
+CONFIG = ScreeningConfig(loss_ratio=3.0, loss_floor=1.0, min_images=4, min_map=0.3, label_min_images=8,
+                         label_min_map=0.5, reject_share=0.5)
 COMPETENT = Competence(images=12, map_50=0.8)
 NOTHING = Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
 
@@ -66,6 +66,31 @@ def test_near_zero_baselines_need_the_floor_too():
     samples, losses, detections = batch([(0.09, 0.05), (1.5, 0.05)])
     verdict = screen_batch(samples, losses, detections, validation(0.02, 0.01), COMPETENT, CONFIG)
     assert verdict.threshold_l == pytest.approx(0.025 + 1.0) and verdict.quarantined == (1,)
+
+
+def test_the_default_floor_keeps_a_competent_models_hard_clean_images():
+    """The demo model's validation medians (0.25 loc, 0.95 conf per matched prior): a clean image with
+    touching objects at 1.4 loc and 3.6 conf (measured) passes the default floor 3, a moved box's image
+    (4.2 loc, 10 conf) does not; a floor of 1 would have quarantined both."""
+    samples, losses, detections = batch([(1.4, 3.6), (4.2, 10.0), (0.3, 1.0)])
+    competent = validation(0.2, 0.95)  # medians 0.25 and 0.95
+    verdict = screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig())
+    assert verdict.threshold_l == pytest.approx(0.25 + 3.0) and verdict.threshold_c == pytest.approx(0.95 + 3.0)
+    assert verdict.quarantined == (1,) and [i.kind for i in verdict.issues[1]] == ["loc_loss", "conf_loss"]
+    assert screen_batch(samples, losses, detections, competent, COMPETENT, CONFIG).quarantined == (0, 1)
+
+
+def test_a_clean_job_on_a_competent_model_is_not_rejected_for_twice_a_near_zero_median():
+    """Measured over HTTP on the demo model: a clean job's median loss_l 0.318 against 0.157 on 4 validation
+    images (2.02 x, 0.16 above) passes the job floor 0.5; a job of moved boxes (3.3, 4 above) is rejected."""
+    competent = validation(0.13, 0.9, images=4)  # medians 0.1495 and 0.9
+    samples, losses, detections = batch([(0.318, 0.9)] * 16)
+    assert screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig()).reason is None
+    ratio_alone = screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig(job_floor=0.0))
+    assert "is 0.318, 2.13 x its median 0.150" in ratio_alone.reason
+    samples, losses, detections = batch([(3.3, 0.9)] * 16)
+    reason = screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig()).reason
+    assert "median loss_l" in reason and BOX_HINT in reason
 
 
 def test_loc_and_conf_are_judged_apart():
