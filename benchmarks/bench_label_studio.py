@@ -11,7 +11,10 @@ tasks and the pre-annotations Label Studio then holds are scored:
 - mAP@0.5 of the pre-annotations (their boxes and per-box scores) against the truth,
 - the share of pre-annotated boxes an annotator would keep unchanged (same label, IoU >= 0.5 with a truth
   box not already kept),
-- seconds from the round's last annotation to a new version being served (`GET /model`).
+- seconds from the round's last annotation to a new version being served (`GET /model`),
+and, to tell the pre-annotation threshold apart from the learning, the served model's mAP@0.5 from
+`POST /detect` at score_threshold 0.01 on the same images (as `bench_fresh.py` scores), with the stream
+jobs' end states so far.
 Meanwhile a thread posts no-op webhooks (`PROJECT_UPDATED`) and times their answers (the p99 must stay
 under 200 ms while the trainer trains).
 
@@ -45,6 +48,9 @@ from ssd_core.models.postprocess import Detections  # noqa: E402
 from ssd_core.ops.boxes import box_iou  # noqa: E402
 from tests.integration.label_studio_live import LABEL_CONFIG, LEGACY_TOKEN, install, run_label_studio  # noqa: E402
 from tests.integration.live import run_service  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_online import items, measure_map  # noqa: E402
 
 GOALS = {160: 0.6, 320: 0.8}
 
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         sys.exit(reason)
     train = ShapesDataset(args.rounds * args.round_images, image_size=args.image_size, seed=0, split="train")
     val = ShapesDataset(args.held_out, image_size=args.image_size, seed=0, split="val")
+    val_items = items([val[k] for k in range(len(val))])
     work = Path(tempfile.mkdtemp(prefix="bench-label-studio-"))
     env = {"SSD_CLASS_NAMES": "shapes", "SSD_TORCH_THREADS": str(args.threads), **dict(s.split("=", 1) for s in args.set)}
     rows = []
@@ -180,8 +187,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                     found.append(pre_annotations(newest, val[k]))
                 samples = [val[k] for k in range(len(val))]
                 map_50, _ = average_precision_50(found, samples)
+                states = [j["status"] for j in httpx.get(f"{service.url}/finetune",
+                                                         params={"source": "label-studio", "limit": 100}).json()["jobs"]]
                 row = {"annotated": round_ * args.round_images, "map_50": round(map_50, 4),
                        "kept_share": round(kept_share(found, samples), 4), "version": newest["model_version"],
+                       "detect_map_50": round(measure_map(service, samples, val_items)["map_50"], 4),
+                       "jobs": {state: states.count(state) for state in sorted(set(states))},
                        "seconds_to_new_version": None if published_s is None else round(published_s, 1),
                        "webhook_p99_ms": round(1000 * statistics.quantiles(probe.seconds, n=100)[98], 1)
                        if len(probe.seconds) >= 100 else None, "load": os.getloadavg()[0]}

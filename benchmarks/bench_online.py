@@ -58,6 +58,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="SSD_TORCH_THREADS of each server")
     parser.add_argument("--warm-dir", type=Path, default=Path("/tmp/bench_online/warm"))
     parser.add_argument("--warm-map", type=float, default=0.7)
+    parser.add_argument("--warm-weights", default=None,
+                        help="SSD_WEIGHTS of the warm-up server (`demo`: start from the shipped demo model)")
     parser.add_argument("--warm-minutes", type=float, default=15.0)
     parser.add_argument("--warm-images", type=int, default=16)
     parser.add_argument("--warm-steps", type=int, default=10)
@@ -245,13 +247,17 @@ def warm_up(args: argparse.Namespace, val: list[Sample], encoded: list[dict]) ->
     """Train a server over HTTP (resuming `args.warm_dir` when it exists) until the served mAP@0.5 reaches
     args.warm_map or args.warm_minutes pass; its checkpoint directory is what both modes start from."""
     started = time.monotonic()
+    weights = warm_weights(args)
     with start_server("warm", args.warm_dir / "checkpoints", args.threads, SSD_PUBLISH="every_step",
-                      SSD_HOLDOUT_FRACTION="0") as server:
+                      SSD_HOLDOUT_FRACTION="0", **weights) as server:
         version = httpx.get(f"{server.url}/model", timeout=30).json()["version"]
         stream = Stream(args.image_size, seed=100 + version)  # fresh images after a resumed warm-up
         measured = measure_map(server, val, encoded)
         print(f"warm-up from version {version}: mAP@0.5 {measured['map_50']:.3f}", flush=True)
         jobs = 0
+        if weights and version == 0:  # one job, so that the modes' copies hold a checkpoint of these weights
+            post_job(server, stream.take(args.warm_images), 1, None)
+            jobs = 1
         while measured["map_50"] < args.warm_map and time.monotonic() - started < 60 * args.warm_minutes:
             post_job(server, stream.take(args.warm_images), args.warm_steps, args.warm_lr)
             jobs += 1
@@ -263,6 +269,12 @@ def warm_up(args: argparse.Namespace, val: list[Sample], encoded: list[dict]) ->
         print(f"warm-up done: version {measured['version']}, mAP@0.5 {measured['map_50']:.3f} {measured['per_class']}",
               flush=True)
         return measured
+
+
+def warm_weights(args: argparse.Namespace) -> dict[str, str]:
+    """SSD_WEIGHTS for every server of the run: the warm-up starts from them, and the modes (which resume its
+    checkpoint) run as a deployment of trained weights does, without a fresh model's lr warm-up."""
+    return {"SSD_WEIGHTS": args.warm_weights} if args.warm_weights else {}
 
 
 JobMaker = Callable[[Stream], list[Sample]]
@@ -316,7 +328,8 @@ def run(args: argparse.Namespace) -> dict:
             shutil.copytree(args.warm_dir / "checkpoints", work / mode / "checkpoints")
             # no holdout by default: the 200 POSTed images stay the validation set, the served figures cached
             servers.append(stack.enter_context(start_server(mode, work / mode / "checkpoints", args.threads,
-                                                            SSD_PUBLISH=mode, SSD_HOLDOUT_FRACTION=str(args.holdout))))
+                                                            SSD_PUBLISH=mode, SSD_HOLDOUT_FRACTION=str(args.holdout),
+                                                            **warm_weights(args))))
         for server in servers:
             added = post_validation(server, validation_samples)
             start = measure_map(server, val, encoded)

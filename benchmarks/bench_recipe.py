@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ssd_core import MultiBoxLoss
+from ssd_core.data.augment import AugmentConfig, ssd_augmentation
 from ssd_core.data.datasets import collate
 from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.evaluation.mean_ap import evaluate
@@ -38,8 +39,13 @@ from ssd_core.online.replay import balanced_draw
 from ssd_core.training.ema import EMAConfig, ModelEMA
 from ssd_core.training.trainer import TrainConfig, Trainer
 
-IMAGES_PER_JOB = 8
-STEPS_PER_JOB = 4
+# what each job trains on (--augment): /finetune's default is none; the annotation stream's shape is
+# --job-images 8 --job-steps 16..32
+AUGMENTATIONS = {
+    "none": None,
+    "flip": AugmentConfig(zoom_out_p=0.0, iou_crop=False),  # photometric + horizontal flip
+    "ssd": AugmentConfig(),  # + zoom out and SSD's IoU crop
+}
 
 
 def _sgd(lr: float, warmup: int = 0, clip: float | None = None) -> TrainConfig:
@@ -82,26 +88,31 @@ def _evaluate(name: str, model, val, trainer: Trainer, job: int, train_s: float,
 
 
 def run_variant(
-    name: str, jobs: int, eval_at: list[int], val_images: int, emas: list[EMAConfig], out: Path
+    name: str, args: argparse.Namespace, eval_at: list[int], emas: list[EMAConfig], out: Path
 ) -> None:
     config, ratio = VARIANTS[name]
+    jobs, images_per_job = args.jobs, args.job_images
+    if (args.job_images, args.job_steps, args.augment) != (8, 4, "none"):
+        name = f"{name}-{args.job_images}x{args.job_steps}-{args.augment}"
     torch.manual_seed(0)
     model = build_model("ssd-small", ShapesDataset.num_classes)
     criterion = MultiBoxLoss.ssd_pytorch(ShapesDataset.num_classes, use_gpu=False)
     trainer = Trainer(model, criterion, config, "cpu")
     averages = {f"{name}-ema{c.decay}-tau{c.tau:g}": ModelEMA(trainer.module, c) for c in emas}
-    train = ShapesDataset(IMAGES_PER_JOB * jobs, seed=0, split="train")
-    val = ShapesDataset(val_images, seed=0, split="val")
+    train = ShapesDataset(images_per_job * jobs, seed=0, split="train")
+    val = ShapesDataset(args.val_images, seed=0, split="val")
+    augment_config = AUGMENTATIONS[args.augment]
+    augment = None if augment_config is None else ssd_augmentation(fill=model.spec.pixel_mean, config=augment_config)
     rng = random.Random(0)
     memory = []  # every earlier job's samples
     losses: list[float] = []
     start = time.perf_counter()
     for job in range(1, jobs + 1):
-        samples = [train[i] for i in range(IMAGES_PER_JOB * (job - 1), IMAGES_PER_JOB * job)]
-        for _ in range(STEPS_PER_JOB):
+        samples = [train[i] for i in range(images_per_job * (job - 1), images_per_job * job)]
+        for _ in range(args.job_steps):
             k = round(ratio * len(samples)) if memory else 0
             replayed = [memory[i] for i in balanced_draw([s.labels.tolist() for s in memory], k, rng)]
-            images, targets = collate(samples + replayed, model.spec)  # [B, 3, S, S], list[[n, 6]]
+            images, targets = collate(samples + replayed, model.spec, augment)  # [B, 3, S, S], list[[n, 6]]
             result = trainer.step(images, targets)
             losses.append(result.loss_l + result.loss_c)
             for average in averages.values():
@@ -135,6 +146,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--eval-at", default="25,50,100,200,300")
     parser.add_argument("--val-images", type=int, default=96)
+    parser.add_argument("--job-images", type=int, default=8)
+    parser.add_argument("--job-steps", type=int, default=4)
+    parser.add_argument("--augment", choices=AUGMENTATIONS, default="none")
     parser.add_argument("--ema", default="0.99:50,0.995:100,0.998:200", help="decay:tau list ('' for none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipe/results.jsonl"))
@@ -148,7 +162,7 @@ def main() -> None:
     eval_at = [int(j) for j in args.eval_at.split(",")]
     emas = [EMAConfig(float(d), float(t)) for d, t in (item.split(":") for item in args.ema.split(",") if item)]
     for name in args.variants.split(","):
-        run_variant(name, args.jobs, eval_at, args.val_images, emas, args.out)
+        run_variant(name, args, eval_at, emas, args.out)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     # dynamic batching of forward passes
     max_batch_images: int = Field(32, ge=1, description="images in one forward pass of the hosted model")
     max_batch_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="longest wait of a request for others to batch with; 0: no batching"
+        5.0, ge=0, le=10_000, description="longest wait for others to batch with of requests that queued while a "
+        "forward pass ran (a request that finds the inference thread idle runs at once); 0: no batching"
     )
     inference_queue_size: int = Field(128, ge=1, description="images waiting for a forward pass; beyond: 503")
 
@@ -109,8 +110,8 @@ class Settings(BaseSettings):
     max_learning_rate: float | None = Field(
         None, gt=0, description="a job's learning_rate above this is a 422 (unset: 10 x learning_rate)")
     clip_grad_norm: float | None = Field(10.0, gt=0, description="clip each step's gradient L2 norm; None: off")
-    warmup_steps: int = Field(100, ge=0, description="a fresh model's first steps ramp the lr up linearly from "
-                              "1/100; off for SSD_WEIGHTS (trained weights); a job's view says when it applied")
+    warmup_steps: int = Field(100, ge=0, description="the first steps of a fresh optimizer (random weights, SSD_WEIGHTS "
+                              "or the demo model) ramp the lr up linearly from 1/100; a job's view says when it applied")
 
     # online learning that never makes the served model worse (docs/online-learning.md, "Publishing")
     publish: Literal["gated", "every_step"] = Field(

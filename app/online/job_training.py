@@ -234,7 +234,7 @@ class JobTraining:
         return None
 
     def _learning_rate(self, job: Job) -> float | None:
-        """The job's rate scaled by the warm-up of a fresh model; None: the trainer's own schedule."""
+        """The job's rate scaled by the warm-up of a fresh optimizer; None: the trainer's own schedule."""
         if job.learning_rate is None:
             return None
         return job.learning_rate * self.trainer.config.warmup_factor(self.trainer.steps)
@@ -287,13 +287,13 @@ def _clone(tensors: dict) -> dict:
 
 
 def warmup_note(config: TrainConfig, trained_steps: int, steps: int, learning_rate: float | None) -> str | None:
-    """What a fresh model's warm-up does to a job of `steps` steps starting after `trained_steps`: the steps
+    """What a fresh optimizer's warm-up does to a job of `steps` steps starting after `trained_steps`: the steps
     whose learning rate it lowers and their rates, or None when it is over."""
     limited = min(steps, config.warmup_steps - trained_steps)
     if limited <= 0:
         return None
     rate = config.lr if learning_rate is None else learning_rate
     first, last = (rate * config.warmup_factor(trained_steps + k) for k in (0, limited - 1))
-    return (f"the warm-up of a fresh model lowered the learning rate of steps 1-{limited} to {first:.2g}..{last:.2g} "
-            f"(of {rate:g}): the model has trained {trained_steps} of SSD_WARMUP_STEPS={config.warmup_steps} steps; "
-            "send more steps, or set SSD_WARMUP_STEPS=0 for weights that are already trained")
+    return (f"the warm-up of a fresh optimizer lowered the learning rate of steps 1-{limited} to {first:.2g}..{last:.2g} "
+            f"(of {rate:g}): the trainer has taken {trained_steps} of SSD_WARMUP_STEPS={config.warmup_steps} steps; "
+            "it ends by itself as jobs train (send more steps to end it sooner)")

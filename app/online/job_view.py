@@ -183,7 +183,7 @@ class JobView(BaseModel):
     skipped_steps: int
     num_images: int
     learning_rate: float | None
-    warmup: str | None = Field(None, description="set when a fresh model's warm-up (SSD_WARMUP_STEPS) lowered the "
+    warmup: str | None = Field(None, description="set when a fresh optimizer's warm-up (SSD_WARMUP_STEPS) lowered the "
                                "learning rate of this job's steps: which steps, the rates they ran at, and what to do")
     augment: bool
     losses: list[StepLoss]

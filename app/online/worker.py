@@ -269,12 +269,13 @@ def job_summary(job: Job) -> str:
 
 
 def train_config(settings: Settings) -> TrainConfig:
-    """The service trainer's optimizer, warm-up, clipping and EMA (docs/online-learning.md, "The online recipe"). Weights from
-    SSD_WEIGHTS are trained ones: the warm-up, which protects a randomly initialised model's first steps,
-    is off for them."""
-    warmup_steps = settings.warmup_steps if settings.weights is None else 0
+    """The service trainer's optimizer, warm-up, clipping and EMA (docs/online-learning.md, "The online recipe").
+    The warm-up applies to trained weights (SSD_WEIGHTS, the demo model) as to random ones: it protects the
+    weights from a fresh optimizer's first steps, and AdamW's first steps move every weight by about the
+    learning rate whatever its gradient (on the demo model, 8 clean jobs without it raised the validation
+    loss by 40%; with it the loss fell 13%)."""
     return TrainConfig(
-        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=warmup_steps,
+        lr=settings.learning_rate, optimizer=settings.optimizer, warmup_steps=settings.warmup_steps,
         clip_grad_norm=settings.clip_grad_norm,
         verify_update=True, ema=EMAConfig(settings.ema_decay, settings.ema_tau),
     )

@@ -5,9 +5,14 @@ Framework-free (threads and a clock only): the service's inference worker (`app.
 
 * a batch holds at most `max_images` images, and only requests of one key (the model version they
   were accepted under), taken oldest first; a request never splits across batches;
-* a batch is dispatched when it is full, when a request of another key waits behind it (no more of
-  its key can arrive once the version has moved on), or `max_delay_s` after its oldest request was
-  queued; `max_delay_s = 0` turns batching off: every request runs on its own, in arrival order;
+* a request that finds the worker idle (waiting in `next_batch`) and nothing else queued runs at once:
+  a lone request never waits for company that is not coming;
+* otherwise (it arrived while a forward pass ran, or behind other queued requests) a batch is dispatched
+  when it is full, when a request of another key waits behind it (no more of its key can arrive once the
+  version has moved on), or `max_delay_s` after its oldest request was queued. So what queued during one
+  forward pass forms the next one (adaptive batching), and the delay only bounds how long a batch that
+  is not full yet waits for more; `max_delay_s = 0` turns batching off: every request runs on its own, in
+  arrival order;
 * cancelled requests (their client has gone) leave the queue at once and free their capacity;
 * at most `capacity` images wait; `put` beyond raises `QueueFull`.
 """
@@ -30,7 +35,8 @@ class BatchPolicy:
 
     Attributes:
         max_images: images in one forward pass (>= 1).
-        max_delay_s: longest wait of the oldest request for more company (0: no batching across requests).
+        max_delay_s: longest wait of the oldest request for more company when it arrived while the worker
+            was busy (0: no batching across requests).
         capacity: images that may wait in the queue (>= max_images).
     """
 
@@ -60,6 +66,7 @@ class Pending:
         images: its number of images (1 <= images <= max_images).
         key: requests of different keys never share a batch (the model version).
         enqueued_at: the queue's clock when it was put.
+        immediate: it was put while a worker waited in `next_batch` and nothing else was queued: due at once.
         cancelled: set by `BatchQueue.cancel`.
     """
 
@@ -67,6 +74,7 @@ class Pending:
     images: int
     key: Hashable
     enqueued_at: float
+    immediate: bool = False
     cancelled: bool = field(default=False)
 
 
@@ -93,7 +101,7 @@ def plan_batch(queued: Sequence[Pending], policy: BatchPolicy, now: float) -> li
         batch.append(pending)
         total += pending.images
     waited = now - head.enqueued_at
-    if total == policy.max_images or behind or waited >= policy.max_delay_s:
+    if head.immediate or total == policy.max_images or behind or waited >= policy.max_delay_s:
         return batch
     return policy.max_delay_s - waited
 
@@ -111,6 +119,7 @@ class BatchQueue:
         self._clock = clock
         self._queued: deque[Pending] = deque()
         self._images = 0
+        self._waiting = 0  # workers inside `next_batch`: idle, not running a forward pass
         self._closed = False
         self._changed = threading.Condition()
 
@@ -118,6 +127,11 @@ class BatchQueue:
     def queued_images(self) -> int:
         """Images waiting now."""
         return self._images
+
+    @property
+    def worker_idle(self) -> bool:
+        """Whether a worker waits in `next_batch` (it is not running a forward pass)."""
+        return self._waiting > 0
 
     def put(self, payload: Any, images: int, key: Hashable) -> Pending:
         """Queue one request of `images` images.
@@ -133,7 +147,7 @@ class BatchQueue:
                 raise QueueFull("the queue is closed")
             if self._images + images > self.policy.capacity:
                 raise QueueFull(f"{self._images} images queued, capacity {self.policy.capacity}")
-            pending = Pending(payload, images, key, self._clock())
+            pending = Pending(payload, images, key, self._clock(), immediate=self.worker_idle and not self._queued)
             self._queued.append(pending)
             self._images += images
             self._changed.notify_all()
@@ -162,20 +176,28 @@ class BatchQueue:
         """
         deadline = None if timeout is None else self._clock() + timeout
         with self._changed:
-            while True:
-                wait = None if deadline is None else deadline - self._clock()
-                if self._queued:
-                    # once closed nothing more arrives: whatever is queued is due now
-                    now = float("inf") if self._closed else self._clock()
-                    plan = plan_batch(self._queued, self.policy, now)
-                    if isinstance(plan, list):
-                        return self._take(plan)
-                    wait = plan if wait is None else min(wait, plan)
-                elif self._closed:
-                    return []
-                if wait is not None and wait <= 0:
-                    return []
-                self._changed.wait(wait)
+            self._waiting += 1
+            try:
+                return self._wait_for_batch(deadline)
+            finally:
+                self._waiting -= 1
+
+    def _wait_for_batch(self, deadline: float | None) -> list[Pending]:
+        """`next_batch`'s wait, with the lock held."""
+        while True:
+            wait = None if deadline is None else deadline - self._clock()
+            if self._queued:
+                # once closed nothing more arrives: whatever is queued is due now
+                now = float("inf") if self._closed else self._clock()
+                plan = plan_batch(self._queued, self.policy, now)
+                if isinstance(plan, list):
+                    return self._take(plan)
+                wait = plan if wait is None else min(wait, plan)
+            elif self._closed:
+                return []
+            if wait is not None and wait <= 0:
+                return []
+            self._changed.wait(wait)
 
     def _take(self, batch: list[Pending]) -> list[Pending]:
         for pending in batch:

@@ -9,7 +9,14 @@ from anyio import to_thread
 from torch import Tensor
 
 from app.core.settings import Settings
-from app.serving.inference import DetectionOptions, InferenceWorker, WaitForDisconnect, forward_detect
+from app.serving.inference import (
+    DetectionOptions,
+    InferenceWorker,
+    Queued,
+    WaitForDisconnect,
+    queue_request,
+    queued_detections,
+)
 from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.data.images import model_inputs
 from ssd_core.evaluation.drawing import captions, draw_detections
@@ -41,11 +48,25 @@ async def detect_batch(
         Unavailable: the inference queue is full.
         ClientGone: the client went away before the result.
     """
+    parts = queue_detection(batch, image_sizes, score_threshold, max_detections, route, served, inference, settings)
+    return await queued_detections(client_gone, inference, parts)
+
+
+def queue_detection(
+    batch: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None, max_detections: int | None,
+    route: str, served: ModelVersion, inference: InferenceWorker, settings: Settings,
+) -> Queued:
+    """The first half of `detect_batch`, callable from any thread: queue the batch (await the detections with
+    `queued_detections`).
+
+    Raises:
+        Unavailable: the inference queue is full.
+    """
     options = DetectionOptions(
         settings.score_threshold if score_threshold is None else score_threshold,
         max_detections or settings.max_detections, settings.nms_iou, image_sizes,
     )
-    return await forward_detect(client_gone, inference, batch, served, route, options)
+    return queue_request(inference, batch, served, route, options)
 
 
 async def detect_images(

@@ -2,11 +2,13 @@
 requests by the rules of `app.serving.batching` (which requests share a forward is decided there).
 
 Routes prepare their images (decoded, checked and resized to S x S in their own worker thread), then
-`await forward(...)` (the raw outputs) or `await forward_detect(...)` (detections): the images are queued
-under the model version the request was accepted with, the worker concatenates a batch into one
-[N, 3, S, S] forward and hands each request its rows; the detections of every detection request in a batch
-are decoded and suppressed at once (`detect_with_spec` over the batch, each image with its request's
-options), on a CPU by a second thread while the next batch's forward runs. A request whose client disconnects while it waits is cancelled and never computed; a full queue is
+`await forward(...)` (the raw outputs), or queue them for their detections with `queue_request(...)` (from that
+worker thread, so the forward can start without a return to the event loop first) and
+`await queued_detections(...)`. The images are queued under the model version the request was accepted with,
+the worker concatenates a batch into one [N, 3, S, S] forward and hands each request its rows; the detections
+of every detection request in a batch are decoded and suppressed at once (`detect_with_spec` over the batch,
+each image with its request's options), on a CPU by a second thread while the next batch's forward runs. A
+request whose client disconnects while it waits is cancelled and never computed; a full queue is
 `Unavailable` with a retry delay.
 """
 
@@ -192,6 +194,38 @@ class InferenceWorker:
 WaitForDisconnect = Callable[[], Awaitable[object]]  # returns once the request's client has disconnected
 
 
+Queued = list[tuple[Pending, Future]]  # a request's parts in the batch queue, awaited with `queued_results`
+
+
+def queue_request(
+    worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str, detection: DetectionOptions | None = None
+) -> Queued:
+    """Queue `images` [B, 3, S, S] for version `served` (with `detection`, for their detections); callable from any
+    thread, so a request's worker-thread hop can queue its images without going back to the event loop first.
+
+    Raises:
+        Unavailable: `queue_full` (with `retry_after_s`) when the queue is full.
+    """
+    try:
+        return worker.submit(images, served, route, detection)
+    except QueueFull as error:
+        raise Unavailable("queue_full", f"inference queue is full ({error}); retry later",
+                          retry_after_s=RETRY_AFTER_S) from None
+
+
+async def queued_detections(client_gone: WaitForDisconnect, worker: InferenceWorker, parts: Queued) -> list[Detections]:
+    """The detections of each image of a request queued with `detection` options (`queue_request`), decoded on
+    the inference side with the rest of its batch's.
+
+    Returns:
+        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K] (CPU).
+
+    Raises:
+        ClientGone: the client went away before the result (its parts still queued are dropped).
+    """
+    return [found for part in await queued_results(client_gone, worker, parts) for found in part]
+
+
 async def forward(
     client_gone: WaitForDisconnect, worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str
 ) -> tuple[Tensor, Tensor]:
@@ -207,34 +241,14 @@ async def forward(
         Unavailable: `queue_full` (with `retry_after_s`) when the queue is full.
         ClientGone: the client went away before the result.
     """
-    outputs = await _run(client_gone, worker, images, served, route, None)
+    outputs = await queued_results(client_gone, worker, queue_request(worker, images, served, route))
     if len(outputs) == 1:
         return outputs[0]
     return torch.cat([loc for loc, _ in outputs]), torch.cat([conf for _, conf in outputs])
 
 
-async def forward_detect(
-    client_gone: WaitForDisconnect, worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str,
-    detection: DetectionOptions,
-) -> list[Detections]:
-    """`forward`, then the detections of each image (decoded on the inference thread with the rest of the batch's).
-
-    Returns:
-        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K] (CPU).
-    """
-    return [found for part in await _run(client_gone, worker, images, served, route, detection) for found in part]
-
-
-async def _run(
-    client_gone: WaitForDisconnect, worker: InferenceWorker, images: Tensor, served: ModelVersion, route: str,
-    detection: DetectionOptions | None,
-) -> list:
-    """The result of each queued part of `images`, in order."""
-    try:
-        parts = worker.submit(images, served, route, detection)
-    except QueueFull as error:
-        raise Unavailable("queue_full", f"inference queue is full ({error}); retry later",
-                          retry_after_s=RETRY_AFTER_S) from None
+async def queued_results(client_gone: WaitForDisconnect, worker: InferenceWorker, parts: Queued) -> list:
+    """The result of each queued part of a request, in order."""
     results = asyncio.gather(*(asyncio.wrap_future(result) for _, result in parts))
     gone = asyncio.ensure_future(client_gone())
     try:

@@ -4,6 +4,7 @@ Prometheus registry per app, and synthetic labelled images."""
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,26 @@ def labelled(dataset, indices=(0, 1)) -> list[dict]:
 
 def png_bytes(dataset: ShapesDataset, index: int = 0) -> bytes:
     return encode_png(dataset[index].image)
+
+
+class HeldForward:
+    """Holds the first forward pass of `host` until `release()`. Requests sent meanwhile queue behind it and
+    batch; a request that finds the inference thread idle would run at once, alone."""
+
+    def __init__(self, host, monkeypatch) -> None:
+        self.entered, self._released = threading.Event(), threading.Event()
+        predict = host.predict
+
+        def held(images, served):
+            if not self.entered.is_set():
+                self.entered.set()
+                assert self._released.wait(30)
+            return predict(images, served)
+
+        monkeypatch.setattr(host, "predict", held)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 class CriterionSpy:

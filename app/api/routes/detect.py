@@ -1,9 +1,9 @@
 """`POST /detect`: images (base64 JSON or multipart files) -> scored boxes in image pixels.
 
 The request path is kept short: one worker-thread hop parses, decodes and prepares the images (resized and
-normalised), the inference thread runs the forward pass and the detections of the whole batch, and the answer
-is encoded with orjson straight from the detection tensors' lists (the response model documents it; pydantic
-would validate every box again).
+normalised) and queues them, the inference thread runs the forward pass and the detections of the whole batch,
+and the answer is encoded with orjson straight from the detection tensors' lists (the response model documents
+it; pydantic would validate every box again).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from app.api.inputs import (
 from app.api.openapi import ERROR_RESPONSES, request_body
 from app.api.schemas import DetectOptions, DetectRequest, DetectResponse
 from app.core.settings import Settings
-from app.serving.detection import detect_batch, prepare_images, render_png
+from app.serving.detection import prepare_images, queue_detection, render_png
+from app.serving.inference import InferenceWorker, Queued, queued_detections
+from app.serving.model_host import ModelHost, ModelVersion
 from ssd_core.models.base import ModelSpec
 from ssd_core.models.postprocess import Detections
 
@@ -61,13 +63,26 @@ def prepared(
     return images, *prepare_images(images, spec)
 
 
+def queued(
+    encoded: Sequence[tuple[bytes, str]], options: DetectOptions, settings: Settings, host: ModelHost,
+    inference: InferenceWorker,
+) -> tuple[list[Tensor], ModelVersion, Queued]:
+    """`prepared`, then the batch queued for the version served now (decoded images, that version, the queued
+    parts): still in the worker thread, so the forward pass can start before the event loop sees the hop end."""
+    images, batch, sizes = prepared(encoded, options, settings, host.spec)
+    served = host.current
+    parts = queue_detection(batch, sizes, options.score_threshold, options.max_detections, "/detect", served,
+                            inference, settings)
+    return images, served, parts
+
+
 def json_request(
-    body: bytes, settings: Settings, spec: ModelSpec
-) -> tuple[DetectOptions, list[Tensor], Tensor, list[tuple[int, int]]]:
+    body: bytes, settings: Settings, host: ModelHost, inference: InferenceWorker
+) -> tuple[DetectOptions, list[Tensor], ModelVersion, Queued]:
     parsed = parse_json(DetectRequest, body)
     check_image_count(len(parsed.images), settings)
     encoded = [(item.image, f"images[{k}].image") for k, item in enumerate(parsed.images)]
-    return parsed, *prepared(encoded, parsed, settings, spec)
+    return parsed, *queued(encoded, parsed, settings, host, inference)
 
 
 def detections_json(found: list[Detections], version: int, settings: Settings) -> bytes:
@@ -99,13 +114,11 @@ async def detect_objects(
     if kind == MULTIPART:
         options, files = await multipart_request(request, DetectOptions, settings, annotated=False)
         encoded = [(data, f"images[{k}]") for k, (data, _) in enumerate(files)]
-        images, batch, sizes = await run_in_threadpool(prepared, encoded, options, settings, host.spec)
+        images, served, parts = await run_in_threadpool(queued, encoded, options, settings, host, inference)
     else:
-        options, images, batch, sizes = await run_in_threadpool(json_request, await request.body(), settings,
-                                                                host.spec)
-    served = host.current
-    found = await detect_batch(wait_for_disconnect(request), batch, sizes, options.score_threshold,
-                               options.max_detections, "/detect", served, inference, settings)
+        options, images, served, parts = await run_in_threadpool(json_request, await request.body(), settings, host,
+                                                                 inference)
+    found = await queued_detections(wait_for_disconnect(request), inference, parts)
     metrics.images_processed.labels(route="/detect").inc(len(images))
     if options.render:
         png = await run_in_threadpool(render_png, images[0], found[0], settings)

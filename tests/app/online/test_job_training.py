@@ -105,9 +105,9 @@ def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_mod
                                                        "learning_rate": 0.04}).json()
         assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.04])
         assert job["warmup"] == (  # the view says so: steps 1-4 ran below the job's rate
-            "the warm-up of a fresh model lowered the learning rate of steps 1-4 to 0.01..0.04 (of 0.04): the model "
-            "has trained 0 of SSD_WARMUP_STEPS=4 steps; send more steps, or set SSD_WARMUP_STEPS=0 for weights "
-            "that are already trained")
+            "the warm-up of a fresh optimizer lowered the learning rate of steps 1-4 to 0.01..0.04 (of 0.04): the "
+            "trainer has taken 0 of SSD_WARMUP_STEPS=4 steps; it ends by itself as jobs train (send more steps to end "
+            "it sooner)")
         again = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 2}).json()
         assert again["warmup"] is None  # past the warm-up
         assert client.app.state.worker.trainer.config.clip_grad_norm == 5.0
@@ -115,14 +115,14 @@ def test_learning_rate_above_the_maximum_is_a_422_and_warm_up_scales_a_fresh_mod
         make_settings(tmp_path, learning_rate=0.2, max_learning_rate=0.1)
 
 
-def test_trained_weights_have_no_warm_up_and_jobs_log_their_start_and_end(tmp_path, caplog):
+def test_trained_weights_warm_up_too_and_jobs_log_their_start_and_end(tmp_path, caplog):
     weights = tmp_path / "trained.safetensors"
     save_file(build_model("ssd-small", 4).state_dict(), weights)
-    with start_client(make_settings(tmp_path, weights=weights, warmup_steps=100)) as client, \
+    with start_client(make_settings(tmp_path, weights=weights, warmup_steps=4)) as client, \
             caplog.at_level(logging.INFO, logger="app.online.worker"):
         job = client.post("/finetune?wait=true", json={"images": labelled(OVERFIT), "steps": 2}).json()
-    assert job["warmup"] is None
-    assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([1e-3, 1e-3])
+    assert job["warmup"] is not None  # a fresh optimizer on trained weights ramps up as on random ones
+    assert [step["learning_rate"] for step in job["losses"]] == pytest.approx([2.5e-4, 5e-4])
     lines = [r.getMessage() for r in caplog.records if r.name == "app.online.worker"]
     loss = job["losses"][-1]["loss_l"] + job["losses"][-1]["loss_c"]
     assert lines == [

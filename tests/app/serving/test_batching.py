@@ -1,5 +1,6 @@
-"""The dynamic batching rules: gather until full or the deadline, one key per batch, cancelled
-requests dropped, bounded capacity. `plan_batch` on a synthetic clock; `BatchQueue` with real threads."""
+"""The dynamic batching rules: a lone request to an idle worker runs at once; what queues while the worker
+is busy gathers until full or the deadline; one key per batch, cancelled requests dropped, bounded capacity.
+`plan_batch` on a synthetic clock; `BatchQueue` with real threads."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def test_one_key_per_batch_and_a_newer_key_behind_dispatches_at_once():
     batch = plan_batch(queued, POLICY, now=0.0)  # no wait: a newer version is queued behind
     assert names(batch) == ["a", "c"]
     assert {p.key for p in batch} == {3}
+
+
+def test_a_request_that_found_the_worker_idle_runs_at_once_with_what_queued_behind_it():
+    queued = [Pending("a", 1, 1, 0.0, immediate=True), pending(1, at=0.0001, name="b")]
+    assert names(plan_batch(queued, POLICY, now=0.0001)) == ["a", "b"]  # not 10 ms later
 
 
 def test_zero_delay_runs_every_request_on_its_own():
@@ -127,3 +133,54 @@ def test_timeout_and_close():
     assert queue.next_batch() == []
     with pytest.raises(QueueFull):
         queue.put("b", 1, key=1)
+
+
+def waiting_worker(queue: BatchQueue) -> tuple[threading.Thread, list]:
+    """A worker thread blocked in `next_batch` (it has nothing to do), and the list its batch lands in."""
+    taken: list = []
+    worker = threading.Thread(target=lambda: taken.append((queue.next_batch(timeout=20.0), time.monotonic())),
+                              daemon=True)
+    worker.start()
+    while not queue.worker_idle:
+        time.sleep(0.001)
+    return worker, taken
+
+
+def test_a_lone_request_to_an_idle_worker_does_not_wait_the_delay():
+    queue = BatchQueue(BatchPolicy(max_images=8, max_delay_s=30.0, capacity=16))
+    worker, taken = waiting_worker(queue)
+    request = queue.put("alone", 1, key=1)
+    worker.join(5.0)  # far below the 30 s delay
+    assert not worker.is_alive(), "the lone request waited for company"
+    (batch, handed_out_at), = taken
+    assert names(batch) == ["alone"] and request.immediate
+    assert handed_out_at - request.enqueued_at < 1.0  # its queue wait: about nothing
+    assert not queue.worker_idle
+
+
+def test_requests_that_queue_while_the_worker_is_busy_form_the_next_batch():
+    now = [0.0]
+    queue = BatchQueue(BatchPolicy(max_images=3, max_delay_s=0.2, capacity=16), clock=lambda: now[0])
+    worker, taken = waiting_worker(queue)
+    queue.put("first", 1, key=1)
+    worker.join(5.0)
+    assert names(taken[0][0]) == ["first"]
+    # the worker runs "first": nobody waits in next_batch, so arrivals queue for company
+    queued = [queue.put(name, 1, key=1) for name in ("b", "c")]
+    assert not any(p.immediate for p in queued)
+    assert queue.next_batch(timeout=0.0) == []  # two of three images, 0 of 200 ms waited: not due
+    now[0] = 0.2
+    assert names(queue.next_batch(timeout=0.0)) == ["b", "c"]  # due at the oldest one's deadline
+    for name in ("d", "e", "f"):
+        queue.put(name, 1, key=1)
+    assert names(queue.next_batch(timeout=0.0)) == ["d", "e", "f"]  # full: due at once
+
+
+def test_an_arrival_behind_a_batch_that_waits_for_company_joins_it():
+    queue = BatchQueue(BatchPolicy(max_images=2, max_delay_s=30.0, capacity=8))
+    queue.put("a", 1, key=1)  # queued while the worker was busy: waits up to 30 s for company
+    worker, taken = waiting_worker(queue)
+    late = queue.put("b", 1, key=1)  # the worker is idle, but the queue is not empty
+    worker.join(5.0)
+    assert not late.immediate
+    assert names(taken[0][0]) == ["a", "b"]  # one batch, dispatched when full

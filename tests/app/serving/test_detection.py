@@ -17,7 +17,7 @@ from app.serving.model_host import ModelHost, initial_model
 from ssd_core.data.images import decode_image_bytes, model_inputs
 from ssd_core.evaluation.mean_ap import predict
 from ssd_core.models.postprocess import Detections, detect_with_spec
-from tests.app.conftest import make_settings
+from tests.app.conftest import HeldForward, make_settings
 
 
 async def never_gone() -> None:
@@ -81,7 +81,7 @@ def test_render_png_draws_on_a_png_of_the_image_size(serving, shapes):
     assert not torch.equal(drawn, image)
 
 
-def test_requests_batched_together_each_get_the_detections_of_their_own_options(tmp_path, shapes):
+def test_requests_batched_together_each_get_the_detections_of_their_own_options(tmp_path, shapes, monkeypatch):
     """Two detection requests with different options and a raw-output request share one forward pass; the
     batch's detections, decoded at once on the inference thread, equal each request's decoded on its own."""
     settings = make_settings(tmp_path, max_batch_images=4, max_batch_delay_ms=10_000, nms_iou=0.5)
@@ -93,13 +93,23 @@ def test_requests_batched_together_each_get_the_detections_of_their_own_options(
     first = [shapes[0].image, shapes[1].image[:, :40, :56]]
     second = [shapes[2].image]
     try:
+        held = HeldForward(host, monkeypatch)  # the three queue behind a running forward, so they batch
+
         async def together():
+            running = forward(never_gone, inference, model_inputs([shapes[4].image], host.spec), served, "/score-loss")
+            running = asyncio.ensure_future(running)
+            await asyncio.to_thread(held.entered.wait, 30)
             prepared = [prepare_images(images, host.spec) for images in (first, second)]
-            return await asyncio.gather(
+            batched = asyncio.gather(
                 detect_batch(never_gone, *prepared[0], 0.05, 7, "/detect", served, inference, settings),
                 detect_batch(never_gone, *prepared[1], 0.2, 2, "/v2/models/ssd/infer", served, inference, settings),
                 forward(never_gone, inference, model_inputs([shapes[3].image], host.spec), served, "/score-loss"),
             )
+            while inference.queue.queued_images < 4:
+                await asyncio.sleep(0.01)
+            held.release()
+            await running
+            return await batched
 
         found_first, found_second, (loc, _) = asyncio.run(together())
         assert metrics.registry.get_sample_value("ssd_inference_batch_size_sum", {"route": "/detect"}) == 4

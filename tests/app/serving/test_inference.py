@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,7 +22,7 @@ from app.core.metrics import Metrics
 from app.serving.inference import InferenceWorker, batch_policy, forward
 from ssd_core.data.datasets import collate
 from ssd_core.evaluation.mean_ap import predict
-from tests.app.conftest import assert_error, labelled, make_settings, png_bytes, start_client
+from tests.app.conftest import HeldForward, assert_error, labelled, make_settings, png_bytes, start_client
 
 CONCURRENT = 4
 
@@ -41,6 +43,22 @@ def post_together(client, bodies: list[dict], path: str = "/detect") -> list:
         return list(pool.map(send, bodies))
 
 
+def behind_a_held_request(client, monkeypatch, first: bytes, send: Callable[[], list], queued_images: int) -> list:
+    """`send()` (in a thread) while the inference thread runs a first /detect request (image `first`), held until
+    `queued_images` images wait behind it: the requests of `send` queue for company instead of running at once."""
+    held = HeldForward(client.app.state.host, monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/detect", json=body(first))
+        assert held.entered.wait(30)
+        sent = pool.submit(send)
+        while client.app.state.inference.queue.queued_images < queued_images:
+            assert not sent.done(), sent.result()
+            time.sleep(0.01)
+        held.release()
+        assert running.result().status_code == 200
+        return sent.result()
+
+
 @pytest.fixture
 def batching_client(tmp_path):
     # a long delay and a batch of exactly CONCURRENT images: the batch is dispatched when full, never by the clock
@@ -49,15 +67,29 @@ def batching_client(tmp_path):
         yield client
 
 
-def test_concurrent_requests_share_one_forward_with_the_answers_of_one_image_at_a_time(batching_client, shapes):
+def test_a_lone_request_runs_at_once_without_waiting_the_delay(batching_client, shapes):
+    client = batching_client  # a 10 s delay: a request that waited for company would be seen
+    started = time.monotonic()
+    assert client.post("/detect", json=body(png_bytes(shapes, 0))).status_code == 200
+    assert time.monotonic() - started < 5.0
+    assert client.sample("ssd_inference_batch_size_sum", route="/detect") == 1
+    assert client.sample("ssd_inference_queue_wait_seconds_count", route="/detect") == 1
+    assert client.sample("ssd_inference_queue_wait_seconds_sum", route="/detect") < 1.0
+
+
+def test_concurrent_requests_share_one_forward_with_the_answers_of_one_image_at_a_time(
+        batching_client, shapes, monkeypatch):
     client = batching_client
-    responses = post_together(client, [body(png_bytes(shapes, k)) for k in range(CONCURRENT)])
+    bodies = [body(png_bytes(shapes, k)) for k in range(CONCURRENT)]
+    responses = behind_a_held_request(client, monkeypatch, png_bytes(shapes, CONCURRENT),
+                                      lambda: post_together(client, bodies), CONCURRENT)
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert {r.json()["model_version"] for r in responses} == {0}
-    assert client.sample("ssd_inference_batch_size_count", route="/detect") == 1
-    assert client.sample("ssd_inference_batch_size_sum", route="/detect") == CONCURRENT
-    assert client.sample("ssd_inference_queue_wait_seconds_count", route="/detect") == CONCURRENT
-    assert client.sample("ssd_inference_compute_seconds_count", route="/detect", backend="torch") == 1
+    # two forwards: the held request alone, then the CONCURRENT requests that queued behind it
+    assert client.sample("ssd_inference_batch_size_count", route="/detect") == 2
+    assert client.sample("ssd_inference_batch_size_sum", route="/detect") == 1 + CONCURRENT
+    assert client.sample("ssd_inference_queue_wait_seconds_count", route="/detect") == 1 + CONCURRENT
+    assert client.sample("ssd_inference_compute_seconds_count", route="/detect", backend="torch") == 2
     model = client.app.state.host.current.model
     for k, response in enumerate(responses):  # reference: the image alone through the library
         expected = predict(model, [shapes[k].image], score_threshold=0.05, max_detections=5)[0]
@@ -67,20 +99,21 @@ def test_concurrent_requests_share_one_forward_with_the_answers_of_one_image_at_
         assert torch.allclose(torch.tensor([d["score"] for d in found]), expected.scores, atol=1e-5)
 
 
-def test_a_bad_image_is_refused_before_queuing_and_fails_no_other_request(tmp_path, shapes):
+def test_a_bad_image_is_refused_before_queuing_and_fails_no_other_request(tmp_path, shapes, monkeypatch):
     settings = make_settings(tmp_path, max_batch_images=CONCURRENT - 1, max_batch_delay_ms=10_000)
     with start_client(settings) as client:
         bodies = [body(png_bytes(shapes, k)) for k in range(CONCURRENT - 1)]
         bodies.insert(1, body(b"\x89PNG\r\n\x1a\n not really"))
-        responses = post_together(client, bodies)
+        responses = behind_a_held_request(client, monkeypatch, png_bytes(shapes, CONCURRENT),
+                                          lambda: post_together(client, bodies), CONCURRENT - 1)
         assert_error(responses[1], 422, "images[0].image", "invalid_image")
         assert [r.status_code for k, r in enumerate(responses) if k != 1] == [200] * (CONCURRENT - 1)
-        # the three good images filled one batch: the bad one never reached the queue
-        assert client.sample("ssd_inference_batch_size_sum", route="/detect") == CONCURRENT - 1
-        assert client.sample("ssd_inference_batch_size_count", route="/detect") == 1
+        # the three good images filled one batch (after the held one): the bad one never reached the queue
+        assert client.sample("ssd_inference_batch_size_sum", route="/detect") == 1 + CONCURRENT - 1
+        assert client.sample("ssd_inference_batch_size_count", route="/detect") == 2
 
 
-def test_score_loss_images_share_a_forward_with_detect_images(tmp_path, shapes):
+def test_score_loss_images_share_a_forward_with_detect_images(tmp_path, shapes, monkeypatch):
     settings = make_settings(tmp_path, max_batch_images=2, max_batch_delay_ms=10_000)
     with start_client(settings) as client:
         barrier = threading.Barrier(2)
@@ -89,14 +122,19 @@ def test_score_loss_images_share_a_forward_with_detect_images(tmp_path, shapes):
             barrier.wait()
             return client.post(path, json=payload)
 
-        with ThreadPoolExecutor(2) as pool:
-            scored = pool.submit(send, "/score-loss", {"images": labelled(shapes, (0,))})
-            detected = pool.submit(send, "/detect", body(png_bytes(shapes, 1)))
-            scored, detected = scored.result(), detected.result()
+        def both() -> list:
+            with ThreadPoolExecutor(2) as pool:
+                scored = pool.submit(send, "/score-loss", {"images": labelled(shapes, (0,))})
+                detected = pool.submit(send, "/detect", body(png_bytes(shapes, 1)))
+                return [scored.result(), detected.result()]
+
+        scored, detected = behind_a_held_request(client, monkeypatch, png_bytes(shapes, 2), both, 2)
         assert scored.status_code == 200 and detected.status_code == 200, (scored.text, detected.text)
-        for route in ("/score-loss", "/detect"):  # one forward of 2 images, observed under each route in it
-            assert client.sample("ssd_inference_batch_size_count", route=route) == 1
-            assert client.sample("ssd_inference_batch_size_sum", route=route) == 2
+        # one forward of 2 images, observed under each route in it (/detect also ran the held request alone)
+        assert client.sample("ssd_inference_batch_size_count", route="/score-loss") == 1
+        assert client.sample("ssd_inference_batch_size_sum", route="/score-loss") == 2
+        assert client.sample("ssd_inference_batch_size_count", route="/detect") == 2
+        assert client.sample("ssd_inference_batch_size_sum", route="/detect") == 1 + 2
         model = client.app.state.host.current.model
         images, targets = collate([shapes[0]], model.spec)
         with torch.inference_mode():
@@ -155,26 +193,38 @@ def test_a_request_whose_client_has_gone_leaves_the_queue_uncomputed(tmp_path):
 
         def __init__(self) -> None:
             self.calls: list[int] = []
+            self.released = threading.Event()  # the first forward runs until the test releases it
 
         def predict(self, images, served):
             self.calls.append(len(images))
+            assert self.released.wait(30)
             return images[:, :1], images[:, :2], None
 
     host = CountingHost()
     worker = InferenceWorker(host, batch_policy(settings), metrics)  # type: ignore[arg-type]
     served = type("Served", (), {"version": 7, "runner": None})()
-    try:
+
+    async def scenario() -> list:
+        # the worker is busy with a first request, so the next ones queue for company (10 s delay)
+        held = asyncio.ensure_future(forward(gone_after(60), worker, torch.full((1, 3, 4, 4), 9.0), served, "/detect"))
+        while not host.calls:
+            await asyncio.sleep(0.01)
         with pytest.raises(ClientGone):
-            asyncio.run(forward(gone_after(0.05), worker, torch.zeros(1, 3, 4, 4), served, "/detect"))
+            await forward(gone_after(0.05), worker, torch.zeros(1, 3, 4, 4), served, "/detect")
         assert worker.queue.queued_images == 0
         assert metrics.registry.get_sample_value("ssd_inference_cancelled_images_total", {"route": "/detect"}) == 1
+        # two live requests fill a batch: computed once, each gets its own rows
+        images = [torch.full((1, 3, 4, 4), float(k)) for k in range(2)]
+        two = asyncio.gather(*(forward(gone_after(60), worker, im, served, "/detect") for im in images))
+        while worker.queue.queued_images < 2:
+            await asyncio.sleep(0.01)
+        host.released.set()
+        await held
+        return await two
 
-        async def two() -> list:  # two live requests fill a batch: computed once, each gets its own rows
-            images = [torch.full((1, 3, 4, 4), float(k)) for k in range(2)]
-            return await asyncio.gather(*(forward(gone_after(60), worker, im, served, "/detect") for im in images))
-
-        (loc0, _), (loc1, _) = asyncio.run(two())
-        assert host.calls == [2]  # the cancelled request was never part of a forward pass
+    try:
+        (loc0, _), (loc1, _) = asyncio.run(scenario())
+        assert host.calls == [1, 2]  # the cancelled request was never part of a forward pass
         assert loc0.unique().tolist() == [0.0] and loc1.unique().tolist() == [1.0]
     finally:
         worker.stop(5)

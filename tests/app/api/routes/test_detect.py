@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import torch
@@ -144,3 +145,23 @@ def test_render_takes_one_image(client, shapes):
     error = assert_error(client.post("/detect", json={"images": two, "render": True}), 422, "images")
     assert "one image per request, got 2" in error["message"]
     assert client.sample("ssd_images_processed_total", route="/detect") == 0
+
+
+def test_images_are_queued_from_the_worker_thread_that_prepared_them(client, shapes, monkeypatch):
+    """The forward pass can start without the event loop: the hop that decodes and prepares a request's images
+    also queues them (no running event loop in the thread that queues)."""
+    inference = client.app.state.inference
+    submit, queued_on_loop = inference.submit, []
+
+    def recording_submit(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            queued_on_loop.append(True)
+        except RuntimeError:
+            queued_on_loop.append(False)
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "submit", recording_submit)
+    assert client.post("/detect", json={"images": [encoded(png_bytes(shapes, 0))]}).status_code == 200
+    assert client.post("/detect", files=[("images", ("a.png", png_bytes(shapes, 1), "image/png"))]).status_code == 200
+    assert queued_on_loop == [False, False]
