@@ -40,6 +40,7 @@ class AnnotationStream:
         self.worker = worker
         self.batch_images = settings.stream_batch_images
         self.steps = settings.stream_steps
+        self.augment = None if settings.stream_augment == "none" else settings.stream_augment
         self.metrics = metrics
         self._pending: dict[int, StreamedImage] = {}  # task id -> its latest annotation, in arrival order
         self._drain = False  # START_TRAINING: also submit a last, smaller job
@@ -84,7 +85,7 @@ class AnnotationStream:
             while (batch := self._next_batch()) is not None:
                 try:
                     job = self.worker.submit(
-                        [item.sample for item in batch], [item.image for item in batch], self.steps, None, False,
+                        [item.sample for item in batch], [item.image for item in batch], self.steps, None, self.augment,
                         source=JobSource.label_studio, label_studio=[item.origin for item in batch])
                 except JobQueueFull:
                     return jobs  # stays pending: offered again by the next flush

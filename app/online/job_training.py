@@ -37,7 +37,7 @@ from app.online.jobs import Job, finite_or_none
 from app.online.replayer import Replayer
 from app.online.validation_set import ValidationSet
 from app.serving.model_host import ModelHost, ModelVersion
-from ssd_core.data.augment import ssd_augmentation
+from ssd_core.data.augment import AUGMENTATIONS, ssd_augmentation
 from ssd_core.data.datasets import Sample, collate
 from ssd_core.loss.partial_labels import labelled_class_mask
 from ssd_core.online.holdout import split_holdout
@@ -169,7 +169,7 @@ class JobTraining:
         """The optimizer steps on `samples` (at least one), published per step or through the gate; a gated job
         that does not end published leaves the trainer as served."""
         spec = self.host.spec
-        augment = ssd_augmentation(fill=spec.pixel_mean) if job.augment else None
+        augment = ssd_augmentation(fill=spec.pixel_mean, config=AUGMENTATIONS[job.augment]) if job.augment else None
         per_step = self._replayer.per_step(job, len(samples))
         criterion = self.trainer.criterion
         fixed = None if augment or per_step else collate(samples, spec)  # the same batch every step

@@ -186,6 +186,9 @@ class JobView(BaseModel):
     warmup: str | None = Field(None, description="set when a fresh optimizer's warm-up (SSD_WARMUP_STEPS) lowered the "
                                "learning rate of this job's steps: which steps, the rates they ran at, and what to do")
     augment: bool
+    augmentation: Literal["flip", "ssd"] | None = Field(
+        None, description="the augmentation the job trained with: `ssd` (SSD's, what `augment: true` asks for) or "
+        "`flip` (photometric and horizontal flip: the annotation stream's SSD_STREAM_AUGMENT); null: none")
     losses: list[StepLoss]
     model_version: int | None = Field(description="version after the job's last completed step")
     error: str | None

@@ -51,7 +51,7 @@ class Job:
     samples: list[Sample] | None
     steps_total: int
     learning_rate: float | None
-    augment: bool
+    augment: str | None  # a name in ssd_core.data.augment.AUGMENTATIONS; None: the images as sent
     images: list[bytes] | None = None
     force: bool = False
     source: JobSource = JobSource.api
@@ -82,7 +82,8 @@ class Job:
     @classmethod
     def from_view(cls, view: JobView) -> Job:
         """A finished job restored from the journal (no images)."""
-        job = cls(None, view.steps_total, view.learning_rate, view.augment, force=view.force, source=view.source,
+        augment = view.augmentation or ("ssd" if view.augment else None)
+        job = cls(None, view.steps_total, view.learning_rate, augment, force=view.force, source=view.source,
                   label_studio=view.label_studio, job_id=view.job_id,
                   state=view.status, steps_done=view.steps_done, skipped_steps=view.skipped_steps,
                   losses=view.losses, model_version=view.model_version, error=view.error,
@@ -99,7 +100,7 @@ class Job:
             label_studio=list(self.label_studio) if self.label_studio is not None else None,
             steps_done=self.steps_done, steps_total=self.steps_total,
             skipped_steps=self.skipped_steps, num_images=self.num_images, learning_rate=self.learning_rate,
-            augment=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
+            augment=self.augment is not None, augmentation=self.augment, losses=list(self.losses), model_version=self.model_version, error=self.error,
             cancel_requested=self.cancel_requested, created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, checkpoint=self.checkpoint, force=self.force, held_out=self.held_out,
             warmup=self.warmup, screening=self.screening, evaluation=self.evaluation,

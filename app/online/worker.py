@@ -147,11 +147,12 @@ class FinetuneWorker:
     # ---- jobs
 
     def submit(
-        self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: bool,
+        self, samples: list[Sample], images: list[bytes], steps: int, learning_rate: float | None, augment: str | None,
         force: bool = False, replay: float | None = None, source: JobSource = JobSource.api,
         label_studio: list[LabelStudioAnnotation] | None = None,
     ) -> Job:
-        """Queue a job on `samples` (decoded from `images`, the bytes as sent). `replay`: replayed images
+        """Queue a job on `samples` (decoded from `images`, the bytes as sent). `augment`: a name in
+        `ssd_core.data.augment.AUGMENTATIONS` or None. `replay`: replayed images
         per new image (None: SSD_REPLAY_RATIO); `source` and `label_studio`: who asked (the annotation stream
         names each image's Label Studio annotation). Raises InvalidValue for too many steps, too high a learning
         rate or too few images, JobQueueFull when the queue is full, Unavailable while shutting down."""

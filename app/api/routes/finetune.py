@@ -38,7 +38,8 @@ async def submit_job(request: Request, worker: WorkerDep, settings: SettingsDep,
     options, items, samples = await labelled_request(request, FinetuneOptions, FinetuneRequest, settings)
     # off the event loop: acceptance fsyncs the job journal
     job = await run_in_threadpool(worker.submit, samples, [image for image, _ in items], options.steps,
-                                  options.learning_rate, options.augment, options.force, options.replay)
+                                  options.learning_rate, "ssd" if options.augment else None, options.force,
+                                  options.replay)
     if wait:
         await asyncio.shield(asyncio.wrap_future(job.finished))  # a client hang-up leaves the job running
         return JSONResponse(job.view().model_dump(mode="json"), status_code=200)

@@ -56,6 +56,7 @@ def test_batches_replacements_and_deletions(tmp_path):
     [job] = s.add(image(4, 40))
     assert origins(job) == [(1, 11), (3, 30), (4, 40)]
     assert job.source == JobSource.label_studio and job.steps_total == 5 and job.images == [b"1:11", b"3:30", b"4:40"]
+    assert job.augment == "flip"  # SSD_STREAM_AUGMENT's default
     assert s.pending == 0 and metrics.registry.get_sample_value("ssd_label_studio_stream_jobs_total") == 1
 
 
@@ -71,3 +72,13 @@ def test_a_full_queue_keeps_images_pending(tmp_path):
     jobs = s.add_all([image(9, 90)])  # Start Training: everything, the last batch smaller
     assert [len(job.label_studio) for job in jobs] == [3, 2] and s.pending == 0
     assert origins(worker.jobs[0]) == [(0, 100), (1, 101), (2, 102)]
+
+
+def test_stream_jobs_train_with_the_configured_augmentation(tmp_path):
+    for setting, expected in (("none", None), ("ssd", "ssd")):
+        worker = QueueOf(room=1)
+        settings = make_settings(tmp_path, stream_batch_images=2, stream_augment=setting)
+        s = AnnotationStream(worker, settings, Metrics(CollectorRegistry()))
+        s.add(image(1, 10))
+        [job] = s.add(image(2, 20))
+        assert job.augment == expected

@@ -13,7 +13,7 @@ from ssd_core.loss.stats import ClassStats
 
 
 def _job() -> Job:
-    return Job([], steps_total=3, learning_rate=None, augment=False, images=[b"png"], replay_ratio=0.5)
+    return Job([], steps_total=3, learning_rate=None, augment=None, images=[b"png"], replay_ratio=0.5)
 
 
 def _stats(truths: list[int]) -> ClassStats:
@@ -106,7 +106,7 @@ def test_a_journalled_view_restores_a_finished_job_with_the_same_view():
 
 def test_source_and_label_studio_origin_survive_the_journal():
     origin = [LabelStudioAnnotation(project_id=1, task_id=7, annotation_id=9)]
-    job = Job(None, 3, None, False, source=JobSource.label_studio, label_studio=origin)
+    job = Job(None, 3, None, None, source=JobSource.label_studio, label_studio=origin)
     job.start()
     job.finish(JobState.succeeded)
     line = job.view().model_dump_json()  # one journal line
@@ -114,3 +114,16 @@ def test_source_and_label_studio_origin_survive_the_journal():
     assert restored.view() == job.view() and restored.source == JobSource.label_studio
     assert restored.label_studio == origin
     assert JobView.model_validate_json(line.replace('"source":"label-studio",', "")).source == JobSource.api  # old lines
+
+
+def test_the_augmentation_is_named_in_the_view_and_survives_the_journal():
+    for augment, flag in ((None, False), ("flip", True), ("ssd", True)):
+        job = Job(None, 3, None, augment)
+        job.start()
+        job.finish(JobState.succeeded)
+        view = JobView.model_validate_json(job.view().model_dump_json())
+        assert (view.augment, view.augmentation) == (flag, augment)
+        assert Job.from_view(view).augment == augment
+    old = Job(None, 3, None, "ssd").view().model_dump(mode="json")
+    del old["augmentation"]  # a journal line written before the field existed: `augment: true` was SSD's
+    assert Job.from_view(JobView.model_validate(old)).augment == "ssd"

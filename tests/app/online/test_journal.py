@@ -9,7 +9,7 @@ from app.online.journal import INTERRUPTED, JobJournal
 
 
 def _view(state: JobState):
-    job = Job(None, 1, None, False)
+    job = Job(None, 1, None, None)
     if state != JobState.queued:
         job.start()
     if state.finished:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssd_core.data.augment import AugmentConfig, ssd_augmentation
+from ssd_core.data.augment import AUGMENTATIONS, AugmentConfig, ssd_augmentation
 from ssd_core.data.synthetic import ShapesDataset
 
 ONLY_FLIP = AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, iou_crop=False, flip_p=1.0)
@@ -93,3 +93,16 @@ def test_image_without_boxes_is_augmented():
 def test_bad_fill_raises():
     with pytest.raises(ValueError, match="fill"):
         ssd_augmentation(fill=(1.0, 2.0))
+
+
+def test_the_flip_preset_keeps_every_object_whole_and_the_image_size(samples):
+    torch.manual_seed(0)
+    augment = ssd_augmentation(config=AUGMENTATIONS["flip"])
+    for sample in samples * 4:
+        image, boxes, labels, difficult = _run(augment, sample)
+        assert image.shape == sample.image.shape
+        assert torch.equal(labels, sample.labels) and torch.equal(difficult, sample.difficult)
+        width = sample.image.shape[-1]
+        x1, y1, x2, y2 = sample.boxes.unbind(dim=1)
+        mirrored = torch.stack((width - x2, y1, width - x1, y2), dim=1)
+        assert torch.allclose(boxes, sample.boxes) or torch.allclose(boxes, mirrored)
