@@ -3,7 +3,8 @@ from /finetune-sized jobs (issue 11, item 4).
 
 Every variant starts from the same fresh `ssd-small` (seed 0) and sees the same stream of jobs, as the
 service runs them: job j is `ShapesDataset(split="train")` images 8j .. 8j+7, trained for 4 steps on
-that fixed batch (no augmentation, the /finetune default). With replay, each step adds `ratio`
+that fixed batch (no augmentation, the /finetune default); `--job-images`, `--job-steps` and `--augment`
+give other job shapes (the annotation stream's: 8 images x 32 steps, `--augment flip`). With replay, each step adds `ratio`
 replayed images per new image, drawn class-balanced (`ssd_core.online.replay.balanced_draw`) from all
 earlier jobs' images (fewer than SSD_REPLAY_MAX_IMAGES here, so the memory holds them all). The model
 that would be served is scored by held-out mAP@0.5 (`ssd_core.evaluation.mean_ap.evaluate`, `split="val"`)
