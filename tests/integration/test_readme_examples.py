@@ -128,4 +128,5 @@ def test_the_quick_start_finds_the_shapes_with_the_demo_model(tmp_path):
         assert CLASS_NAMES[label] in found, (CLASS_NAMES[label], detected)
     assert (tmp_path / "examples" / "detected.png").read_bytes()[:4] == b"\x89PNG"
     finetuned = next(answer for answer in answers if "job_id" in answer)
-    assert finetuned["status"] == "succeeded" and finetuned["warmup"] is None, finetuned
+    assert finetuned["status"] == "succeeded", finetuned
+    assert "warm-up of a fresh optimizer" in finetuned["warmup"], finetuned  # the demo model's first steps ramp up
