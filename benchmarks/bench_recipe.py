@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ssd_core import MultiBoxLoss
-from ssd_core.data.augment import AugmentConfig, ssd_augmentation
+from ssd_core.data.augment import AUGMENTATIONS, ssd_augmentation
 from ssd_core.data.datasets import collate
 from ssd_core.data.synthetic import ShapesDataset
 from ssd_core.evaluation.mean_ap import evaluate
@@ -42,11 +42,7 @@ from ssd_core.training.trainer import TrainConfig, Trainer
 
 # what each job trains on (--augment): /finetune's default is none; the annotation stream's shape is
 # --job-images 8 --job-steps 16..32
-AUGMENTATIONS = {
-    "none": None,
-    "flip": AugmentConfig(zoom_out_p=0.0, iou_crop=False),  # photometric + horizontal flip
-    "ssd": AugmentConfig(),  # + zoom out and SSD's IoU crop
-}
+JOB_AUGMENTATIONS = {"none": None, **AUGMENTATIONS}  # the service's named augmentations, and none
 
 
 def _sgd(lr: float, warmup: int = 0, clip: float | None = None) -> TrainConfig:
@@ -102,7 +98,7 @@ def run_variant(
     averages = {f"{name}-ema{c.decay}-tau{c.tau:g}": ModelEMA(trainer.module, c) for c in emas}
     train = ShapesDataset(images_per_job * jobs, seed=0, split="train")
     val = ShapesDataset(args.val_images, seed=0, split="val")
-    augment_config = AUGMENTATIONS[args.augment]
+    augment_config = JOB_AUGMENTATIONS[args.augment]
     augment = None if augment_config is None else ssd_augmentation(fill=model.spec.pixel_mean, config=augment_config)
     rng = random.Random(0)
     memory = []  # every earlier job's samples
@@ -149,7 +145,7 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=96)
     parser.add_argument("--job-images", type=int, default=8)
     parser.add_argument("--job-steps", type=int, default=4)
-    parser.add_argument("--augment", choices=AUGMENTATIONS, default="none")
+    parser.add_argument("--augment", choices=JOB_AUGMENTATIONS, default="none")
     parser.add_argument("--ema", default="0.99:50,0.995:100,0.998:200", help="decay:tau list ('' for none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipe/results.jsonl"))

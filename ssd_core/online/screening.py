@@ -76,8 +76,8 @@ class ScreeningConfig:
     labels: LabelCheckConfig = field(default_factory=LabelCheckConfig)
 
     def __post_init__(self) -> None:
-        if not (self.loss_ratio > 1 and self.job_ratio > 1) or self.loss_floor < 0:
-            raise ValueError(f"need loss_ratio, job_ratio > 1 and loss_floor >= 0, got {self}")
+        if not (self.loss_ratio > 1 and self.job_ratio > 1) or self.loss_floor < 0 or self.job_floor < 0:
+            raise ValueError(f"need loss_ratio, job_ratio > 1 and loss_floor, job_floor >= 0, got {self}")
         if self.min_images < 1 or self.label_min_images < 1 or not 0 < self.reject_share <= 1:
             raise ValueError(f"need min_images, label_min_images >= 1 and reject_share in (0, 1], got {self}")
 

@@ -139,5 +139,7 @@ def test_config_is_validated():
         ScreeningConfig(loss_ratio=1.0)
     with pytest.raises(ValueError, match="loss_floor"):
         ScreeningConfig(loss_floor=-1)
+    with pytest.raises(ValueError, match="job_floor"):
+        ScreeningConfig(job_floor=-0.1)
     with pytest.raises(ValueError, match="reject_share"):
         ScreeningConfig(reject_share=0)
