@@ -165,21 +165,16 @@ _TENSORS = {"loc", "conf", "targets", "priors"}
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-async def read_body(request: Request) -> bytearray:
-    """The request body in one writable buffer: one copy of the received chunks (into a buffer sized by
-    Content-Length when given), so tensors can be views of it (`torch.frombuffer` wants it writable)."""
-    declared = request.headers.get("content-length")
-    body = bytearray(int(declared)) if declared and declared.isdigit() else bytearray()
-    size = 0
-    async for chunk in request.stream():
-        end = size + len(chunk)
-        if end <= len(body):
-            body[size:end] = chunk
-        else:
-            body[size:] = chunk
-        size = end
-    del body[size:]
-    return body
+async def receive_chunks(request: Request) -> list[bytes]:
+    """The request body as received, chunk by chunk: the event loop only collects them; `joined` copies them
+    into one buffer on a worker thread."""
+    return [chunk async for chunk in request.stream() if chunk]
+
+
+def joined(chunks: list[bytes]) -> bytearray:
+    """`receive_chunks`'s chunks in one writable buffer (one copy), so tensors can be views of it
+    (`torch.frombuffer` wants it writable)."""
+    return bytearray().join(chunks)
 
 
 def safetensors_batch(body: bytes | bytearray, model_priors: Tensor, settings: Settings) -> LossBatch:

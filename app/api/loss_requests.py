@@ -10,9 +10,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import invalid
 from app.api.inputs import check_bkg_label, labelled_samples
-from app.api.loss_batch import LossBatch, safetensors_batch
+from app.api.loss_batch import LossBatch, joined, predictions_batch, safetensors_batch
 from app.api.schemas import LossOptions, ScoreLossRequest, ScoreLossResponse
-from app.core.metrics import Metrics
+from app.core.metrics import Metrics, record_match_stats
 from app.core.settings import Settings
 from app.serving.inference import InferenceWorker, WaitForDisconnect
 from app.serving.model_host import ModelHost
@@ -39,9 +39,29 @@ def batch_loss(batch: LossBatch, num_classes: int) -> LossOutput:
             raise invalid("body", str(error)) from None
 
 
-def safetensors_loss(body: bytearray, model_priors: torch.Tensor, settings: Settings) -> LossOutput:
-    """The binary form in one worker-thread call: parse (tensors are views of `body`), check, score."""
-    return batch_loss(safetensors_batch(body, model_priors, settings), settings.num_classes)
+def safetensors_answer(
+    chunks: list[bytes], model_priors: torch.Tensor, version: int, settings: Settings, metrics: Metrics
+) -> str:
+    """The binary form in one worker-thread call: join the body, parse (tensors are views of it), check, score,
+    and `scored_answer`."""
+    output = batch_loss(safetensors_batch(joined(chunks), model_priors, settings), settings.num_classes)
+    return scored_answer(output, version, settings, metrics)
+
+
+def predictions_answer(
+    request: ScoreLossRequest, model_priors: torch.Tensor, version: int, settings: Settings, metrics: Metrics
+) -> str:
+    """The JSON predictions form in one worker-thread call: check against the model, score, `scored_answer`."""
+    output = batch_loss(predictions_batch(request, model_priors, settings), settings.num_classes)
+    return scored_answer(output, version, settings, metrics)
+
+
+def scored_answer(output: LossOutput, version: int, settings: Settings, metrics: Metrics) -> str:
+    """`loss_response` as its JSON text, with the batch's match statistics recorded: building the answer reads
+    every statistic tensor, so the route runs it on its worker thread, not on the event loop."""
+    answer = loss_response(output, version, settings.object_class_names()).model_dump_json()
+    record_match_stats(metrics, "score", output)
+    return answer
 
 
 async def labelled_images_loss(

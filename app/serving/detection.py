@@ -30,34 +30,16 @@ def prepare_images(images: list[Tensor], spec: ModelSpec) -> tuple[Tensor, list[
     return model_inputs(images, spec), [(image.shape[1], image.shape[2]) for image in images]
 
 
-async def detect_batch(
-    client_gone: WaitForDisconnect, batch: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None,
-    max_detections: int | None, route: str, served: ModelVersion, inference: InferenceWorker, settings: Settings,
-) -> list[Detections]:
-    """Detections of version `served` on a prepared batch (`prepare_images`).
-
-    Args:
-        client_gone: returns once the request's client has disconnected (the request is abandoned).
-        batch (Tensor[B, 3, S, S]): normalised model input; image_sizes: (height, width) of each original image.
-        score_threshold, max_detections: the request's, None for the settings' default.
-
-    Returns:
-        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K].
-
-    Raises:
-        Unavailable: the inference queue is full.
-        ClientGone: the client went away before the result.
-    """
-    parts = queue_detection(batch, image_sizes, score_threshold, max_detections, route, served, inference, settings)
-    return await queued_detections(client_gone, inference, parts)
-
-
 def queue_detection(
     batch: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None, max_detections: int | None,
     route: str, served: ModelVersion, inference: InferenceWorker, settings: Settings,
 ) -> Queued:
-    """The first half of `detect_batch`, callable from any thread: queue the batch (await the detections with
-    `queued_detections`).
+    """Queue a prepared batch (`prepare_images`) for the inference thread with the settings' defaults; callable from
+    any thread, so a route queues from its worker-thread hop. Await the detections with `queued_detections`.
+
+    Args:
+        batch (Tensor[B, 3, S, S]): normalised model input; image_sizes: (height, width) of each original image.
+        score_threshold, max_detections: the request's, None for the settings' default.
 
     Raises:
         Unavailable: the inference queue is full.
@@ -73,10 +55,25 @@ async def detect_images(
     client_gone: WaitForDisconnect, images: list[Tensor], score_threshold: float | None, max_detections: int | None,
     route: str, served: ModelVersion, host: ModelHost, inference: InferenceWorker, settings: Settings,
 ) -> list[Detections]:
-    """`detect_batch` of decoded images (B uint8 RGB images, each Tensor[3, H_k, W_k]), prepared in a worker thread."""
-    batch, sizes = await to_thread.run_sync(prepare_images, images, host.spec)
-    return await detect_batch(client_gone, batch, sizes, score_threshold, max_detections, route, served, inference,
-                              settings)
+    """Detections of version `served` on decoded images (B uint8 RGB images, each Tensor[3, H_k, W_k]), prepared
+    and queued in one worker-thread hop.
+
+    Args:
+        client_gone: returns once the request's client has disconnected (the request is abandoned).
+
+    Returns:
+        per image, boxes (Tensor[K, 4]) in (x1, y1, x2, y2) pixels of that image, scores [K], labels [K].
+
+    Raises:
+        Unavailable: the inference queue is full.
+        ClientGone: the client went away before the result.
+    """
+
+    def prepared_and_queued() -> Queued:
+        batch, sizes = prepare_images(images, host.spec)
+        return queue_detection(batch, sizes, score_threshold, max_detections, route, served, inference, settings)
+
+    return await queued_detections(client_gone, inference, await to_thread.run_sync(prepared_and_queued))
 
 
 def render_png(image: Tensor, found: Detections, settings: Settings) -> bytes:

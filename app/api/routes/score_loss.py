@@ -3,18 +3,17 @@ labelled images, without changing any weight."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import HostDep, InferenceDep, MetricsDep, SettingsDep
 from app.api.disconnect import wait_for_disconnect
 from app.api.errors import ApiError, invalid
 from app.api.inputs import BINARY, JSON, media_type, parse_json
-from app.api.loss_batch import predictions_batch, read_body
-from app.api.loss_requests import batch_loss, labelled_images_loss, loss_response, safetensors_loss
+from app.api.loss_batch import receive_chunks
+from app.api.loss_requests import labelled_images_loss, predictions_answer, safetensors_answer, scored_answer
 from app.api.openapi import ERROR_RESPONSES, request_body
 from app.api.schemas import ScoreLossRequest, ScoreLossResponse
-from app.core.metrics import record_match_stats
 
 router = APIRouter(tags=["loss"])
 
@@ -49,14 +48,14 @@ def check_form(request: ScoreLossRequest) -> None:
 )
 async def score_loss(
     request: Request, host: HostDep, inference: InferenceDep, settings: SettingsDep, metrics: MetricsDep
-) -> ScoreLossResponse:
+) -> Response:
     """Three forms: JSON predictions + targets (boxes normalised), the same as a safetensors body
     (`application/octet-stream`), or JSON `images` with pixel boxes, scored with the hosted model."""
     kind = media_type(request.headers.get("content-type"), (JSON, BINARY))
     if kind == BINARY:
-        body = await read_body(request)
-        version = host.current.version
-        output = await run_in_threadpool(safetensors_loss, body, host.priors, settings)
+        chunks = await receive_chunks(request)
+        answer = await run_in_threadpool(
+            safetensors_answer, chunks, host.priors, host.current.version, settings, metrics)
     else:
         body = await request.body()
         parsed = await run_in_threadpool(parse_json, ScoreLossRequest, body)
@@ -64,10 +63,8 @@ async def score_loss(
         if parsed.images is not None:
             output, version = await labelled_images_loss(
                 wait_for_disconnect(request), parsed, "/score-loss", host, inference, settings, metrics)
+            answer = await run_in_threadpool(scored_answer, output, version, settings, metrics)
         else:
-            batch = await run_in_threadpool(predictions_batch, parsed, host.priors, settings)
-            version = host.current.version
-            output = await run_in_threadpool(batch_loss, batch, settings.num_classes)
-    result = loss_response(output, version, settings.object_class_names())
-    record_match_stats(metrics, "score", output)
-    return result
+            answer = await run_in_threadpool(
+                predictions_answer, parsed, host.priors, host.current.version, settings, metrics)
+    return Response(answer, media_type=JSON)

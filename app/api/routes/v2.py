@@ -41,10 +41,9 @@ from app.api.v2_codec import (
 )
 from app.core.metrics import INFERENCE_ROUTES, Metrics, record_match_stats
 from app.core.settings import Settings
-from app.serving.detection import detect_batch, prepare_images
-from app.serving.inference import InferenceWorker
+from app.serving.detection import prepare_images, queue_detection
+from app.serving.inference import InferenceWorker, Queued, queued_detections
 from app.serving.model_host import ModelHost, ModelVersion
-from ssd_core.models.base import ModelSpec
 from ssd_core.models.postprocess import Detections
 
 DETECTOR, LOSS = "ssd", "ssd-loss"
@@ -246,26 +245,30 @@ def detection_tensors(found: list[Detections]) -> list[tuple[str, np.ndarray]]:
     return [("boxes", boxes), ("scores", scores), ("labels", labels), ("num_detections", counts)]
 
 
-def detector_request(
-    body: bytes, header_length: str | None, spec: ModelSpec, settings: Settings
-) -> tuple[InferRequest, DetectOptions, torch.Tensor, list[tuple[int, int]]]:
-    """The detector's request parsed, checked, its images decoded and prepared: the request's one worker-thread
-    hop. Returns (the request, its options, the model batch [B, 3, S, S], each image's (height, width))."""
+def detector_queued(
+    body: bytes, header_length: str | None, served: ModelVersion, host: ModelHost, inference: InferenceWorker,
+    settings: Settings,
+) -> tuple[InferRequest, int, Queued]:
+    """The detector's request parsed, checked, its images decoded, prepared and queued for the inference thread:
+    the request's one worker-thread hop, so the forward pass can start before the event loop runs again.
+    Returns (the request, its number of images, the queued batch for `queued_detections`)."""
     parsed = parse(body, header_length)
     expect_inputs(parsed, {"images"})
     options = model_parameters(parsed, _DETECT_OPTIONS)
-    return parsed, options, *prepare_images(image_list(parsed.inputs["images"], settings), spec)
+    batch, sizes = prepare_images(image_list(parsed.inputs["images"], settings), host.spec)
+    queued = queue_detection(batch, sizes, options.score_threshold, options.max_detections, ROUTE, served, inference,
+                             settings)
+    return parsed, len(sizes), queued
 
 
 async def infer_detector(
     request: Request, body: bytes, header_length: str | None, served: ModelVersion, host: ModelHost,
     inference: InferenceWorker, settings: Settings, metrics: Metrics,
 ) -> tuple[InferRequest, list[tuple[str, np.ndarray]]]:
-    parsed, options, batch, sizes = await run_in_threadpool(detector_request, body, header_length, host.spec,
-                                                            settings)
-    found = await detect_batch(wait_for_disconnect(request), batch, sizes, options.score_threshold,
-                               options.max_detections, ROUTE, served, inference, settings)
-    metrics.images_processed.labels(route=ROUTE).inc(len(sizes))
+    parsed, images, queued = await run_in_threadpool(detector_queued, body, header_length, served, host, inference,
+                                                     settings)
+    found = await queued_detections(wait_for_disconnect(request), inference, queued)
+    metrics.images_processed.labels(route=ROUTE).inc(images)
     return parsed, detection_tensors(found)
 
 

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from app.core.errors import ClientGone
 from app.core.metrics import Metrics
-from app.serving.detection import detect_batch, detect_images, prepare_images, render_png
-from app.serving.inference import InferenceWorker, batch_policy, forward
+from app.serving.detection import detect_images, prepare_images, queue_detection, render_png
+from app.serving.inference import InferenceWorker, batch_policy, forward, queued_detections
 from app.serving.model_host import ModelHost, initial_model
 from ssd_core.data.images import decode_image_bytes, model_inputs
 from ssd_core.evaluation.mean_ap import predict
@@ -100,9 +100,10 @@ def test_requests_batched_together_each_get_the_detections_of_their_own_options(
             running = asyncio.ensure_future(running)
             await asyncio.to_thread(held.entered.wait, 30)
             prepared = [prepare_images(images, host.spec) for images in (first, second)]
+            queued = [queue_detection(*prepared[0], 0.05, 7, "/detect", served, inference, settings),
+                      queue_detection(*prepared[1], 0.2, 2, "/v2/models/ssd/infer", served, inference, settings)]
             batched = asyncio.gather(
-                detect_batch(never_gone, *prepared[0], 0.05, 7, "/detect", served, inference, settings),
-                detect_batch(never_gone, *prepared[1], 0.2, 2, "/v2/models/ssd/infer", served, inference, settings),
+                *(queued_detections(never_gone, inference, parts) for parts in queued),
                 forward(never_gone, inference, model_inputs([shapes[3].image], host.spec), served, "/score-loss"),
             )
             while inference.queue.queued_images < 4:
