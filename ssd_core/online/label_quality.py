@@ -43,7 +43,7 @@ class LabelCheckConfig:
     """confidence: a detection's score that counts as the model's opinion; match_iou: the IoU at which a
     detection confirms a box; quarantine_share: issues per box that quarantine an image."""
 
-    confidence: float = 0.8
+    confidence: float = 0.9
     match_iou: float = 0.5
     quarantine_share: float = 0.5
 

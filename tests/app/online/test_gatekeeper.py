@@ -90,7 +90,7 @@ def test_screening_rejects_a_shifted_batch_and_force_skips_it_but_not_the_gate(t
         for image in screening["images"]:
             issue = image["issues"][0]
             assert image["quarantined"] and issue["issue"] == "loc_loss" and issue["value"] > issue["threshold"]
-        assert "median loss_l per matched prior over the job's 4 images" in job["error"]
+        assert "three quarters of the job's 4 images have a served-model loss_l per matched prior" in job["error"]
         assert "boxes in the wrong place" in job["error"]
         assert '"force": true' in job["error"]
         # the batch figure is what /score-loss says of the same batch

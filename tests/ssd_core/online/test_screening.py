@@ -16,6 +16,7 @@ from ssd_core.online.screening import (
     Competence,
     ImageLoss,
     ScreeningConfig,
+    lower_quartile,
     screen_batch,
 )
 from tests.ssd_core.online.test_label_quality import found, sample
@@ -45,21 +46,47 @@ def test_the_baseline_follows_the_present_model():
     now = screen_batch(samples, losses, detections, validation(0.8, 1.0), COMPETENT, CONFIG)
     assert now.quarantined == (0, 1, 2) and [i.kind for i in now.issues[0]] == ["loc_loss"]
     assert now.issues[0][0].value == 4.0 and now.issues[0][0].threshold == pytest.approx(3.0)
-    assert "median loss_l per matched prior over the job's 6 images" in now.reason and BOX_HINT in now.reason
-    assert now.stops(force=False) and not now.stops(force=True)
+    assert now.reason is None  # half the job quarantined: the other half trains
+    samples, losses, detections = batch([(4.0, 1.0)] * 4 + [(1.0, 1.0)] * 2)
+    mostly = screen_batch(samples, losses, detections, validation(0.8, 1.0), COMPETENT, CONFIG)
+    assert "4 of 6 images quarantined" in mostly.reason and BOX_HINT in mostly.reason
+    assert mostly.stops(force=False) and not mostly.stops(force=True)
 
 
-def test_a_job_whose_median_loss_is_high_is_rejected_though_no_image_is_an_outlier():
+def test_a_job_whose_images_all_rise_is_rejected_though_no_image_is_an_outlier():
     validation_losses = validation(1.0, 1.0)  # medians 1.25, 1.0
-    samples, losses, detections = batch([(2.6, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # each below 3 x, the median 2.08 x
+    samples, losses, detections = batch([(2.6, 1.0)] * 6 + [(1.0, 1.0)] * 2)  # each below 3 x, 6 of 8 at 2.08 x
     verdict = screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG)
     assert verdict.quarantined == () and verdict.stops(force=False) and not verdict.stops(force=True)
-    assert "median loss_l per matched prior over the job's 8 images is 2.600, 2.08 x" in verdict.reason
+    assert "three quarters of the job's 8 images have a served-model loss_l per matched prior of at least 2.600, " \
+           "2.08 x" in verdict.reason
     assert BOX_HINT in verdict.reason
-    samples, losses, detections = batch([(2.0, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # a clean job may reach 1.6 x
+    samples, losses, detections = batch([(2.6, 1.0)] * 5 + [(1.0, 1.0)] * 3)  # only 5 of 8 risen: not the whole job
     assert screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason is None
     samples, losses, detections = batch([(1.0, 2.4)] * 8)  # labels: the conf part
     assert LABEL_HINT in screen_batch(samples, losses, detections, validation_losses, COMPETENT, CONFIG).reason
+
+
+def test_a_clean_job_of_hard_and_easy_images_passes_though_its_median_is_twice_the_validation_median():
+    """Measured: job 59 of `bench_fresh.py` (clean, model at mAP@0.5 0.6) in units of the validation median:
+    its median 2.03 x was rejected by a median rule in every run; three quarters of it reach 1.36 x."""
+    scale = [0.3, 0.51, 1.36, 1.99, 2.06, 2.08, 2.89, 3.14]
+    validation_losses = validation(0.6, 1.0, images=8)  # loss_l median 0.6 * 1.35 = 0.81
+    samples, losses, detections = batch([(0.81 * k, 1.0) for k in scale])
+    verdict = screen_batch(samples, losses, detections, validation_losses, COMPETENT, ScreeningConfig())
+    assert verdict.reason is None and verdict.quarantined == ()
+    shifted = [5.0 * k for k in (0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 1.1, 1.2)]  # measured: 3.6-5.2 x at the quartile
+    samples, losses, detections = batch([(0.81 * k, 1.0) for k in shifted])
+    assert BOX_HINT in screen_batch(samples, losses, detections, validation_losses, COMPETENT, ScreeningConfig()).reason
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 8, 16, 17])
+def test_lower_quartile_is_what_three_quarters_of_the_values_reach(count):
+    values = torch.rand(count, generator=torch.Generator().manual_seed(count)).tolist()
+    reached = lower_quartile(values)
+    assert sum(v >= reached for v in values) >= 0.75 * count
+    above = [v for v in values if v > reached]  # no larger value is reached by three quarters
+    assert all(sum(w >= v for w in values) < 0.75 * count for v in above)
 
 
 def test_near_zero_baselines_need_the_floor_too():
@@ -87,10 +114,10 @@ def test_a_clean_job_on_a_competent_model_is_not_rejected_for_twice_a_near_zero_
     samples, losses, detections = batch([(0.318, 0.9)] * 16)
     assert screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig()).reason is None
     ratio_alone = screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig(job_floor=0.0))
-    assert "is 0.318, 2.13 x its median 0.150" in ratio_alone.reason
+    assert "at least 0.318, 2.13 x its median 0.150" in ratio_alone.reason
     samples, losses, detections = batch([(3.3, 0.9)] * 16)
     reason = screen_batch(samples, losses, detections, competent, COMPETENT, ScreeningConfig()).reason
-    assert "median loss_l" in reason and BOX_HINT in reason
+    assert "loss_l per matched prior of at least 3.300" in reason and BOX_HINT in reason
 
 
 def test_loc_and_conf_are_judged_apart():
