@@ -172,8 +172,9 @@ async def receive_chunks(request: Request) -> list[bytes]:
 
 
 def joined(chunks: list[bytes]) -> bytearray:
-    """`receive_chunks`'s chunks in one writable buffer (one copy), so tensors can be views of it
-    (`torch.frombuffer` wants it writable)."""
+    """`receive_chunks`'s chunks in one writable buffer (one copy, on the worker thread; the body is held twice
+    while it is made, at most 2 x SSD_MAX_BODY_BYTES), so tensors can be views of it (`torch.frombuffer` wants it
+    writable)."""
     return bytearray().join(chunks)
 
 
