@@ -61,9 +61,9 @@ _HINTS = {"loc_loss": BOX_HINT, "bad_location": BOX_HINT, "conf_loss": LABEL_HIN
 class ScreeningConfig:
     """loss_ratio: the most an image's loss part may reach, in medians of the validation set's; loss_floor: and
     at least this above the median (per matched prior); job_ratio: the most the lower quartile of a job's images
-    (the loss three quarters of them reach) may reach, in validation medians; job_floor: and at least this above them; min_images, min_map: competence for
-    loss screening; label_min_images, label_min_map: for the label checks (`labels`); reject_share: quarantined
-    share of a job's images that rejects the job."""
+    (the loss three quarters of them reach) may reach, in validation medians; job_floor: and at least this above
+    them; min_images, min_map: competence for loss screening; label_min_images, label_min_map: for the label
+    checks (`labels`); reject_share: quarantined share of a job's images that rejects the job."""
 
     loss_ratio: float = 3.0
     loss_floor: float = 3.0
