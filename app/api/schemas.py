@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from typing import Annotated, Literal
 
@@ -37,7 +38,12 @@ def _decode_base64_image(value: object) -> object:
         value = value.decode("latin-1")
     if not isinstance(value, str):
         return value  # fails the `bytes` type below
-    text = "".join(str(_strip_data_url(value)).split())
+    value = str(_strip_data_url(value))
+    with contextlib.suppress(binascii.Error, ValueError):
+        # plain padded base64, what clients send: one C pass; strict mode admits no character the checks below
+        # look for, so only text it refuses pays for them (about 0.35 ms per 100 KB)
+        return binascii.a2b_base64(value, strict_mode=True)
+    text = "".join(value.split())
     if _NOT_BASE64.search(text):
         shown = text if len(text) <= 60 else text[:57] + "..."
         raise PydanticCustomError(
@@ -223,6 +229,9 @@ class ModelInfo(BaseModel):
     version: int
     training_steps: int
     device: str
+    backend: str = Field(description="what serves this version's forward passes: onnxruntime or torch (SSD_BACKEND; "
+                         "torch also while a new version's ONNX Runtime session is being built, and for a version it "
+                         "could not build)")
     role: str
     restored_from: int | None = Field(None, description="the saved version a rollback copied")
 

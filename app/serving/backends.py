@@ -1,4 +1,5 @@
-"""What runs a published version's forward pass: torch, or ONNX Runtime (`SSD_BACKEND`).
+"""What runs a published version's forward pass: torch, or ONNX Runtime (`SSD_BACKEND`; `auto`, the default,
+picks ONNX Runtime on a CPU and torch on a GPU: `serving_backend`).
 
 Training stays in torch whatever the backend; each published version gets a `Runner` built from its frozen
 weights. For ONNX Runtime the network is exported to ONNX once (`OnnxGraph`): the graph is the same for
@@ -114,6 +115,21 @@ class BackgroundRunner:
             on_failure()
         finally:
             self.ready.set()
+
+
+def serving_backend(setting: str, device: torch.device) -> str:
+    """The backend `SSD_BACKEND` names on `device`: `auto` is ONNX Runtime on a CPU, where it answered 1.2-1.6x
+    torch's images/s over HTTP (benchmarks/README.md), and torch on a GPU, where float16 and cuDNN serve and the
+    image's onnxruntime wheel has no CUDA provider. `torch` and `onnxruntime` are taken as they are.
+
+    Raises:
+        ValueError: `setting` is none of `auto`, `torch`, `onnxruntime`.
+    """
+    if setting == "auto":
+        return "onnxruntime" if device.type == "cpu" else "torch"
+    if setting not in ("torch", "onnxruntime"):
+        raise ValueError(f"SSD_BACKEND must be auto, torch or onnxruntime, got {setting!r}")
+    return setting
 
 
 def providers(device: torch.device) -> list[str]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from app.core.metrics import Metrics
 from app.core.settings import Settings
-from app.serving.backends import DTYPES, BackgroundRunner, OnnxGraph, Runner, TorchRunner
+from app.serving.backends import DTYPES, BackgroundRunner, OnnxGraph, Runner, TorchRunner, serving_backend
 from ssd_core.models import SSD, build_model
 from ssd_core.models.devices import resolve_device
 from ssd_core.storage.checkpoint import CheckpointStore, LoadedCheckpoint
@@ -73,6 +73,7 @@ class ModelHost:
         numbers: where new version numbers come from (default: in memory, from `version`).
 
     Attributes:
+        backend: what serves the versions, `SSD_BACKEND` on this device (`serving_backend`): torch or onnxruntime.
         exclusive: held by whatever trains or traces a model in this process: the trainer's steps, gate and
             state changes (app.online.job_training) and export (app.serving.export). torch's FX tracing
             state is process-global, so an export traced beside a backward pass corrupts both.
@@ -94,7 +95,8 @@ class ModelHost:
         if self.dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError(f"SSD_INFERENCE_DTYPE={settings.inference_dtype} needs a CUDA device; SSD_DEVICE="
                              f"{settings.device} serves on {self.device}: set SSD_INFERENCE_DTYPE=float32")
-        self.graph = self._onnx_graph(model) if settings.backend == "onnxruntime" else None
+        self.backend = serving_backend(settings.backend, self.device)  # what serves the versions: torch, onnxruntime
+        self.graph = self._onnx_graph(model) if self.backend == "onnxruntime" else None
         frozen = frozen_copy(model, self.device)
         runner = self._runner(frozen)
         if isinstance(runner, BackgroundRunner):
@@ -103,6 +105,7 @@ class ModelHost:
         metrics.model_version.set(version)
         metrics.model.info({
             "architecture": settings.model, "num_classes": str(settings.num_classes), "device": str(self.device),
+            "backend": self.backend,
         })
 
     @property
@@ -177,7 +180,7 @@ class ModelHost:
         if self.graph is not None:
             graph = self.graph
             return BackgroundRunner(torch_runner, lambda: graph.runner(model), self.metrics.backend_fallbacks.inc)
-        if self.settings.backend == "onnxruntime":
+        if self.backend == "onnxruntime":
             self.metrics.backend_fallbacks.inc()  # no graph: every version is served by torch
         return torch_runner
 

@@ -191,7 +191,7 @@ def test_prometheus_holds_finetune_series_matching_the_jobs(scraped):
     boxes = value(prometheus, 'ssd_ground_truth_boxes_total{source="finetune"}')
     assert boxes == sum(traffic.finetune_boxes_per_step)
     assert value(prometheus, 'ssd_checkpoints_total{outcome="saved"}') >= 1
-    assert value(prometheus, 'ssd_model_info{architecture="ssd-small",num_classes="4",device="cpu"}') == 1
+    assert value(prometheus, 'ssd_model_info{architecture="ssd-small",num_classes="4",device="cpu",backend="torch"}') == 1
 
 
 def test_prometheus_holds_validation_and_gate_series_matching_the_jobs(scraped):

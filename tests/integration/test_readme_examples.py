@@ -21,10 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torchvision.ops import box_iou
 
+from app.core.settings import Settings
 from ssd_core.data.synthetic import CLASS_NAMES, ShapesDataset
 from tests.integration.live import REPO, run_service
 
@@ -35,6 +38,7 @@ API_PAGE = REPO / "docs" / "api.md"
 BLOCK = re.compile(r"^```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SCRIPT_TIMEOUT_S = 300
 DEMO = {"SSD_WEIGHTS": "demo", "SSD_CLASS_NAMES": "shapes"}  # with run_service's ssd-small, 4 classes: make serve's
+DEFAULT_BACKEND = {"SSD_BACKEND": Settings.model_fields["backend"].default}  # make serve sets none
 
 # curl fails on HTTP >= 400 and logs each call, so the test knows every written curl ran
 PRELUDE = """set -e -o pipefail
@@ -109,12 +113,19 @@ def test_the_quick_start_finds_the_shapes_with_the_demo_model(tmp_path):
     setup = [line for line in block.splitlines() if line.startswith("make ")]
     assert [line.split()[1] for line in setup] == ["install", "serve"], setup  # the server stands for them
     assert "export PORT=8000" in block.splitlines()
-    with run_service(tmp_path / "service", module=True, **DEMO) as service:  # python -m app, as make serve
+    with run_service(tmp_path / "service", module=True, **DEMO, **DEFAULT_BACKEND) as service:  # as make serve
         port = service.url.rsplit(":", 1)[1]
         script = "\n".join(f"export PORT={port}" if line == "export PORT=8000" else line
                            for line in block.splitlines() if not line.startswith("make "))
         done, ran = run_examples(script, service, tmp_path)
         log = service.log.read_text()
+        served_by = httpx.get(f"{service.url}/model").json()["backend"]
+        metrics = text_string_to_metric_families(httpx.get(f"{service.url}/metrics").text)
+    # a CPU deployment's default: ONNX Runtime answers /detect from the first request
+    assert served_by == "onnxruntime"
+    forwards = {sample.labels["backend"]: sample.value for family in metrics for sample in family.samples
+                if sample.name == "ssd_inference_compute_seconds_count" and sample.labels["route"] == "/detect"}
+    assert forwards.get("onnxruntime", 0) >= 1 and "torch" not in forwards, forwards
     assert len(ran) == curl_commands(block), ran
     assert "weights from the demo model" in log, log[-2000:]
     answers = json_objects(done.stdout)

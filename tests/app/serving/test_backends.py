@@ -13,8 +13,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from app.core.metrics import Metrics
+from app.core.settings import Settings
 from app.serving import backends, model_host
-from app.serving.backends import OnnxGraph, TorchRunner
+from app.serving.backends import OnnxGraph, TorchRunner, serving_backend
 from app.serving.model_host import ModelHost
 from ssd_core.data.images import encode_png, model_inputs
 from ssd_core.models import build_model
@@ -113,6 +114,7 @@ def test_detect_with_onnxruntime_equals_torch_before_and_after_a_fine_tune_publi
             served = host.current
             assert served.runner.ready.wait(60)  # a published version's session is built in the background
             assert served.runner.backend == "onnxruntime"
+            assert client.get("/model").json()["backend"] == "onnxruntime"
             answer = client.post("/detect", json=body)
             assert answer.status_code == 200, answer.text
             assert answer.json()["model_version"] == served.version
@@ -161,3 +163,24 @@ def test_a_publish_never_waits_for_the_session_torch_serves_until_it_is_ready(tm
     torch.testing.assert_close(host.predict(images, published)[1], TorchRunner(published.model, CPU)(images)[1],
                                atol=1e-4, rtol=0)
     assert metrics.registry.get_sample_value("ssd_backend_fallbacks_total") == 0
+
+
+def test_auto_serves_with_onnxruntime_on_a_cpu_and_with_torch_on_a_gpu():
+    assert Settings.model_fields["backend"].default == "auto"
+    assert serving_backend("auto", CPU) == "onnxruntime"
+    assert serving_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert serving_backend("torch", CPU) == "torch"
+    assert serving_backend("onnxruntime", torch.device("cuda")) == "onnxruntime"
+    with pytest.raises(ValueError, match="SSD_BACKEND must be auto, torch or onnxruntime, got 'tensorrt'"):
+        serving_backend("tensorrt", CPU)
+
+
+def test_a_cpu_deployment_with_the_default_backend_is_served_by_onnxruntime(tmp_path, demo_model, graph, monkeypatch):
+    monkeypatch.setattr(model_host, "OnnxGraph", lambda model, device, threads: graph)
+    metrics = Metrics(CollectorRegistry())
+    host = ModelHost(make_settings(tmp_path, backend="auto", device="cpu"), metrics, demo_model, 0, 0)
+    assert host.backend == "onnxruntime" and host.current.runner.backend == "onnxruntime"
+    assert metrics.registry.get_sample_value(
+        "ssd_model_info", {"architecture": "ssd-small", "num_classes": "4", "device": "cpu", "backend": "onnxruntime"}) == 1
+    published = host.publish(perturbed(demo_model, 6), 1)
+    assert published.runner.ready.wait(60) and published.runner.backend == "onnxruntime"

@@ -24,10 +24,10 @@ def test_model_info(client):
     assert info == {
         "architecture": "ssd-small", "num_classes": 4, "priors": "scaled", "class_names": ["rectangle", "ellipse", "triangle"],
         "input_size": 256, "num_priors": client.app.state.host.priors.shape[0], "version": 0, "training_steps": 0,
-        "device": "cpu", "role": "all", "restored_from": None,
+        "device": "cpu", "backend": "torch", "role": "all", "restored_from": None,
     }
     assert client.registry.get_sample_value(
-        "ssd_model_info", {"architecture": "ssd-small", "num_classes": "4", "device": "cpu"}) == 1
+        "ssd_model_info", {"architecture": "ssd-small", "num_classes": "4", "device": "cpu", "backend": "torch"}) == 1
 
 
 def test_checkpoint_and_versions(client, shapes):
