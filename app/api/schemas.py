@@ -54,7 +54,7 @@ def _decode_base64_image(value: object) -> object:
         )
     try:
         return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)  # url-safe too
-    except binascii.Error as error:
+    except (binascii.Error, ValueError) as error:  # ValueError: a character beyond ASCII
         raise PydanticCustomError(
             "base64_image", "not valid base64 ({reason}); {how}", {"reason": str(error), "how": BASE64_HOW}
         ) from None
