@@ -93,7 +93,7 @@ def young_checkpoints(args: argparse.Namespace) -> Path:
     with start_server("young-train", directory, args.threads, SSD_BACKEND="torch") as server:
         for job in range(args.jobs):
             view = post_job(server, stream.take(args.job_images), args.job_steps, None)
-            print(f"job {job + 1}: {view['status']}, version {view.get('version')}", flush=True)
+            print(f"job {job + 1}: {view['status']}, version {view.get('model_version')}", flush=True)
         httpx.post(f"{server.url}/model/checkpoint", timeout=120).raise_for_status()
     return directory
 

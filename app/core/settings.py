@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         "auto", description="what runs the served forward passes: torch, or ONNX Runtime (the graph is exported once "
         "at start-up, seconds, and each published version's weights put into it; CUDA/TensorRT providers with the "
         "onnxruntime-gpu wheel); auto: ONNX Runtime on a CPU (1.2-1.6x torch's images/s over HTTP), torch on a GPU "
-        "(float16, and the image ships no onnxruntime-gpu); training stays in torch")
+        "(float16, and the image ships no onnxruntime-gpu) and for role trainer (a session per published version, "
+        "and the servers answer /detect); training stays in torch")
     inference_dtype: Literal["float32", "float16"] = Field(
         "float32", description="precision of the served forward passes; float16 needs SSD_DEVICE cuda (or auto on a "
         "GPU) and the torch backend")

@@ -1,5 +1,5 @@
 """What runs a published version's forward pass: torch, or ONNX Runtime (`SSD_BACKEND`; `auto`, the default,
-picks ONNX Runtime on a CPU and torch on a GPU: `serving_backend`).
+picks ONNX Runtime on a CPU and torch on a GPU or in a trainer: `serving_backend`).
 
 Training stays in torch whatever the backend; each published version gets a `Runner` built from its frozen
 weights. For ONNX Runtime the network is exported to ONNX once (`OnnxGraph`): the graph is the same for
@@ -117,16 +117,19 @@ class BackgroundRunner:
             self.ready.set()
 
 
-def serving_backend(setting: str, device: torch.device) -> str:
-    """The backend `SSD_BACKEND` names on `device`: `auto` is ONNX Runtime on a CPU, where it answered 1.2-1.6x
-    torch's images/s over HTTP (benchmarks/README.md), and torch on a GPU, where float16 and cuDNN serve and the
-    image's onnxruntime wheel has no CUDA provider. `torch` and `onnxruntime` are taken as they are.
+def serving_backend(setting: str, device: torch.device, role: str = "all") -> str:
+    """The backend `SSD_BACKEND` names for a process of `role` (`SSD_ROLE`) on `device`. `auto` is ONNX Runtime
+    where detection traffic is answered on a CPU, roles `all` and `server`: there it answered 1.2-1.6x torch's
+    images/s over HTTP (benchmarks/README.md). It is torch on a GPU, where float16 and cuDNN serve and the
+    image's onnxruntime wheel has no CUDA provider, and for role `trainer`, which publishes a version per job
+    (each an ONNX Runtime session to build: SSD300 +1.8 GB at its peak) while the servers answer `/detect`.
+    `torch` and `onnxruntime` are taken as they are.
 
     Raises:
         ValueError: `setting` is none of `auto`, `torch`, `onnxruntime`.
     """
     if setting == "auto":
-        return "onnxruntime" if device.type == "cpu" else "torch"
+        return "onnxruntime" if device.type == "cpu" and role != "trainer" else "torch"
     if setting not in ("torch", "onnxruntime"):
         raise ValueError(f"SSD_BACKEND must be auto, torch or onnxruntime, got {setting!r}")
     return setting
@@ -189,6 +192,10 @@ class OnnxGraph:
         proto = optimize_onnx(proto)  # the new weights are constants now: fold them
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no per-session arena: it would keep the largest batch's activations for the session's life (SSD300 at
+        # batch 8: 840 MB in every worker), where torch gives them back; without it a forward pass took 3%
+        # (SSD300) to 8% (ssd-small, batch 1) longer in process, and /detect over HTTP was not slower
+        options.enable_cpu_mem_arena = False
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
         session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=self.providers)

@@ -95,7 +95,7 @@ class ModelHost:
         if self.dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError(f"SSD_INFERENCE_DTYPE={settings.inference_dtype} needs a CUDA device; SSD_DEVICE="
                              f"{settings.device} serves on {self.device}: set SSD_INFERENCE_DTYPE=float32")
-        self.backend = serving_backend(settings.backend, self.device)  # what serves the versions: torch, onnxruntime
+        self.backend = serving_backend(settings.backend, self.device, settings.role)  # what serves the versions: torch, onnxruntime
         self.graph = self._onnx_graph(model) if self.backend == "onnxruntime" else None
         frozen = frozen_copy(model, self.device)
         runner = self._runner(frozen)

@@ -165,10 +165,12 @@ def test_a_publish_never_waits_for_the_session_torch_serves_until_it_is_ready(tm
     assert metrics.registry.get_sample_value("ssd_backend_fallbacks_total") == 0
 
 
-def test_auto_serves_with_onnxruntime_on_a_cpu_and_with_torch_on_a_gpu():
+def test_auto_serves_with_onnxruntime_on_a_cpu_and_with_torch_on_a_gpu_or_in_a_trainer():
     assert Settings.model_fields["backend"].default == "auto"
     assert serving_backend("auto", CPU) == "onnxruntime"
     assert serving_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert serving_backend("auto", CPU, "server") == "onnxruntime"
+    assert serving_backend("auto", CPU, "trainer") == "torch"  # publishes often; the servers answer /detect
     assert serving_backend("torch", CPU) == "torch"
     assert serving_backend("onnxruntime", torch.device("cuda")) == "onnxruntime"
     with pytest.raises(ValueError, match="SSD_BACKEND must be auto, torch or onnxruntime, got 'tensorrt'"):
@@ -184,3 +186,6 @@ def test_a_cpu_deployment_with_the_default_backend_is_served_by_onnxruntime(tmp_
         "ssd_model_info", {"architecture": "ssd-small", "num_classes": "4", "device": "cpu", "backend": "onnxruntime"}) == 1
     published = host.publish(perturbed(demo_model, 6), 1)
     assert published.runner.ready.wait(60) and published.runner.backend == "onnxruntime"
+    trainer = ModelHost(make_settings(tmp_path, backend="auto", device="cpu", role="trainer"), Metrics(CollectorRegistry()),
+                        demo_model, 0, 0)
+    assert trainer.backend == "torch" and trainer.graph is None
