@@ -1,11 +1,13 @@
 """The FastAPI application: `create_app(settings)`; `app` for `uvicorn app.main:app`.
 
 The model is loaded in the lifespan (not at import), and the trainer thread started there; on
-shutdown (SIGTERM) the trainer finishes its current step and the current version is checkpointed.
+shutdown (SIGTERM) the trainer finishes its current step and the current version is checkpointed, and the
+ONNX Runtime sessions still being built are waited for.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +34,7 @@ from app.serving.model_origin import log_served_model
 from app.serving.replica import start_watcher
 from ssd_core.storage.checkpoint import CheckpointStore
 
+logger = logging.getLogger(__name__)
 
 def _package_version() -> str:
     try:
@@ -73,6 +76,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = getattr(app.state, "worker", None)
         if worker is not None:
             await run_in_threadpool(worker.stop, settings.shutdown_timeout_s)
+        if not await run_in_threadpool(host.finish_builds, settings.shutdown_timeout_s):
+            logger.warning("an ONNX Runtime session was still being built after %s s", settings.shutdown_timeout_s)
 
 
 def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:

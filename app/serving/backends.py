@@ -98,7 +98,8 @@ class BackgroundRunner:
     def __init__(self, fallback: Runner, build: Callable[[], Runner], on_failure: Callable[[], None]) -> None:
         self._runner = fallback
         self.ready = threading.Event()
-        threading.Thread(target=self._build, args=(build, on_failure), name="onnx-session", daemon=True).start()
+        self._thread = threading.Thread(target=self._build, args=(build, on_failure), name="onnx-session", daemon=True)
+        self._thread.start()
 
     @property
     def backend(self) -> str:
@@ -106,6 +107,12 @@ class BackgroundRunner:
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self._runner(images)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the build's thread has ended; returns whether it has. A process must not exit while one
+        runs: ONNX Runtime's native code would abort it ("terminate called without an active exception")."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _build(self, build: Callable[[], Runner], on_failure: Callable[[], None]) -> None:
         try:

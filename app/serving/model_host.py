@@ -91,6 +91,7 @@ class ModelHost:
         self.numbers = numbers if numbers is not None else VersionNumbers(None, version)
         self.exclusive = threading.Lock()
         self._lock = threading.Lock()
+        self._building: list[BackgroundRunner] = []  # sessions published versions may still be building
         self.dtype = DTYPES[settings.inference_dtype]
         if self.dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError(f"SSD_INFERENCE_DTYPE={settings.inference_dtype} needs a CUDA device; SSD_DEVICE="
@@ -149,6 +150,14 @@ class ModelHost:
         logger.info("published model version %d (step %d)", published.version, step)
         return published
 
+    def finish_builds(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the sessions still being built (`BackgroundRunner.join`); the last
+        call of a shutdown, once nothing publishes any more. Returns whether none is left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            building = list(self._building)
+        return all([runner.join(max(0.0, deadline - time.monotonic())) for runner in building])
+
     def predict(self, images: Tensor, served: ModelVersion) -> tuple[Tensor, Tensor, Tensor]:
         """Run version `served` on a batch, with its backend's runner.
 
@@ -179,7 +188,10 @@ class ModelHost:
         torch_runner = TorchRunner(model, self.device, self.dtype)
         if self.graph is not None:
             graph = self.graph
-            return BackgroundRunner(torch_runner, lambda: graph.runner(model), self.metrics.backend_fallbacks.inc)
+            runner = BackgroundRunner(torch_runner, lambda: graph.runner(model), self.metrics.backend_fallbacks.inc)
+            with self._lock:
+                self._building = [built for built in self._building if not built.ready.is_set()] + [runner]
+            return runner
         if self.backend == "onnxruntime":
             self.metrics.backend_fallbacks.inc()  # no graph: every version is served by torch
         return torch_runner

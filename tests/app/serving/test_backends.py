@@ -189,3 +189,21 @@ def test_a_cpu_deployment_with_the_default_backend_is_served_by_onnxruntime(tmp_
     trainer = ModelHost(make_settings(tmp_path, backend="auto", device="cpu", role="trainer"), Metrics(CollectorRegistry()),
                         demo_model, 0, 0)
     assert trainer.backend == "torch" and trainer.graph is None
+
+
+def test_a_shutdown_waits_for_the_sessions_still_being_built(tmp_path, demo_model, graph, monkeypatch):
+    # a process that exits while ONNX Runtime builds a session aborts ("terminate called without an active
+    # exception", exit -6): the lifespan's last step waits for them
+    monkeypatch.setattr(model_host, "OnnxGraph", lambda model, device, threads: graph)
+    host = ModelHost(make_settings(tmp_path, backend="onnxruntime"), Metrics(CollectorRegistry()), demo_model, 0, 0)
+    release, build = threading.Event(), graph.runner
+
+    def slow(model):
+        release.wait(60)
+        return build(model)
+
+    monkeypatch.setattr(graph, "runner", slow)
+    published = host.publish(perturbed(demo_model, 7), 1)
+    assert not host.finish_builds(0.2)  # still building
+    release.set()
+    assert host.finish_builds(60) and published.runner.backend == "onnxruntime"
