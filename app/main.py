@@ -36,6 +36,7 @@ from ssd_core.storage.checkpoint import CheckpointStore
 
 logger = logging.getLogger(__name__)
 
+
 def _package_version() -> str:
     try:
         return version("ssd-service")

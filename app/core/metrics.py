@@ -306,7 +306,8 @@ class Metrics:
     def _info_and_zeros(self, registry: CollectorRegistry) -> None:
         """Build and model info; every label set known up front, at zero before its first event."""
         self.build = Info("ssd_build", "Build information.", registry=registry)
-        self.model = Info("ssd_model", "Hosted model: architecture, classes, device and serving backend.", registry=registry)
+        self.model = Info("ssd_model", "Hosted model: architecture, classes, device and serving backend.",
+                          registry=registry)
         # label sets known up front appear at zero before their first event
         for state in ("succeeded", "failed", "cancelled", "rejected"):
             self.finetune_jobs.labels(state=state)

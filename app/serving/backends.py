@@ -129,7 +129,7 @@ def serving_backend(setting: str, device: torch.device, role: str = "all") -> st
     where detection traffic is answered on a CPU, roles `all` and `server`: there it answered 1.2-1.6x torch's
     images/s over HTTP (benchmarks/README.md). It is torch on a GPU, where float16 and cuDNN serve and the
     image's onnxruntime wheel has no CUDA provider, and for role `trainer`, which publishes a version per job
-    (each an ONNX Runtime session to build: SSD300 +1.8 GB at its peak) while the servers answer `/detect`.
+    (each an ONNX Runtime session to build: SSD300 +2.2 GB at its peak) while the servers answer `/detect`.
     `torch` and `onnxruntime` are taken as they are.
 
     Raises:

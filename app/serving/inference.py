@@ -145,7 +145,7 @@ class InferenceWorker:
                 work.result.set_exception(error)
             return
         elapsed = time.monotonic() - started
-        backend = served.runner.backend if served.runner is not None else "torch"
+        backend = served.backend
         for route in dict.fromkeys(w.route for w in works):
             self.metrics.inference_batch_size.labels(route=route).observe(len(images))
             self.metrics.inference_compute.labels(route=route, backend=backend).observe(elapsed)

@@ -52,6 +52,11 @@ class ModelVersion:
     restored_from: int | None = None
     runner: Runner | None = None
 
+    @property
+    def backend(self) -> str:
+        """What serves its forward passes now: `onnxruntime`, or `torch` (also while its session is built)."""
+        return self.runner.backend if self.runner is not None else "torch"
+
 
 def frozen_copy(model: SSD, device: torch.device) -> SSD:
     """An independent eval-mode copy without gradients, safe to share between inference threads."""
@@ -96,7 +101,7 @@ class ModelHost:
         if self.dtype != torch.float32 and self.device.type != "cuda":
             raise ValueError(f"SSD_INFERENCE_DTYPE={settings.inference_dtype} needs a CUDA device; SSD_DEVICE="
                              f"{settings.device} serves on {self.device}: set SSD_INFERENCE_DTYPE=float32")
-        self.backend = serving_backend(settings.backend, self.device, settings.role)  # what serves the versions: torch, onnxruntime
+        self.backend = serving_backend(settings.backend, self.device, settings.role)
         self.graph = self._onnx_graph(model) if self.backend == "onnxruntime" else None
         frozen = frozen_copy(model, self.device)
         runner = self._runner(frozen)

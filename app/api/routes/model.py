@@ -46,7 +46,7 @@ def model_info(host: ModelHost, settings: Settings) -> ModelInfo:
         version=current.version,
         training_steps=current.step,
         device=str(host.device),
-        backend=current.runner.backend if current.runner is not None else "torch",
+        backend=current.backend,
         role=settings.role,
         restored_from=current.restored_from,
     )

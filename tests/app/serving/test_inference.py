@@ -202,7 +202,7 @@ def test_a_request_whose_client_has_gone_leaves_the_queue_uncomputed(tmp_path):
 
     host = CountingHost()
     worker = InferenceWorker(host, batch_policy(settings), metrics)  # type: ignore[arg-type]
-    served = type("Served", (), {"version": 7, "runner": None})()
+    served = type("Served", (), {"version": 7, "backend": "torch"})()
 
     async def scenario() -> list:
         # the worker is busy with a first request, so the next ones queue for company (10 s delay)
