@@ -36,8 +36,8 @@ def make_settings(tmp_path, **overrides) -> Settings:
         # warm-up are tested in test_gate.py
         publish="every_step", holdout_fraction=0.0, warmup_steps=0,
         # torch serves: the suite starts hundreds of apps, and an ONNX export costs each seconds; the default
-        # (auto: ONNX Runtime on a CPU) is served in tests/app/serving/test_backends.py and a live deployment in
-        # tests/integration/test_default_deployment.py
+        # (auto: ONNX Runtime on a CPU) is served in tests/app/serving/test_backends.py, tests/app/test_server.py
+        # and the README's quick start (tests/integration/test_readme_examples.py)
         backend="torch",
     )
     values.update(overrides)

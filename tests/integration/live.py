@@ -111,7 +111,7 @@ def run_service(workdir: Path, *, module: bool = False, **env: str) -> Iterator[
         "SSD_HOST": "127.0.0.1",
         "SSD_TORCH_THREADS": "1",
         "OMP_NUM_THREADS": "1",
-        "SSD_BACKEND": "torch",  # each start would export ONNX for seconds; test_default_deployment.py serves the default
+        "SSD_BACKEND": "torch",  # each start would export ONNX for seconds; the quick-start test serves the default
         **env,
     }
     command = [sys.executable, "-m", "app"] if module else [

@@ -125,7 +125,7 @@ def test_the_quick_start_finds_the_shapes_with_the_demo_model(tmp_path):
     assert served_by == "onnxruntime"
     forwards = {sample.labels["backend"]: sample.value for family in metrics for sample in family.samples
                 if sample.name == "ssd_inference_compute_seconds_count" and sample.labels["route"] == "/detect"}
-    assert forwards.get("onnxruntime", 0) >= 1 and "torch" not in forwards, forwards
+    assert forwards.get("onnxruntime", 0) >= 1 and forwards.get("torch", 0) == 0, forwards
     assert len(ran) == curl_commands(block), ran
     assert "weights from the demo model" in log, log[-2000:]
     answers = json_objects(done.stdout)
