@@ -28,29 +28,18 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_online import REPO, REQUEST_IMAGES, Stream, held_out_images, measure_map, post_job, start_server
+from bench_online import REPO, Stream, answers_map, detect_answers, held_out_images, post_job, start_server
 
 from ssd_core.data.synthetic import CLASS_NAMES
 
 BACKENDS = {"torch": {"SSD_BACKEND": "torch"}, "default (auto)": {}}
 
 
-def detect_answers(url: str, encoded: list[dict]) -> list[list[dict]]:
-    """Every held-out image's detections from `POST /detect` (score threshold 0.01, 100 boxes)."""
-    answers = []
-    for start in range(0, len(encoded), REQUEST_IMAGES):
-        body = {"images": [{"image": e["image"]} for e in encoded[start : start + REQUEST_IMAGES]],
-                "score_threshold": 0.01, "max_detections": 100}
-        response = httpx.post(f"{url}/detect", json=body, timeout=600)
-        response.raise_for_status()
-        answers.extend(response.json()["detections"])
-    return answers
-
-
 def largest_difference(first: list[list[dict]], second: list[list[dict]]) -> dict[str, float]:
     """The largest |score| and |box coordinate| difference between two answers of the same images, taking the
     detections of an image in order, and the detections one answer has beyond the other (a score at the
-    threshold can fall on either side of it)."""
+    threshold can fall on either side of it). Detections of equal score may come in either order: a barely
+    trained model's many ties then show as a box difference while the scores agree."""
     score = box = 0.0
     unmatched = 0
     for one, other in zip(first, second, strict=True):
@@ -77,8 +66,8 @@ def compare(name: str, checkpoints: Path | None, args: argparse.Namespace, val, 
                 start_server(f"{name}-{backend.split()[0]}", directory, args.threads, **env, **backend_env))
         for backend, server in servers.items():
             served_by = httpx.get(f"{server.url}/model", timeout=30).json()["backend"]
-            measured[backend] = {**measure_map(server, val, encoded), "served_by": served_by}
-            answers[backend] = detect_answers(server.url, encoded)
+            answers[backend], versions = detect_answers(server, encoded)
+            measured[backend] = {**answers_map(answers[backend], versions, val), "served_by": served_by}
     versions = {m["version"] for m in measured.values()}
     if len(versions) != 1:
         raise RuntimeError(f"{name}: the servers serve different versions {versions}")

@@ -219,25 +219,36 @@ def post_validation(server: Server, samples: list[Sample]) -> dict:
     return answer
 
 
-def measure_map(server: Server, samples: list[Sample], encoded: list[dict]) -> dict:
-    """Served mAP@0.5 overall and per class name from `POST /detect` (score_threshold 0.01, 100 boxes)."""
-    detections, versions = [], set()
-    for start in range(0, len(samples), REQUEST_IMAGES):
+def detect_answers(server: Server, encoded: list[dict]) -> tuple[list[list[dict]], set[int]]:
+    """Every image's detections from `POST /detect` (score_threshold 0.01, 100 boxes), and the model versions
+    that answered."""
+    answers, versions = [], set()
+    for start in range(0, len(encoded), REQUEST_IMAGES):
         body = {"images": [{"image": e["image"]} for e in encoded[start : start + REQUEST_IMAGES]],
                 "score_threshold": 0.01, "max_detections": 100}
         response = httpx.post(f"{server.url}/detect", json=body, timeout=600)
         response.raise_for_status()
         answer = response.json()
         versions.add(answer["model_version"])
-        for boxes in answer["detections"]:
-            detections.append(Detections(
-                torch.tensor([d["box"] for d in boxes], dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([d["score"] for d in boxes], dtype=torch.float32),
-                torch.tensor([d["label"] for d in boxes], dtype=torch.long),
-            ))
+        answers.extend(answer["detections"])
+    return answers, versions
+
+
+def answers_map(answers: list[list[dict]], versions: set[int], samples: list[Sample]) -> dict:
+    """mAP@0.5 overall and per class name of `detect_answers`' answers on `samples`."""
+    detections = [Detections(
+        torch.tensor([d["box"] for d in boxes], dtype=torch.float32).reshape(-1, 4),
+        torch.tensor([d["score"] for d in boxes], dtype=torch.float32),
+        torch.tensor([d["label"] for d in boxes], dtype=torch.long),
+    ) for boxes in answers]
     map_50, per_class = average_precision_50(detections, samples)
     return {"map_50": map_50, "per_class": {CLASS_NAMES[c]: ap for c, ap in per_class.items()},
             "version": max(versions)}
+
+
+def measure_map(server: Server, samples: list[Sample], encoded: list[dict]) -> dict:
+    """Served mAP@0.5 overall and per class name from `POST /detect` (score_threshold 0.01, 100 boxes)."""
+    return answers_map(*detect_answers(server, encoded), samples)
 
 
 # ---- phases
