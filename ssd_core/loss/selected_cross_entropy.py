@@ -4,6 +4,7 @@ background log-probability (to rank hard negatives), and the cross-entropy of th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,6 +64,21 @@ class SelectedCrossEntropy(torch.autograd.Function):
         log_probs, row, target = ctx.saved_tensors
         grad_rows = log_probs.exp()  # softmax, [K, C]
         grad_rows[torch.arange(len(target), device=target.device), target] -= 1
-        grad_conf = grad_rows.new_zeros(ctx.conf_shape)  # [B, P, C]
+        grad_conf = _zeros(ctx.conf_shape, grad_rows)  # [B, P, C]
         grad_conf.view(-1, grad_rows.shape[1]).index_copy_(0, row, grad_rows.mul_(grad[:, None]))
         return grad_conf, None, None, None
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _zeros(shape: torch.Size, like: Tensor) -> Tensor:
+    """A zero tensor of `shape` with `like`'s dtype and device. On the CPU it comes from calloc (`numpy.zeros`,
+    shared memory, no copy): a large block is fresh pages the kernel maps zeroed on first touch, so the pages of
+    d conf that the backward never writes (all rows but the selected few) cost nothing unless read.
+    `torch.zeros` writes every byte: at C = 81 (B = 32, SSD300, 90 MB) 44 ms against 7 ms for calloc with the
+    selected rows written, and 9 ms even once every page has been read (1 thread)."""
+    numpy_dtype = _NUMPY_DTYPES.get(like.dtype)
+    if like.device.type != "cpu" or numpy_dtype is None:
+        return like.new_zeros(shape)
+    return torch.from_numpy(np.zeros(tuple(shape), dtype=numpy_dtype))
