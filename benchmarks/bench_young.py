@@ -50,7 +50,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_online import REPO, Server, Stream, items, job_row, measure_map, start_server
+from bench_online import REPO, Server, Stream, detect_answers, items, job_row, measure_map, start_server
 
 from ssd_core.data.synthetic import CLASS_NAMES, ShapesDataset
 from ssd_core.evaluation.plotting import save_curves
@@ -122,15 +122,6 @@ def post(server: Server, samples: list, steps: int, lr: float | None = None) -> 
     if response.status_code != 200:
         return {"refused": response.status_code, "error": response.json().get("error", {}).get("message")}
     return response.json()
-
-
-def served_detections(server: Server, samples: list) -> list[list[dict]]:
-    """The served model's detections on the job's images, as screening sees them (score >= 0.01)."""
-    body = {"images": [{"image": item["image"]} for item in items(samples)], "score_threshold": 0.01,
-            "max_detections": 100}
-    response = httpx.post(f"{server.url}/detect", json=body, timeout=600)
-    response.raise_for_status()
-    return response.json()["detections"]
 
 
 def record(args: argparse.Namespace, row: dict) -> None:
@@ -211,7 +202,7 @@ def run_scenario(args: argparse.Namespace, warm: Path, name: str, share: float, 
                                         "changed": changed,
                                         "boxes": [s.boxes.tolist() for s in samples],
                                         "labels": [s.labels.tolist() for s in samples],
-                                        "detections": served_detections(server, samples)}) + "\n")
+                                        "detections": detect_answers(server, items(samples))[0]}) + "\n")
             view = post(server, samples, args.job_steps)
             row = job_record(scenario, mode, number, "bad" if bad else "clean", view, corrupted,
                              measure_map(server, val, encoded), changed)
