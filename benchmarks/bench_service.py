@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=4, help="backends: SSD_NUM_CLASSES")
     parser.add_argument("--device", default="cpu", help="backends: SSD_DEVICE and the bare forward's device")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="backends: SSD_MAX_BATCH_DELAY_MS")
+    parser.add_argument("--rounds", type=int, default=3, help="backends: interleaved rounds, each row their median")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "backends":

@@ -78,9 +78,9 @@ dry_command() {
 step "CUDA tests" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/app/serving tests/ssd_core
 step "Loss, forward + backward on CUDA" 75 "$PYTHON" benchmarks/bench_loss.py --device cuda --repeats 9
 step "/detect ssd-small on CUDA: torch and onnxruntime against the bare forward" 110 \
-    "$PYTHON" benchmarks/bench_service.py --part backends --device cuda --seconds 4
+    "$PYTHON" benchmarks/bench_service.py --part backends --device cuda --seconds 4 --rounds 1
 step "/detect SSD300 on CUDA: 1 and 32 clients against the bare forward at batch 1 and 32" 90 \
-    "$PYTHON" benchmarks/bench_service.py --part backends --device cuda --seconds 4 --model ssd300 \
+    "$PYTHON" benchmarks/bench_service.py --part backends --device cuda --seconds 4 --rounds 1 --model ssd300 \
     --num-classes 21 --many-clients 32 --backends torch
 step "Fine-tune throughput, SSD300 on CUDA (AMP)" 45 \
     "$PYTHON" benchmarks/bench_train.py --device cuda --model ssd300 --batch-size 32 --amp --throughput-only

@@ -6,12 +6,14 @@ For each backend a live server (`SSD_BACKEND`, dynamic batching on) answers one 
 `model_inputs`, the backend's forward and `detect` at batch 1 and N: what the request path adds is the gap
 between the two. With `--baseline REV` a server of git revision REV (its whole tree, `git archive`) runs the
 same rows, so that before and after share every load fluctuation. Rows interleave (each backend, then the
-bare rates, for each client count).
+bare rates, for each client count), `--rounds` times over; each row reports the median of its rounds and their
+range, since on two shared cores one row of a few seconds can swing by a quarter.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import io
 import json
@@ -78,6 +80,17 @@ def bare_rate(runner: Callable, model, image: torch.Tensor, batch: int, seconds:
     return {"ips": batch / statistics.median(ordered), "p50_ms": 1000 * statistics.median(ordered)}
 
 
+def median_row(runs: list[dict[str, float]]) -> dict[str, float]:
+    """One row from its rounds: the median of each figure, `requests` summed, and the throughput's range
+    (`rps_low`/`rps_high` or `ips_low`/`ips_high`)."""
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    if "requests" in row:
+        row["requests"] = sum(run["requests"] for run in runs)
+    rate = "rps" if "rps" in row else "ips"
+    row[f"{rate}_low"], row[f"{rate}_high"] = min(run[rate] for run in runs), max(run[rate] for run in runs)
+    return row
+
+
 def multipart_sender(url: str, png: bytes) -> Callable:
     @contextlib.contextmanager
     def sender() -> Iterator[Callable[[], None]]:
@@ -104,8 +117,8 @@ def run(live_server, drive, run_clients, args) -> None:
     env = {"SSD_DEVICE": args.device, "SSD_MAX_BATCH_DELAY_MS": str(args.delay_ms),
            "SSD_MAX_BATCH_IMAGES": str(max(clients))}
     servers = {backend: {"SSD_BACKEND": backend} for backend in args.backends}
-    rows: dict[tuple[str, str, int], dict[str, float]] = {}
-    bare: dict[tuple[str, int], dict[str, float]] = {}
+    rows: dict[tuple[str, str, int], list[dict[str, float]]] = collections.defaultdict(list)
+    bare: dict[tuple[str, int], list[dict[str, float]]] = collections.defaultdict(list)
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, extra in servers.items():
@@ -117,29 +130,32 @@ def run(live_server, drive, run_clients, args) -> None:
         runners = {backend: bare_runner(backend, model, device, args.threads) for backend in args.backends}
         for url in urls.values():
             drive(url, "/detect", body, "application/json", 2, 0, min_requests=4)  # warm-up
-        for n in clients:
-            for name, url in urls.items():
-                rows[name, "json", n] = drive(url, "/detect", body, "application/json", n, args.seconds)
-                rows[name, "multipart", n] = run_clients(multipart_sender(url, png), n, args.seconds)
-            for backend, runner in runners.items():
-                bare[backend, n] = bare_rate(runner, model, image, n, args.seconds)
+        for _ in range(args.rounds):
+            for n in clients:
+                for name, url in urls.items():
+                    rows[name, "json", n].append(drive(url, "/detect", body, "application/json", n, args.seconds))
+                    rows[name, "multipart", n].append(run_clients(multipart_sender(url, png), n, args.seconds))
+                for backend, runner in runners.items():
+                    bare[backend, n].append(bare_rate(runner, model, image, n, args.seconds))
     load_after = os.getloadavg()
+    rows, bare = {key: median_row(runs) for key, runs in rows.items()}, {key: median_row(runs) for key, runs in bare.items()}
     print(f"\n## Serving backends: {args.model} on {args.device}, 1 PNG {image.shape[2]}x{image.shape[1]} per request, "
-          f"score threshold {SCORE_THRESHOLD}, batch delay {args.delay_ms} ms, {args.seconds:.0f} s per row, threads {args.threads}, "
+          f"score threshold {SCORE_THRESHOLD}, batch delay {args.delay_ms} ms, {args.seconds:.0f} s per row, "
+          f"median of {args.rounds} interleaved rounds, threads {args.threads}, "
           f"{os.cpu_count()} CPUs ({cpu_model()}); load average before {load_before[0]:.2f}, after "
           f"{load_after[0]:.2f}\n")
-    print("| server | body | clients | requests | images/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | body | clients | requests | images/s | range | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in clients:
         for name in urls:
             for kind in ("json", "multipart"):
                 r = rows[name, kind, n]
-                print(f"| {name} | {kind} | {n} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-                      f"{r['p99_ms']:.1f} |")
-    print("\n| bare (in process) | batch | images/s | p50 ms per batch |")
-    print("|---|---|---|---|")
+                print(f"| {name} | {kind} | {n} | {r['requests']:.0f} | {r['rps']:.1f} | {r['rps_low']:.1f}-"
+                      f"{r['rps_high']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    print("\n| bare (in process) | batch | images/s | range | p50 ms per batch |")
+    print("|---|---|---|---|---|")
     for (backend, n), r in bare.items():
-        print(f"| {backend} | {n} | {r['ips']:.1f} | {r['p50_ms']:.1f} |")
+        print(f"| {backend} | {n} | {r['ips']:.1f} | {r['ips_low']:.1f}-{r['ips_high']:.1f} | {r['p50_ms']:.1f} |")
     print()
     n = args.many_clients
     for backend in args.backends:
