@@ -138,7 +138,8 @@ def run(live_server, drive, run_clients, args) -> None:
                 for backend, runner in runners.items():
                     bare[backend, n].append(bare_rate(runner, model, image, n, args.seconds))
     load_after = os.getloadavg()
-    rows, bare = {key: median_row(runs) for key, runs in rows.items()}, {key: median_row(runs) for key, runs in bare.items()}
+    rows = {key: median_row(runs) for key, runs in rows.items()}
+    bare = {key: median_row(runs) for key, runs in bare.items()}
     print(f"\n## Serving backends: {args.model} on {args.device}, 1 PNG {image.shape[2]}x{image.shape[1]} per request, "
           f"score threshold {SCORE_THRESHOLD}, batch delay {args.delay_ms} ms, {args.seconds:.0f} s per row, "
           f"median of {args.rounds} interleaved rounds, threads {args.threads}, "
