@@ -119,14 +119,21 @@ def _best_truth_where(iou: Tensor, above: Tensor) -> Tensor:
 def _best_prior_of_truths(iou: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Best IoU of each truth with any prior and that prior's index (the first maximum, as `max` gives it).
 
-    `max` with indices along the priors costs about 8x `amax` per element on the CPU, so it runs on the
-    real truths' rows only; padding rows get IoU -1 and prior 0, as `max` over their -1s would give.
+    Only the real truths' rows are searched; padding rows get IoU -1 and prior 0, as `max` over their -1s
+    would give. On the CPU the indices come from numpy's `argmax` (also the first maximum): torch's `max`
+    with indices along the priors is not vectorised and took 1.1 ms against numpy's 0.08 ms for 136 truths
+    x 8732 priors (1 thread).
 
     Returns:
         (Tensor[B, M], Tensor[B, M] long).
     """
     rows = valid.flatten().nonzero().flatten()  # [K] rows of the flattened [B * M, P]
-    best_iou, best_prior = iou.flatten(0, 1).index_select(0, rows).max(dim=1)  # [K] each
+    truth_rows = iou.flatten(0, 1).index_select(0, rows)  # [K, P]
+    if truth_rows.device.type == "cpu":
+        best_prior = torch.from_numpy(truth_rows.detach().numpy().argmax(axis=1))  # [K] int64
+        best_iou = truth_rows.gather(1, best_prior[:, None]).squeeze(1)  # [K]
+    else:
+        best_iou, best_prior = truth_rows.max(dim=1)  # [K] each
     truth_best_iou = iou.new_full((valid.numel(),), -1.0).index_copy_(0, rows, best_iou)
     truth_best_prior = best_prior.new_zeros(valid.numel()).index_copy_(0, rows, best_prior)
     return truth_best_iou.view(valid.shape), truth_best_prior.view(valid.shape)

@@ -23,6 +23,38 @@ def test_background_log_prob_equals_log_softmax_across_blocks(monkeypatch, with_
     torch.testing.assert_close(background_log_prob(conf, 0, bias), expected)
 
 
+@pytest.fixture
+def torch_threads():
+    """Sets torch's intra-op threads for one test (`background_log_prob` takes another path with one)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_background_log_prob_of_extreme_and_non_finite_logits_equals_log_softmax(
+    monkeypatch, torch_threads, threads, dtype
+):
+    torch_threads(threads)
+    generator = torch.Generator().manual_seed(3)
+    conf = (torch.randn(2, 40, 6, generator=generator) * 4).to(dtype)  # [B, P, C]
+    conf[0, 0] += 800  # exp overflows in float32 and float64
+    conf[0, 1] -= 800  # every exp underflows
+    conf[0, 2, 3] = float("inf")
+    conf[0, 3, 0] = float("nan")
+    conf[0, 4] = float("-inf")
+    conf[0, 5, 1:] = float("-inf")  # only the background is possible: log-probability 0
+    conf[1, 7, 2] = 80.0  # a large but finite exp in float32
+    monkeypatch.setattr(selected_cross_entropy, "_ELEMENTS_PER_BLOCK", 48)  # 8 rows a block
+    for label in (0, 5):
+        expected = F.log_softmax(conf, dim=-1)[..., label]  # [B, P]
+        result = background_log_prob(conf, label)
+        assert result.dtype == dtype and result.shape == (2, 40)
+        torch.testing.assert_close(result, expected, equal_nan=True)
+    assert background_log_prob(conf[:, :0], 0).shape == (2, 0)
+
+
 def test_selected_cross_entropy_equals_cross_entropy_on_the_selected_rows():
     generator = torch.Generator().manual_seed(1)
     conf = torch.randn(2, 6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
