@@ -121,8 +121,7 @@ def _best_prior_of_truths(iou: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
 
     Only the real truths' rows are searched; padding rows get IoU -1 and prior 0, as `max` over their -1s
     would give. On the CPU the indices come from numpy's `argmax` (also the first maximum): torch's `max`
-    with indices along the priors is not vectorised and took 1.1 ms against numpy's 0.08 ms for 136 truths
-    x 8732 priors (1 thread).
+    with indices along the priors took 1.1 ms against numpy's 0.08 ms for 136 truths x 8732 priors (1 thread).
 
     Returns:
         (Tensor[B, M], Tensor[B, M] long).
