@@ -61,8 +61,8 @@ def torchvision_loss(model: SSD, loc, conf, anchors_xyxy, targets):
     return losses["bbox_regression"], losses["classification"]
 
 
-def baseline_loss_class(revision: str, directory: Path) -> type:
-    """`MultiBoxLoss` of `revision`: its `ssd_core` extracted into `directory` as package `ssd_core_baseline`."""
+def baseline_ssd_core(revision: str, directory: Path):
+    """The `ssd_core` of `revision`, extracted into `directory` and imported as package `ssd_core_baseline`."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "ssd_core"], check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -73,7 +73,7 @@ def baseline_loss_class(revision: str, directory: Path) -> type:
         text = source.read_text().replace("from ssd_core.", "from ssd_core_baseline.")
         source.write_text(text.replace("from ssd_core import", "from ssd_core_baseline import"))
     sys.path.insert(0, str(directory))
-    return importlib.import_module("ssd_core_baseline.loss").MultiBoxLoss
+    return importlib.import_module("ssd_core_baseline")
 
 
 def time_once(fn, loc, conf, backward: bool) -> float:
@@ -138,7 +138,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, P={len(priors)}, {repeats} interleaved repeats, fwd+bwd; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory() as directory:
-        baseline = None if args.baseline is None else baseline_loss_class(args.baseline, Path(directory))
+        baseline = None if args.baseline is None else baseline_ssd_core(args.baseline, Path(directory)).MultiBoxLoss
         print_table(cases, repeats, priors, baseline, args.baseline, torch.device(args.device))
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 

@@ -48,8 +48,13 @@ def detect(
     bkg_label: int = 0,
     top_k_per_class: int = 200,
 ) -> list[Detections]:
-    """Decode, threshold, per-class NMS and top-k, as ssd.pytorch's `Detect` (with clipping), for the whole
-    batch at once: one top-k and one `batched_nms` over every image's candidates (NMS groups by image and class).
+    """Threshold, decode, per-class NMS and top-k, as ssd.pytorch's `Detect` (with clipping), for the whole
+    batch at once: one `batched_nms` over every image's candidates (NMS groups by image and class).
+
+    Only the (prior, class) pairs above the score threshold are decoded and enter NMS; a class with more than
+    `top_k_per_class` of them in an image keeps its `top_k_per_class` best, as `Detect`'s top-k then threshold
+    would. A top-k along the priors for every class and image cost more than the rest of `detect` (ssd-small,
+    21 classes, batch 8: 7.7 of 16 ms, nothing passing a 0.3 threshold).
 
     Args:
         loc (Tensor[B, P, 4]): predicted offsets from the priors.
@@ -63,36 +68,33 @@ def detect(
         image_sizes: (height, width) of each original image; boxes are scaled to its pixels.
             None returns normalised boxes.
         bkg_label: index of the background column.
-        top_k_per_class: highest-scoring priors per class that enter NMS (bounds NMS cost).
+        top_k_per_class: highest-scoring priors per class and image that enter NMS (bounds NMS cost).
 
     Returns:
-        One `Detections` per image; boxes clipped to the image, degenerate ones dropped.
+        One `Detections` per image, highest score first (equal scores: lower prior, then lower class first);
+        boxes clipped to the image, degenerate ones dropped.
     """
     batch = loc.shape[0]
     thresholds = _per_image(score_threshold, batch, "score_threshold")
     limits = _per_image(max_detections, batch, "max_detections")
     _validate(loc, conf, priors, image_sizes, bkg_label, thresholds, nms_iou, limits)
-    object_columns = [c for c in range(conf.shape[-1]) if c != bkg_label]
-    scores = _class_probabilities(conf)[..., object_columns]  # [B, P, K]
-    boxes = decode(loc, priors, variances).clamp(0.0, 1.0)  # [B, P, 4] normalised xyxy
-    top_scores, top_priors = scores.topk(min(top_k_per_class, scores.shape[1]), dim=1)  # [B, k, K] each
-    threshold = torch.tensor(thresholds, dtype=top_scores.dtype, device=top_scores.device)  # [B]
-    passed = top_scores > threshold[:, None, None]  # [B, k, K]
-    image, _, label = passed.nonzero(as_tuple=True)  # [N] each, in the order of the mask's True entries
-    cand_scores = top_scores[passed]  # [N]
-    cand_boxes = boxes[image, top_priors[passed]]  # [N, 4]
+    probabilities = _class_probabilities(conf)  # [B, P, C]
+    image, prior, column = _candidates(probabilities, thresholds, bkg_label, top_k_per_class)  # [N] each
+    cand_scores = probabilities[image, prior, column]  # [N]
+    cand_boxes = decode(loc[image, prior], priors[prior], variances).clamp(0.0, 1.0)  # [N, 4] normalised xyxy
+    label = column - (column > bkg_label).long()  # [N] object class, background not counted
     valid = ~invalid_box_mask(cand_boxes)  # boxes clipped to nothing
     cand_boxes, cand_scores, image, label = cand_boxes[valid], cand_scores[valid], image[valid], label[valid]
     # one NMS for the batch, grouped by (image, class); in float64 because batched_nms may offset each group's
     # boxes by its group index, and B * K offsets in float32 would blur IoUs near the threshold
-    groups = image * scores.shape[2] + label
+    groups = image * (conf.shape[-1] - 1) + label
     keep = batched_nms(cand_boxes.double(), cand_scores.double(), groups, nms_iou)  # [M]
     # by image, then score, equal scores in candidate order: batched_nms may order ties differently from call to call
     keep = keep.sort().values
     keep = keep[cand_scores[keep].sort(descending=True, stable=True).indices]
     keep = keep[image[keep].sort(stable=True).indices]
     if image_sizes is not None:
-        scale = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        scale = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=cand_boxes.dtype, device=cand_boxes.device)
         cand_boxes = cand_boxes * scale[image]  # [N, 4] pixels of each candidate's image
     counts = torch.bincount(image[keep], minlength=batch).tolist()
     results, start = [], 0
@@ -101,6 +103,38 @@ def detect(
         results.append(Detections(cand_boxes[rows], cand_scores[rows], label[rows]))
         start += counts[b]
     return results
+
+
+def _candidates(
+    probabilities: Tensor, thresholds: Sequence[float], bkg_label: int, top_k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The (image, prior, column) of every object-class probability above its image's threshold, but of an
+    (image, class) with more than `top_k` of them only its `top_k` highest (all above the threshold, then);
+    ordered by image, prior, column.
+
+    Args:
+        probabilities (Tensor[B, P, C]): softmax over the classes.
+        thresholds: one per image.
+
+    Returns:
+        (image, prior, column), Tensor[N] long each.
+    """
+    num_priors, num_columns = probabilities.shape[1:]
+    threshold = torch.tensor(thresholds, dtype=probabilities.dtype, device=probabilities.device)  # [B]
+    passed = probabilities > threshold[:, None, None]  # [B, P, C]
+    passed[..., bkg_label] = False
+    crowded = passed.sum(dim=1) > top_k  # [B, C]
+    if not crowded.any():
+        return passed.nonzero(as_tuple=True)  # [N] each, in (image, prior, column) order
+    passed &= ~crowded[:, None, :]
+    image, prior, column = passed.nonzero(as_tuple=True)  # [N] each
+    crowded_image, crowded_column = crowded.nonzero(as_tuple=True)  # [G] each
+    best = probabilities[crowded_image, :, crowded_column].topk(top_k, dim=1).indices  # [G, top_k]
+    image = torch.cat((image, crowded_image.repeat_interleave(top_k)))
+    prior = torch.cat((prior, best.flatten()))
+    column = torch.cat((column, crowded_column.repeat_interleave(top_k)))
+    order = ((image * num_priors + prior) * num_columns + column).argsort()  # back to (image, prior, column)
+    return image[order], prior[order], column[order]
 
 
 def detect_with_spec(spec: ModelSpec, loc: Tensor, conf: Tensor, priors: Tensor, **options: Any) -> list[Detections]:

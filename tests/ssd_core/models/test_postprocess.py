@@ -70,8 +70,9 @@ def test_background_column_elsewhere():
     assert det.labels.tolist() == [0, 1, 1]  # columns 0, 1 are object classes 0, 1
 
 
-def reference_detect(loc, conf, priors, score_threshold, nms_iou, max_detections, size):
-    """Obvious per-image, per-class loop with torchvision.ops.nms."""
+def reference_detect(loc, conf, priors, score_threshold, nms_iou, max_detections, size, top_k_per_class=None):
+    """Obvious per-image, per-class loop with torchvision.ops.nms: ssd.pytorch's `Detect`, whose top-k per
+    class comes before the threshold."""
     out = []
     for b in range(loc.shape[0]):
         boxes = decode(loc[b], priors).clamp(0, 1)
@@ -79,6 +80,8 @@ def reference_detect(loc, conf, priors, score_threshold, nms_iou, max_detections
         found = []
         for c in range(1, conf.shape[-1]):
             mask = probs[:, c] > score_threshold
+            if top_k_per_class is not None:
+                mask &= torch.zeros_like(mask).index_fill_(0, probs[:, c].topk(top_k_per_class).indices, True)
             for i in nms(boxes[mask], probs[mask, c], nms_iou).tolist():
                 found.append((probs[mask, c][i].item(), c - 1, boxes[mask][i]))
         found.sort(key=lambda t: -t[0])
@@ -125,6 +128,37 @@ def test_the_batch_at_once_matches_the_per_image_reference_with_per_image_option
         assert torch.equal(det.labels, labels)
         assert torch.allclose(det.scores, scores)
         assert torch.allclose(det.boxes, boxes, atol=1e-4)
+
+
+def test_crowded_classes_keep_their_top_k_as_the_per_class_top_k_then_threshold_reference():
+    # top_k_per_class 12: the 0.05 images' classes have more candidates (only their best 12 enter NMS), the 0.4
+    # and 0.6 images' fewer; classes of both kinds in one batch
+    torch.manual_seed(2)
+    priors = torch.cat([torch.rand(80, 2) * 0.6 + 0.2, torch.rand(80, 2) * 0.3 + 0.1], 1)
+    loc, conf = torch.randn(4, 80, 4) * 0.5, torch.randn(4, 80, 5) * 2
+    thresholds, sizes = [0.05, 0.4, 0.05, 0.6], [(60, 70)] * 4
+    probs = conf.softmax(-1)[..., 1:]
+    passing = (probs > torch.tensor(thresholds)[:, None, None]).sum(dim=1)  # [B, K]
+    assert (passing > 12).any() and (passing <= 12).any()
+    got = detect(loc, conf, priors, score_threshold=thresholds, nms_iou=0.3, max_detections=200, image_sizes=sizes,
+                 top_k_per_class=12)
+    for b, det in enumerate(got):
+        ((boxes, scores, labels),) = reference_detect(loc[b : b + 1], conf[b : b + 1], priors, thresholds[b], 0.3, 200,
+                                                      torch.tensor([70, 60, 70, 60]), top_k_per_class=12)
+        assert torch.equal(det.labels, labels)
+        assert torch.allclose(det.scores, scores)
+        assert torch.allclose(det.boxes, boxes, atol=1e-4)
+
+
+def test_equal_scores_come_in_prior_then_class_order():
+    # four priors far apart; every kept pair scores 0.4, class 0 (three pairs above 0.25) crowded by top_k 2
+    priors = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.8, 0.2, 0.1, 0.1], [0.2, 0.8, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]])
+    probabilities = [[0.2, 0.4, 0.4], [0.5, 0.3, 0.2], [0.2, 0.4, 0.4], [0.8, 0.1, 0.1]]
+    conf = torch.tensor(probabilities).log()[None]
+    (det,) = detect(torch.zeros(1, 4, 4), conf, priors, score_threshold=0.25, top_k_per_class=2)
+    assert det.labels.tolist() == [0, 1, 0, 1]
+    assert torch.allclose(det.scores, torch.full((4,), 0.4))
+    assert torch.allclose(det.boxes, point_form(priors[[0, 0, 2, 2]]))
 
 
 def test_per_image_options_must_match_the_batch():
