@@ -125,8 +125,8 @@ def run(live_server, drive, run_clients, args) -> None:
             urls[name] = stack.enter_context(live_server(args.model, args.num_classes, args.threads, **env, **extra))
         if args.baseline:
             tree = stack.enter_context(revision_tree(args.baseline, Path(__file__).resolve().parents[1]))
-            urls[f"{args.baseline} (torch)"] = stack.enter_context(
-                live_server(args.model, args.num_classes, args.threads, cwd=tree, **env))
+            urls[f"{args.baseline} (torch)"] = stack.enter_context(  # since 28b772d the default backend is auto
+                live_server(args.model, args.num_classes, args.threads, cwd=tree, **env, SSD_BACKEND="torch"))
         runners = {backend: bare_runner(backend, model, device, args.threads) for backend in args.backends}
         for url in urls.values():
             drive(url, "/detect", body, "application/json", 2, 0, min_requests=4)  # warm-up
