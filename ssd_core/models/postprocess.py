@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from ssd_core.ops.boxes import invalid_box_mask
 from ssd_core.ops.coder import decode
+from ssd_core.ops.nms import grouped_nms
 
 if TYPE_CHECKING:
     from ssd_core.models.base import ModelSpec
@@ -49,7 +49,7 @@ def detect(
     top_k_per_class: int = 200,
 ) -> list[Detections]:
     """Threshold, decode, per-class NMS and top-k, as ssd.pytorch's `Detect` (with clipping), for the whole
-    batch at once: one `batched_nms` over every image's candidates (NMS groups by image and class).
+    batch at once: one `grouped_nms` over every image's candidates (NMS groups by image and class).
 
     Only the (prior, class) pairs above the score threshold are decoded and enter NMS; a class with more than
     `top_k_per_class` of them in an image keeps its `top_k_per_class` best, as `Detect`'s top-k then threshold
@@ -85,11 +85,11 @@ def detect(
     label = column - (column > bkg_label).long()  # [N] object class, background not counted
     valid = ~invalid_box_mask(cand_boxes)  # boxes clipped to nothing
     cand_boxes, cand_scores, image, label = cand_boxes[valid], cand_scores[valid], image[valid], label[valid]
-    # one NMS for the batch, grouped by (image, class); in float64 because batched_nms may offset each group's
-    # boxes by its group index, and B * K offsets in float32 would blur IoUs near the threshold
+    # NMS grouped by (image, class); in float64 because grouped_nms offsets groups apart, and offsets of hundreds
+    # in float32 would blur IoUs near the threshold
     groups = image * (conf.shape[-1] - 1) + label
-    keep = batched_nms(cand_boxes.double(), cand_scores.double(), groups, nms_iou)  # [M]
-    # by image, then score, equal scores in candidate order: batched_nms may order ties differently from call to call
+    keep = grouped_nms(cand_boxes.double(), cand_scores.double(), groups, nms_iou)  # [M]
+    # by image, then score, equal scores in candidate order: nms may order ties differently from call to call
     keep = keep.sort().values
     keep = keep[cand_scores[keep].sort(descending=True, stable=True).indices]
     keep = keep[image[keep].sort(stable=True).indices]
