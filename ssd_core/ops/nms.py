@@ -9,8 +9,8 @@ from torchvision.ops import nms
 __all__ = ["grouped_nms"]
 
 # boxes per `nms` call; groups are packed into calls up to this many boxes (a larger group gets a call alone).
-# One call's cost grows with its boxes squared, each call costs about 60 us: measured best of 256, 512, 1024
-# and 2048 on ssd-small's detections (1 thread).
+# A call's cost grows with its boxes squared, and each call has a fixed cost: of 256, 512, 1024 and 2048, 256
+# was the fastest on ssd-small's detections of many groups (1 thread).
 _BOXES_PER_CALL = 256
 
 
@@ -20,8 +20,9 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     `batched_nms` runs one `nms` over all boxes, each group's moved apart by an offset, up to 1000 boxes on the
     CPU, and above that one `nms` per group, each after a scan of all N group ids. With the many small groups
     of a batch's detections (images x classes) both cost: ssd-small, 81 classes, batch 8, 1273 boxes in 547
-    groups: 27-43 ms. Here the boxes are sorted by group and consecutive groups share a call of at most
-    `_BOXES_PER_CALL` boxes, offset apart as `batched_nms` does it: 0.8 ms for that case.
+    groups: 27-49 ms. Here the boxes are sorted by group and consecutive groups share a call of at most
+    `_BOXES_PER_CALL` boxes, offset apart as `batched_nms` does it: 0.8-1.5 ms for that case. The offsets grow
+    with the group ids: pass float64 boxes when there are hundreds of groups.
 
     Args:
         boxes (Tensor[N, 4]): in (x1, y1, x2, y2).
@@ -34,19 +35,23 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     """
     if len(boxes) == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    step = boxes.max() - boxes.min() + 1  # groups this far apart cannot overlap
+    if len(boxes) <= _BOXES_PER_CALL:  # one call without the sorting
+        return nms(boxes + (groups.to(boxes) * step)[:, None], scores, iou_threshold)
     order = groups.argsort(stable=True)  # [N] boxes by group
     rank = torch.unique_consecutive(groups[order], return_inverse=True)[1]  # [N] dense group index, sorted
-    step = boxes.max() - boxes.min() + 1  # groups this far apart cannot overlap
-    kept, start, size, first_group = [], 0, 0, 0
-    calls = []
+    bounds, first_groups, start, size, first_group = [], [], 0, 0, 0
     for group, count in enumerate(torch.bincount(rank).tolist()):
         if size and size + count > _BOXES_PER_CALL:
-            calls.append((start, start + size, first_group))
+            bounds.append((start, start + size))
+            first_groups.append(first_group)
             start, size, first_group = start + size, 0, group
         size += count
-    calls.append((start, start + size, first_group))
-    for begin, end, first in calls:
-        index = order[begin:end]  # [n]
-        offsets = (rank[begin:end] - first).to(boxes) * step  # [n]
-        kept.append(index[nms(boxes[index] + offsets[:, None], scores[index], iou_threshold)])
-    return torch.cat(kept)
+    bounds.append((start, start + size))
+    first_groups.append(first_group)
+    sizes = torch.tensor([end - begin for begin, end in bounds], device=boxes.device)  # [calls]
+    first = torch.repeat_interleave(torch.tensor(first_groups, device=boxes.device), sizes)  # [N] its call's first group
+    shifted = boxes[order] + ((rank - first).to(boxes) * step)[:, None]  # [N, 4] by group, groups of a call apart
+    sorted_scores = scores[order]  # [N]
+    kept = [nms(shifted[begin:end], sorted_scores[begin:end], iou_threshold) + begin for begin, end in bounds]
+    return order[torch.cat(kept)]
