@@ -43,17 +43,15 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
         return nms(boxes + (groups.to(boxes) * step)[:, None], scores, iou_threshold)
     order = groups.argsort(stable=True)  # [N] boxes by group
     rank = torch.unique_consecutive(groups[order], return_inverse=True)[1]  # [N] dense group index, sorted
-    bounds, first_groups, start, size, first_group = [], [], 0, 0, 0
-    for group, count in enumerate(torch.bincount(rank).tolist()):
+    bounds, start, size = [], 0, 0
+    for count in torch.bincount(rank).tolist():
         if size and size + count > _BOXES_PER_CALL:
             bounds.append((start, start + size))
-            first_groups.append(first_group)
-            start, size, first_group = start + size, 0, group
+            start, size = start + size, 0
         size += count
     bounds.append((start, start + size))
-    first_groups.append(first_group)
-    sizes = torch.tensor([end - begin for begin, end in bounds], device=boxes.device)  # [calls]
-    first = torch.repeat_interleave(torch.tensor(first_groups, device=boxes.device), sizes)  # [N] its call's first group
+    begins, ends = (torch.tensor(column, device=boxes.device) for column in zip(*bounds, strict=True))  # [calls]
+    first = rank[begins].repeat_interleave(ends - begins)  # [N] the first group of each box's call
     shifted = boxes[order] + ((rank - first).to(boxes) * step)[:, None]  # [N, 4] by group, groups of a call apart
     sorted_scores = scores[order]  # [N]
     kept = [nms(shifted[begin:end], sorted_scores[begin:end], iou_threshold) + begin for begin, end in bounds]
