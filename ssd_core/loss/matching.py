@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ssd_core.loss.loss_kernels import best_truth_of_priors, kernels_apply, truth_prior_iou
 from ssd_core.ops.boxes import batched_box_iou
 
 __all__ = ["MATCH_TYPES", "MatchResult", "match", "pairwise_iou"]
@@ -51,6 +52,8 @@ def pairwise_iou(truths: Tensor, valid: Tensor, boxes: Tensor) -> Tensor:
     Returns:
         Tensor[B, M, P].
     """
+    if kernels_apply(truths, boxes, finite=True):
+        return truth_prior_iou(truths, valid, boxes)
     if boxes.dim() == 3:
         return batched_box_iou(truths, boxes).masked_fill_(~valid[:, :, None], -1.0)
     # shared priors: only the real truths of the whole batch against P, then scattered into [B, M, P]
@@ -75,9 +78,9 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
     """
     if match_type not in MATCH_TYPES:
         raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
-    best_iou = iou.amax(dim=1)  # [B, P]
+    best_iou, truth_idx = _best_truth(iou)  # [B, P] each
     above = best_iou >= threshold  # [B, P]
-    truth_idx = _best_truth_where(iou, above)  # [B, P]
+    truth_idx.masked_fill_(~above, 0)  # only matched priors need one: 0 elsewhere, as documented
     truth_best_iou, truth_best_prior = _best_prior_of_truths(iou, valid)  # [B, M] each
     if match_type == "per_prediction":
         forced_truth = _forced_later_wins(truth_best_prior, valid, iou.shape[2])
@@ -96,24 +99,21 @@ def match(iou: Tensor, valid: Tensor, threshold: float, match_type: str = "per_p
     )
 
 
-def _best_truth_where(iou: Tensor, above: Tensor) -> Tensor:
-    """Index of the first truth of maximum IoU (as `max(dim=1)` gives it) of the priors in `above`, 0 elsewhere.
+def _best_truth(iou: Tensor) -> tuple[Tensor, Tensor]:
+    """Every prior's best IoU and the first truth that has it, as `max(dim=1)` gives them.
 
-    Only matched priors need their best truth (forced ones take the forcing truth), and few reach the
-    threshold: `max` with indices along the short truths dimension of [B, M, P] costs about 8x `amax` on
-    the CPU, so indices are found on the [K, M] IoU of those K priors only.
+    On the CPU one compiled pass (`loss_kernels`): torch's `max` with indices along the short truths dimension
+    of [B, M, P] costs about 8x `amax` there. Elsewhere `max`, one kernel on a GPU.
 
     Args:
         iou (Tensor[B, M, P]).
-        above (Tensor[B, P] bool): priors whose best IoU is at or above the threshold.
 
     Returns:
-        Tensor[B, P] long.
+        (Tensor[B, P], Tensor[B, P] long).
     """
-    image, prior = above.nonzero(as_tuple=True)  # [K] each
-    truth_idx = torch.zeros(above.shape, dtype=torch.long, device=iou.device)
-    truth_idx[image, prior] = iou[image, :, prior].argmax(dim=1)  # [K, M] -> [K], first maximum
-    return truth_idx
+    if kernels_apply(iou):
+        return best_truth_of_priors(iou)
+    return iou.max(dim=1)
 
 
 def _best_prior_of_truths(iou: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

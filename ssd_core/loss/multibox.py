@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssd_core.loss.loss_kernels import hardest_negatives, kernels_apply
 from ssd_core.loss.matching import MATCH_TYPES, MatchResult, match, pairwise_iou
 from ssd_core.loss.partial_labels import check_declared, class_mask_bias
 from ssd_core.loss.selected_cross_entropy import SelectedCrossEntropy, background_log_prob
@@ -286,8 +287,9 @@ class MultiBoxLoss(nn.Module):
 
     def _mine(self, background_log_prob: Tensor, num_positives: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
         """Hard negatives: per image the num_neg eligible priors of highest conf loss (lowest background
-        log-probability), one topk for the whole batch; num_neg = min(neg_pos * positives, P - 1) per
-        image, as in ssd.pytorch.
+        log-probability); num_neg = min(neg_pos * positives, P - 1) per image, as in ssd.pytorch. On the CPU a
+        compiled heap per image (`loss_kernels`; equal losses go to the lower prior), elsewhere one topk for
+        the whole batch.
 
         Args:
             background_log_prob (Tensor[B, P]); num_positives (Tensor[B] long); eligible (Tensor[B, P] bool).
@@ -297,6 +299,8 @@ class MultiBoxLoss(nn.Module):
         """
         num_priors = eligible.shape[1]
         num_neg = (num_positives * self.negpos_ratio).floor().long().clamp(max=num_priors - 1)  # [B]
+        if kernels_apply(background_log_prob):
+            return hardest_negatives(background_log_prob, eligible, num_neg)
         k = int(num_neg.max()) if num_neg.numel() else 0
         ranked = torch.where(eligible, background_log_prob, float("inf"))  # [B, P]
         values, index = ranked.topk(k, dim=1, largest=False)  # [B, k]
