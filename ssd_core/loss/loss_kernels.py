@@ -38,16 +38,9 @@ def kernels_apply(*tensors: Tensor, finite: bool = False) -> bool:
 
 
 def truth_prior_iou(truths: Tensor, valid: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of each image's real truths with shared priors or per-image boxes; -1 in padding rows. The CPU
-    version of `matching.pairwise_iou`: check `kernels_apply(truths, boxes, finite=True)` first.
-
-    Args:
-        truths (Tensor[B, M, 4]): in (x1, y1, x2, y2).
-        valid (Tensor[B, M] bool): real (non-padding) truths.
-        boxes (Tensor[P, 4] or Tensor[B, P, 4]): in (x1, y1, x2, y2).
-
-    Returns:
-        Tensor[B, M, P].
+    """`matching.pairwise_iou` on the CPU, the same arguments and result: truths (Tensor[B, M, 4]) and boxes
+    (Tensor[P, 4] shared, or Tensor[B, P, 4]) in (x1, y1, x2, y2), valid (Tensor[B, M] bool) -> Tensor[B, M, P], -1
+    in padding rows. Check `kernels_apply(truths, boxes, finite=True)` first.
     """
     per_image = boxes if boxes.dim() == 3 else boxes[None]  # [B or 1, P, 4]
     corners = np.ascontiguousarray(per_image.detach().numpy().transpose(0, 2, 1))  # [B or 1, 4, P]
