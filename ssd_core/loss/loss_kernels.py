@@ -10,8 +10,9 @@ Measured at B = 32, 136 truths, P = 8732, 1 thread (`benchmarks/bench_loss.py`):
   * the hard negatives, a `topk` of the largest count over [B, P] (C = 21: k of about 200), 2.6 ms against
     0.3 ms for a bounded heap per image that most priors leave after one comparison.
 
-The loops are compiled on their first call in a process (about 0.7 s for float32, again for float64), not cached
-on disk: the service's image and pods may not have a writable cache directory. They release the GIL.
+The loops are compiled on their first call in a process (the first loss takes about 2 s longer; float64 compiles
+again), not cached on disk: the service's image and pods may not have a writable cache directory. They release
+the GIL.
 """
 
 from __future__ import annotations
